@@ -1,0 +1,50 @@
+"""Pieces every attention kind shares: the rotary tables and position-based masking."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mlakit.config import RopeScaling
+from mlakit.rope import apply_rope, rope_tables
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables ``[max_positions, dim]`` as non-persistent buffers, looked up by position.
+
+    A model shares one instance between its layers. Tables are fp32 and never saved.
+    """
+
+    def __init__(self, dim: int, max_positions: int, theta: float, scaling: RopeScaling | None = None) -> None:
+        super().__init__()
+        self.dim, self.max_positions, self.theta, self.scaling = dim, max_positions, theta, scaling
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self.reset_tables()
+
+    def reset_tables(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the tables, e.g. after building the module on the meta device."""
+        cos, sin = rope_tables(self.dim, self.max_positions, self.theta, self.scaling)
+        self.cos, self.sin = cos.to(device), sin.to(device)
+
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """RoPE on ``x [B, T, H, D]`` at ``positions [B, T]``."""
+        return apply_rope(x, self.cos[positions], self.sin[positions])
+
+
+def position_mask(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """Boolean mask ``[B, 1, T, S]``: query at position p sees keys at positions <= p.
+
+    ``q_pos [B, T]``; ``k_pos [B, S]`` or ``[S]``. Stale cache slots beyond a sequence's end lie
+    at positions greater than any of its queries, so this one rule covers causality, chunked
+    prefill at ``start_pos > 0`` and ragged batches.
+    """
+    if k_pos.dim() == 1:
+        k_pos = k_pos.unsqueeze(0)
+    return (k_pos.unsqueeze(1) <= q_pos.unsqueeze(2)).unsqueeze(1)  # [B, 1, T, S]
+
+
+def check_positions(x: torch.Tensor, positions: torch.Tensor) -> None:
+    """``positions`` must be ``[B, T]`` like ``x``'s leading dims."""
+    if positions.shape != x.shape[:2]:
+        raise ValueError(f"positions has shape {tuple(positions.shape)}, expected {tuple(x.shape[:2])} ([B, T])")

@@ -1,0 +1,66 @@
+"""The ``mlakit`` command: thin subcommands over the library API.
+
+Each subcommand lives in its own module exposing ``register(subparsers)``, which adds a parser
+whose ``func(args) -> int`` does the work. Bad input raises :class:`mlakit.errors.MlakitError`
+(or ``ValueError``/``OSError``); :func:`main` prints one line and exits 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+# module names under mlakit.cli, in the order `mlakit --help` lists them
+COMMAND_MODULES: tuple[str, ...] = (
+    "kv_size",
+    "convert",
+    "eval",
+    "tradeoff",
+    "generate",
+    "export_hf",
+    "bench",
+    "train",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mlakit",
+        description="Multi-head Latent Attention toolkit: convert, measure, run and ship MLA models.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"mlakit.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"mlakit.cli.{name}":
+                continue  # command not part of this build
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, OSError) as e:  # MlakitError is a ValueError
+        print(f"mlakit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

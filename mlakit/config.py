@@ -1,0 +1,436 @@
+"""Frozen, validated configs for MLA, baseline attention and the decoder LM.
+
+Field names follow DeepSeek-V2/V3 (``kv_lora_rank``, ``q_lora_rank``, ``qk_nope_head_dim``,
+``qk_rope_head_dim``, ``v_head_dim``) so a config reads the same here, in the papers and in a
+Hugging Face ``config.json``.
+
+Runtime choices (which decode path, cache dtype) are *not* model properties and live in
+:class:`RuntimeConfig`, passed explicitly to the code that needs them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeAlias
+
+AttentionKind: TypeAlias = Literal["mla", "mha", "gqa", "mqa"]
+RopeMode: TypeAlias = Literal["decoupled", "full"]
+DecodePath: TypeAlias = Literal["auto", "naive", "absorbed"]
+CacheDType: TypeAlias = Literal["fp32", "bf16", "fp16"]
+
+ATTENTION_KINDS: tuple[str, ...] = ("mla", "mha", "gqa", "mqa")
+
+
+def _fail(owner: str, name: str, value: object, allowed: str) -> ValueError:
+    return ValueError(f"{owner}.{name}={value!r} is invalid: {allowed}")
+
+
+def _positive(owner: str, name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise _fail(owner, name, value, "must be a positive integer")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """YaRN context extension as DeepSeek-V2/V3 configure it.
+
+    ``factor`` stretches the low frequencies; ``mscale``/``mscale_all_dim`` give the attention
+    temperature correction ``0.1 * m * ln(factor) + 1``. DeepSeek multiplies the softmax scale by
+    ``mscale(mscale_all_dim)**2`` and the cos/sin tables by ``mscale(mscale) / mscale(mscale_all_dim)``
+    (see :func:`mlakit.rope.softmax_scale` and :func:`mlakit.rope.rope_tables`).
+    """
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+    type: Literal["yarn"] = "yarn"
+
+    def __post_init__(self) -> None:
+        if self.type != "yarn":
+            raise _fail("RopeScaling", "type", self.type, "only 'yarn' is supported")
+        if not self.factor >= 1.0:
+            raise _fail("RopeScaling", "factor", self.factor, "must be >= 1")
+        _positive("RopeScaling", "original_max_position_embeddings", self.original_max_position_embeddings)
+        if not self.beta_fast > self.beta_slow > 0:
+            raise _fail("RopeScaling", "beta_fast", self.beta_fast, f"must exceed beta_slow={self.beta_slow} > 0")
+
+
+@dataclass(frozen=True)
+class MLAConfig:
+    """Multi-head Latent Attention (DeepSeek-V2 §2.1).
+
+    Symbols (per token, per layer): ``c_q = W_DQ x`` (width ``q_lora_rank``; ``None`` means one
+    ``W_Q`` and no query compression), ``c_kv = W_DKV x`` (width ``kv_lora_rank``), ``k_rope = RoPE(W_KR x)``
+    (width ``qk_rope_head_dim``, shared by all heads), per-head ``k_nope = W_UK c_kv`` and
+    ``v = W_UV c_kv``. The cache holds ``c_kv`` and ``k_rope`` only.
+
+    ``rope_mode='full'`` is the conversion form: the latent is taken before RoPE, the decompressed
+    key (all ``qk_nope_head_dim`` dims) is rotated after decompression, ``qk_rope_head_dim`` must
+    be 0 and decode must decompress (no absorption), but positions stay exact.
+    ``kv_norm=False`` drops the RMSNorm on ``c_kv`` (needed to represent a linear conversion).
+    """
+
+    hidden_size: int
+    num_heads: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    q_lora_rank: int | None = None
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    rms_norm_eps: float = 1e-6
+    rope_mode: RopeMode = "decoupled"
+    kv_norm: bool = True
+    attention_bias: bool = False
+
+    kind: Literal["mla"] = field(default="mla", init=False)
+
+    def __post_init__(self) -> None:
+        o = "MLAConfig"
+        for name in ("hidden_size", "num_heads", "kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+            _positive(o, name, getattr(self, name))
+        if self.q_lora_rank is not None:
+            _positive(o, "q_lora_rank", self.q_lora_rank)
+        if self.rope_mode not in ("decoupled", "full"):
+            raise _fail(o, "rope_mode", self.rope_mode, "must be 'decoupled' or 'full'")
+        if self.rope_mode == "decoupled":
+            _positive(o, "qk_rope_head_dim", self.qk_rope_head_dim)
+            if self.qk_rope_head_dim % 2:
+                raise _fail(o, "qk_rope_head_dim", self.qk_rope_head_dim, "RoPE rotates pairs: must be even")
+        else:
+            if self.qk_rope_head_dim != 0:
+                raise _fail(o, "qk_rope_head_dim", self.qk_rope_head_dim, "must be 0 when rope_mode='full'")
+            if self.qk_nope_head_dim % 2:
+                raise _fail(o, "qk_nope_head_dim", self.qk_nope_head_dim, "rope_mode='full' rotates it: must be even")
+        if not self.rope_theta > 0:
+            raise _fail(o, "rope_theta", self.rope_theta, "must be > 0")
+        if not self.rms_norm_eps > 0:
+            raise _fail(o, "rms_norm_eps", self.rms_norm_eps, "must be > 0")
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def rope_dim(self) -> int:
+        """Width RoPE rotates: the decoupled key, or the whole decompressed key in full mode."""
+        return self.qk_rope_head_dim if self.rope_mode == "decoupled" else self.qk_nope_head_dim
+
+    @property
+    def can_absorb(self) -> bool:
+        return self.rope_mode == "decoupled"
+
+    def cache_elements_per_token(self) -> int:
+        """Values one layer caches per token: ``kv_lora_rank + qk_rope_head_dim`` (DeepSeek-V2 Table 1)."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    def with_rank(self, kv_lora_rank: int) -> MLAConfig:
+        return dataclasses.replace(self, kv_lora_rank=kv_lora_rank)
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Baseline attention: MHA (``num_kv_heads == num_heads``), GQA, MQA (``num_kv_heads == 1``)."""
+
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    rms_norm_eps: float = 1e-6
+    qkv_bias: bool = False
+
+    def __post_init__(self) -> None:
+        o = "AttentionConfig"
+        for name in ("hidden_size", "num_heads", "num_kv_heads", "head_dim"):
+            _positive(o, name, getattr(self, name))
+        if self.num_heads % self.num_kv_heads:
+            raise _fail(o, "num_kv_heads", self.num_kv_heads, f"must divide num_heads={self.num_heads}")
+        if self.head_dim % 2:
+            raise _fail(o, "head_dim", self.head_dim, "RoPE rotates pairs: must be even")
+        if not self.rope_theta > 0:
+            raise _fail(o, "rope_theta", self.rope_theta, "must be > 0")
+
+    @property
+    def kind(self) -> AttentionKind:
+        if self.num_kv_heads == self.num_heads:
+            return "mha"
+        return "mqa" if self.num_kv_heads == 1 else "gqa"
+
+    @property
+    def rope_dim(self) -> int:
+        return self.head_dim
+
+    def cache_elements_per_token(self) -> int:
+        """``2 * n_kv * d_h`` values per token per layer (keys and values)."""
+        return 2 * self.num_kv_heads * self.head_dim
+
+
+LayerAttention: TypeAlias = MLAConfig | AttentionConfig
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only LM: embeddings, ``num_layers`` x (RMSNorm, attention, RMSNorm, SwiGLU), head.
+
+    ``kv_lora_ranks`` optionally gives each MLA layer its own latent width (converted models
+    allocate rank per layer); ``None`` means every layer uses ``attention.kv_lora_rank``.
+    """
+
+    vocab_size: int
+    num_layers: int
+    intermediate_size: int
+    attention: LayerAttention
+    max_seq_len: int = 4096
+    tie_word_embeddings: bool = False
+    kv_lora_ranks: tuple[int, ...] | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        o = "ModelConfig"
+        for n in ("vocab_size", "num_layers", "intermediate_size", "max_seq_len"):
+            _positive(o, n, getattr(self, n))
+        if not isinstance(self.attention, (MLAConfig, AttentionConfig)):
+            raise _fail(o, "attention", type(self.attention).__name__, "must be MLAConfig or AttentionConfig")
+        if self.kv_lora_ranks is not None:
+            if not isinstance(self.attention, MLAConfig):
+                raise _fail(o, "kv_lora_ranks", self.kv_lora_ranks, "only MLA models have latent ranks")
+            object.__setattr__(self, "kv_lora_ranks", tuple(self.kv_lora_ranks))
+            if len(self.kv_lora_ranks) != self.num_layers:
+                raise _fail(o, "kv_lora_ranks", self.kv_lora_ranks, f"needs one rank per layer ({self.num_layers})")
+            for r in self.kv_lora_ranks:
+                _positive(o, "kv_lora_ranks[i]", r)
+        for n in ("bos_token_id", "eos_token_id"):
+            v = getattr(self, n)
+            if v is not None and not 0 <= v < self.vocab_size:
+                raise _fail(o, n, v, f"must lie in [0, vocab_size={self.vocab_size})")
+
+    @property
+    def hidden_size(self) -> int:
+        return self.attention.hidden_size
+
+    @property
+    def attention_kind(self) -> AttentionKind:
+        return self.attention.kind
+
+    def layer_attention(self, layer: int) -> LayerAttention:
+        """The attention config of one layer (per-layer latent ranks applied)."""
+        if self.kv_lora_ranks is not None and isinstance(self.attention, MLAConfig):
+            return self.attention.with_rank(self.kv_lora_ranks[layer])
+        return self.attention
+
+    def cache_elements_per_token(self) -> int:
+        """KV-cache values per token summed over all layers."""
+        return sum(self.layer_attention(i).cache_elements_per_token() for i in range(self.num_layers))
+
+    # -- presets and (de)serialisation -------------------------------------------------------
+
+    @staticmethod
+    def presets() -> tuple[str, ...]:
+        return tuple(_PRESETS)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        """A named preset (``ModelConfig.presets()``); keyword overrides replace top-level fields."""
+        if name not in _PRESETS:
+            raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(_PRESETS)}")
+        cfg = _PRESETS[name]()
+        return dataclasses.replace(cfg, **overrides) if overrides else cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        att = d["attention"]
+        att.pop("kind", None)
+        d["attention"] = {"kind": "mla" if isinstance(self.attention, MLAConfig) else "baseline", **att}
+        if d["kv_lora_ranks"] is not None:
+            d["kv_lora_ranks"] = list(d["kv_lora_ranks"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        d = dict(d)
+        try:
+            att = dict(d.pop("attention"))
+            kind = att.pop("kind")
+            scaling = att.pop("rope_scaling", None)
+            rs = RopeScaling(**scaling) if scaling else None
+            attention: LayerAttention = (
+                MLAConfig(**att, rope_scaling=rs) if kind == "mla" else AttentionConfig(**att, rope_scaling=rs)
+            )
+            ranks = d.pop("kv_lora_ranks", None)
+            return cls(**d, attention=attention, kv_lora_ranks=tuple(ranks) if ranks is not None else None)
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"not a valid mlakit model config: {e}") from e
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How to run a model, independent of its weights.
+
+    ``decode_path``: ``'absorbed'`` folds ``W_UK`` into the query and ``W_UV`` after attention and
+    never materialises per-head K/V; ``'naive'`` decompresses the cached latent; ``'auto'`` picks
+    absorbed where the layer allows it (``rope_mode='decoupled'``). Prefill always uses the
+    compute-friendly naive path (materialise K/V for the chunk, fused SDPA).
+    """
+
+    decode_path: DecodePath = "auto"
+    cache_dtype: CacheDType = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.decode_path not in ("auto", "naive", "absorbed"):
+            raise _fail("RuntimeConfig", "decode_path", self.decode_path, "must be 'auto', 'naive' or 'absorbed'")
+        if self.cache_dtype not in ("fp32", "bf16", "fp16"):
+            raise _fail("RuntimeConfig", "cache_dtype", self.cache_dtype, "must be 'fp32', 'bf16' or 'fp16'")
+
+
+# -- presets -----------------------------------------------------------------------------------
+# DeepSeek dims as published in their config.json files (attention and dense-layer dims; MoE
+# layers are represented by their dense intermediate size, which does not affect attention or KV).
+
+
+def _deepseek_v2() -> ModelConfig:
+    yarn = RopeScaling(factor=40.0, original_max_position_embeddings=4096, mscale=0.707, mscale_all_dim=0.707)
+    att = MLAConfig(
+        hidden_size=5120,
+        num_heads=128,
+        q_lora_rank=1536,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        rope_theta=10000.0,
+        rope_scaling=yarn,
+    )
+    return ModelConfig(
+        vocab_size=102400,
+        num_layers=60,
+        intermediate_size=12288,
+        attention=att,
+        max_seq_len=163840,
+        bos_token_id=100000,
+        eos_token_id=100001,
+        name="deepseek-v2",
+    )
+
+
+def _deepseek_v2_lite() -> ModelConfig:
+    yarn = RopeScaling(factor=40.0, original_max_position_embeddings=4096, mscale=0.707, mscale_all_dim=0.707)
+    att = MLAConfig(
+        hidden_size=2048,
+        num_heads=16,
+        q_lora_rank=None,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        rope_theta=10000.0,
+        rope_scaling=yarn,
+    )
+    return ModelConfig(
+        vocab_size=102400,
+        num_layers=27,
+        intermediate_size=10944,
+        attention=att,
+        max_seq_len=163840,
+        bos_token_id=100000,
+        eos_token_id=100001,
+        name="deepseek-v2-lite",
+    )
+
+
+def _deepseek_v3() -> ModelConfig:
+    yarn = RopeScaling(factor=40.0, original_max_position_embeddings=4096, mscale=1.0, mscale_all_dim=1.0)
+    att = MLAConfig(
+        hidden_size=7168,
+        num_heads=128,
+        q_lora_rank=1536,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        rope_theta=10000.0,
+        rope_scaling=yarn,
+    )
+    return ModelConfig(
+        vocab_size=129280,
+        num_layers=61,
+        intermediate_size=18432,
+        attention=att,
+        max_seq_len=163840,
+        bos_token_id=0,
+        eos_token_id=1,
+        name="deepseek-v3",
+    )
+
+
+def _smollm2_135m() -> ModelConfig:
+    att = AttentionConfig(
+        hidden_size=576, num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0, rms_norm_eps=1e-5
+    )
+    return ModelConfig(
+        vocab_size=49152,
+        num_layers=30,
+        intermediate_size=1536,
+        attention=att,
+        max_seq_len=8192,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        name="smollm2-135m",
+    )
+
+
+def _tiny_mla(q_lora_rank: int | None) -> ModelConfig:
+    att = MLAConfig(
+        hidden_size=64,
+        num_heads=4,
+        q_lora_rank=q_lora_rank,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+    )
+    return ModelConfig(
+        vocab_size=256,
+        num_layers=2,
+        intermediate_size=128,
+        attention=att,
+        max_seq_len=256,
+        name="tiny-mla" if q_lora_rank else "tiny-mla-noq",
+    )
+
+
+def _tiny_baseline(num_kv_heads: int, name: str) -> ModelConfig:
+    att = AttentionConfig(hidden_size=64, num_heads=4, num_kv_heads=num_kv_heads, head_dim=16)
+    return ModelConfig(vocab_size=256, num_layers=2, intermediate_size=128, attention=att, max_seq_len=256, name=name)
+
+
+_PRESETS = {
+    "deepseek-v2": _deepseek_v2,
+    "deepseek-v2-lite": _deepseek_v2_lite,
+    "deepseek-v3": _deepseek_v3,
+    "smollm2-135m": _smollm2_135m,
+    "tiny-mla": lambda: _tiny_mla(48),
+    "tiny-mla-noq": lambda: _tiny_mla(None),
+    "tiny-mha": lambda: _tiny_baseline(4, "tiny-mha"),
+    "tiny-gqa": lambda: _tiny_baseline(2, "tiny-gqa"),
+    "tiny-mqa": lambda: _tiny_baseline(1, "tiny-mqa"),
+}
+
+
+def yarn_mscale(scale: float, m: float) -> float:
+    """DeepSeek's YaRN temperature ``0.1 * m * ln(scale) + 1`` (1 when no stretch)."""
+    return 1.0 if scale <= 1.0 else 0.1 * m * math.log(scale) + 1.0

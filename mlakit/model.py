@@ -1,0 +1,235 @@
+"""The decoder LM: embeddings, ``num_layers`` pre-norm blocks (attention + SwiGLU), final norm, head.
+
+Attention is pluggable per config: MLA (:class:`MultiHeadLatentAttention`) or a baseline
+(:class:`GroupedQueryAttention` for MHA/GQA/MQA). Checkpoints are a directory with ``config.json``
+and ``model.safetensors``; loading builds the model on the ``meta`` device and assigns the
+stored tensors, so no random init is wasted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mlakit.attention import GroupedQueryAttention, MultiHeadLatentAttention, RotaryEmbedding
+from mlakit.attention.mla import AttentionPath
+from mlakit.cache import KVCache, LatentCache, ModelCache
+from mlakit.config import CacheDType, MLAConfig, ModelConfig, RuntimeConfig
+from mlakit.errors import MlakitError
+from mlakit.layers import RMSNorm, SwiGLU
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT = "mlakit"
+
+
+class Block(nn.Module):
+    """Pre-norm decoder block: ``x + attn(attn_norm(x))`` then ``x + mlp(mlp_norm(x))``."""
+
+    def __init__(self, config: ModelConfig, layer: int, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        att = config.layer_attention(layer)
+        self.attn_norm = RMSNorm(config.hidden_size, att.rms_norm_eps)
+        self.attn: MultiHeadLatentAttention | GroupedQueryAttention
+        if isinstance(att, MLAConfig):
+            self.attn = MultiHeadLatentAttention(att, rotary)
+        else:
+            self.attn = GroupedQueryAttention(att, rotary)
+        self.mlp_norm = RMSNorm(config.hidden_size, att.rms_norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor | None,
+        cache: LatentCache | KVCache | None,
+        path: AttentionPath,
+        kv_len: int | None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), positions, cache, path, kv_len)  # type: ignore[arg-type]
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM over :class:`ModelConfig`.
+
+    Example::
+
+        model = Transformer(ModelConfig.from_preset("tiny-mla"))
+        logits = model(tokens)                       # [B, T, vocab], causal, no cache
+        out = generate(model, [[1, 2, 3]], SamplingConfig(max_new_tokens=8))
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        att = config.attention
+        self.rotary = RotaryEmbedding(att.rope_dim, config.max_seq_len, att.rope_theta, att.rope_scaling)
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i, self.rotary) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, att.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
+    # -- running -----------------------------------------------------------------------------------
+
+    def new_cache(
+        self, batch_size: int, max_seq_len: int | None = None, dtype: CacheDType | torch.dtype = "fp32"
+    ) -> ModelCache:
+        """A preallocated cache for ``batch_size`` sequences of up to ``max_seq_len`` tokens."""
+        return ModelCache.allocate(self.config, batch_size, max_seq_len, dtype, self.embed.weight.device)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: ModelCache | None = None,
+        runtime: RuntimeConfig | None = None,
+        logit_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits for ``tokens [B, T]`` at ``positions [B, T]`` (default ``0..T-1`` per row).
+
+        With ``cache``, new K/V (or latents) are written at ``positions`` and attention covers
+        everything cached up to each query's position: this is chunked prefill (T > 1) and decode
+        (T == 1, using ``runtime.decode_path``). ``logit_index [B]`` returns only that token's
+        logits per row, ``[B, vocab]``, instead of ``[B, T, vocab]``.
+
+        Raises: MlakitError for token ids outside the vocabulary or positions outside the cache.
+        """
+        if tokens.dim() != 2 or tokens.shape[1] == 0:
+            raise MlakitError(f"tokens must be a non-empty [B, T] tensor, got shape {tuple(tokens.shape)}")
+        vocab = self.config.vocab_size
+        if int(tokens.min()) < 0 or int(tokens.max()) >= vocab:
+            raise MlakitError(f"token ids must lie in [0, {vocab}); got [{int(tokens.min())}, {int(tokens.max())}]")
+        runtime = runtime or RuntimeConfig()
+        kv_len = None
+        if positions is not None:
+            top = int(positions.max()) + 1
+            capacity = cache.max_seq_len if cache is not None else self.config.max_seq_len
+            if int(positions.min()) < 0 or top > capacity:
+                raise MlakitError(f"positions must lie in [0, {capacity}) (cache/context size); got up to {top - 1}")
+            kv_len = top
+        elif cache is not None:
+            raise MlakitError("positions are required with a cache: pass where each token goes [B, T]")
+        if cache is not None and cache.batch_size != tokens.shape[0]:
+            raise MlakitError(f"cache holds {cache.batch_size} sequences but tokens has batch {tokens.shape[0]}")
+        path = self.attention_path(runtime, decode=cache is not None and tokens.shape[1] == 1)
+        x = self.embed(tokens)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, positions, None if cache is None else cache.layers[i], path, kv_len)
+        if logit_index is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), logit_index]  # [B, hidden]
+        return self.lm_head(self.norm(x))
+
+    def attention_path(self, runtime: RuntimeConfig, decode: bool) -> AttentionPath:
+        """Naive for prefill/training; ``runtime.decode_path`` for single-token decode steps."""
+        att = self.config.attention
+        if not decode or not isinstance(att, MLAConfig) or runtime.decode_path == "naive":
+            return "naive"
+        if runtime.decode_path == "absorbed" and not att.can_absorb:
+            raise MlakitError("decode_path='absorbed' needs rope_mode='decoupled'; this model uses full RoPE")
+        return "absorbed" if att.can_absorb else "naive"
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | os.PathLike[str], metadata: dict[str, Any] | None = None) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created if needed).
+
+        Each file is written under a temporary name and renamed, so an interrupted save never
+        leaves a half-written file under the real name.
+        """
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        if self.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        header = {"format": FORMAT, "config": self.config.to_dict(), **(metadata or {})}
+        _atomic_write(out / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
+        _atomic_write(out / CONFIG_FILE, lambda p: p.write_text(json.dumps(header, indent=2)))
+        return out
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | os.PathLike[str], dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    ) -> Transformer:
+        """Load a directory written by :meth:`save_pretrained` (or ``mlakit convert``).
+
+        Raises: MlakitError when the directory, its config or its weights are missing or do not match.
+        """
+        config = load_config(directory)
+        path = Path(directory) / WEIGHTS_FILE
+        if not path.is_file():
+            raise MlakitError(f"{directory} has no {WEIGHTS_FILE}: not an mlakit checkpoint")
+        try:
+            state = load_file(str(path), device=str(device))
+        except Exception as e:  # safetensors raises several types for damaged files
+            raise MlakitError(f"cannot read {path}: {e}") from e
+        with torch.device("meta"):
+            model = cls(config)
+        if config.tie_word_embeddings:
+            state.setdefault("lm_head.weight", state.get("embed.weight", torch.empty(0)))
+        try:
+            model.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as e:
+            raise MlakitError(f"weights in {path} do not match its config: {e}") from e
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.embed.weight
+        model.rotary.reset_tables(device)
+        if dtype is not None:
+            model.to(dtype)
+        return model.eval()
+
+
+def load_config(directory: str | os.PathLike[str]) -> ModelConfig:
+    """Read an mlakit checkpoint's ``config.json`` (raises MlakitError with the reason)."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise MlakitError(f"{d} is not a directory: expected an mlakit checkpoint (config.json + model.safetensors)")
+    p = d / CONFIG_FILE
+    if not p.is_file():
+        raise MlakitError(f"{d} has no {CONFIG_FILE}: not an mlakit checkpoint")
+    try:
+        header = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise MlakitError(f"{p} is not valid JSON: {e}") from e
+    if not isinstance(header, dict) or header.get("format") != FORMAT or "config" not in header:
+        raise MlakitError(
+            f'{p} is not an mlakit config (no "format": "{FORMAT}"); a Hugging Face '
+            "checkpoint? use `mlakit import-hf` or the convert command"
+        )
+    try:
+        return ModelConfig.from_dict(header["config"])
+    except ValueError as e:
+        raise MlakitError(f"{p}: {e}") from e
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
