@@ -29,6 +29,11 @@ Two ways to attend over the cached latents, with the same result:
 ``rope_mode='full'`` (conversion form): no decoupled key; the decompressed key ``W_UK c_kv`` is
 rotated at its position after decompression, so only the naive path exists.
 
+Latent recomputation (training): with ``recompute_kv = True`` the naive path's decompression and
+attention run under :func:`torch.utils.checkpoint.checkpoint`, so autograd keeps only the
+queries and the latent ``[c_kv | k_rope]`` for backward and recomputes the per-head K/V (and the
+attention) there. Forward values and gradients are those of the plain path.
+
 Shapes: B batch, T query tokens, S key tokens, H heads, r kv_lora_rank, D widths.
 """
 
@@ -39,6 +44,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mlakit.attention.common import RotaryEmbedding, check_positions, position_mask
 from mlakit.cache import LatentCache
@@ -50,7 +56,11 @@ AttentionPath = Literal["naive", "absorbed"]
 
 
 class MultiHeadLatentAttention(nn.Module):
-    """MLA layer. ``forward(x, positions, cache, path)``; see the module docstring for the maths."""
+    """MLA layer. ``forward(x, positions, cache, path)``; see the module docstring for the maths.
+
+    ``recompute_kv`` (default ``False``): when set and autograd is recording, recompute per-head
+    K/V in backward instead of keeping them (the trainer sets it; see the module docstring).
+    """
 
     def __init__(self, config: MLAConfig, rotary: RotaryEmbedding | None = None, max_positions: int = 4096) -> None:
         super().__init__()
@@ -73,6 +83,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.w_uv = nn.Linear(c.kv_lora_rank, c.num_heads * c.v_head_dim, bias=False)
         self.w_o = nn.Linear(c.num_heads * c.v_head_dim, c.hidden_size, bias=c.attention_bias)
         self.rotary = rotary or RotaryEmbedding(c.rope_dim, max_positions, c.rope_theta, c.rope_scaling)
+        self.recompute_kv = False
 
     # -- projections -----------------------------------------------------------------------------
 
@@ -140,6 +151,9 @@ class MultiHeadLatentAttention(nn.Module):
         mask = None if causal else position_mask(positions, k_pos)
         if path == "absorbed":
             o = self._attend_absorbed(q_nope, q_rope, kv_joint, mask, causal)
+        elif self.recompute_kv and torch.is_grad_enabled():
+            # keep [c_kv | k_rope] (and q) for backward; per-head K/V are rebuilt there
+            o = checkpoint(self._attend_naive, q_nope, q_rope, kv_joint, k_pos, mask, causal, use_reentrant=False)
         else:
             o = self._attend_naive(q_nope, q_rope, kv_joint, k_pos, mask, causal)
         return self.w_o(o.reshape(b, t, -1))
@@ -193,14 +207,17 @@ class MultiHeadLatentAttention(nn.Module):
         w_uk = self.w_uk.weight.view(h, c.qk_nope_head_dim, r)  # [H, d_nope, r]
         w_uv = self.w_uv.weight.view(h, c.v_head_dim, r)  # [H, d_v, r]
         q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # [B, T, H, r]
-        q_joint = torch.cat((q_latent, q_rope), dim=-1).reshape(b, 1, t * h, r + c.qk_rope_head_dim)
+        q_joint = torch.cat((q_latent, q_rope), dim=-1).reshape(b, t * h, r + c.qk_rope_head_dim)
+        # plain batched products (not SDPA): CPU SDPA kernels are tuned for narrow heads, and this
+        # "head" is r + d_rope wide with T*H query rows sharing one key/value stream
+        scores = torch.matmul(q_joint, kv_joint.transpose(1, 2)).float() * self.scale  # [B, T*H, S]
         if causal:
             mask = torch.ones(t, s, dtype=torch.bool, device=q_nope.device).tril(s - t).view(1, 1, t, s)
         if mask is not None:
             # one row per (query token, head): row t*H + h uses query token t's mask
-            mask = mask.squeeze(1).unsqueeze(2).expand(mask.shape[0], t, h, s).reshape(mask.shape[0], 1, t * h, s)
-        o_latent = F.scaled_dot_product_attention(
-            q_joint, kv_joint.unsqueeze(1), kv_joint[..., :r].unsqueeze(1), attn_mask=mask, scale=self.scale
-        )  # [B, 1, T*H, r]
+            rows = mask.squeeze(1).unsqueeze(2).expand(mask.shape[0], t, h, s).reshape(mask.shape[0], t * h, s)
+            scores = scores.masked_fill(~rows, float("-inf"))
+        probs = scores.softmax(dim=-1).to(kv_joint.dtype)
+        o_latent = torch.matmul(probs, kv_joint[..., :r])  # [B, T*H, r]
         o_latent = o_latent.view(b, t, h, r)
         return torch.einsum("bthc,hdc->bthd", o_latent, w_uv)  # [B, T, H, d_v]
