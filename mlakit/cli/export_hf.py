@@ -1,0 +1,86 @@
+"""``mlakit export-hf`` and ``mlakit import-hf``: the DeepSeek-V3 Hugging Face layout out and in."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from mlakit.units import format_bytes, parse_bytes
+
+EXPORT_EPILOG = """\
+The output directory is what transformers (AutoModelForCausalLM.from_pretrained), vLLM
+(`vllm serve OUT`) and SGLang (`python -m sglang.launch_server --model-path OUT`) load:
+config.json (model_type deepseek_v3, dense MLP in every layer, rope_interleave true),
+safetensors weights, generation_config.json and the source's tokenizer files.
+
+Not carried over: the quantized cache (a runtime choice), per-layer latent ranks (padded to the
+largest, exactly), kv_norm=False (emulated to ~1e-6 with attention_bias, transformers only, needs
+--allow-bias). Full-RoPE MLA and MHA/GQA models cannot be exported (convert them first).
+See docs/serving.md.
+"""
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "export-hf",
+        help="write an mlakit MLA model as a DeepSeek-V3 Hugging Face checkpoint (vLLM/SGLang/transformers)",
+        description="Write an mlakit MLA checkpoint as a DeepSeek-V3 Hugging Face directory. The directory is "
+        "written under a temporary name and renamed when complete.",
+        epilog=EXPORT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("src", metavar="SRC", help="mlakit checkpoint directory (config.json + model.safetensors)")
+    p.add_argument("out", metavar="OUT", help="directory to create")
+    p.add_argument(
+        "--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 2GB or 500MiB (default 5GB)"
+    )
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="weight dtype (default: as stored)")
+    p.add_argument(
+        "--allow-bias",
+        action="store_true",
+        help="permit attention_bias=true (kv_norm=False models, models with attention biases): exact in "
+        "transformers, but vLLM and SGLang ignore these biases",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=run_export)
+
+    q = sub.add_parser(
+        "import-hf",
+        help="read a dense DeepSeek-V2/V3 Hugging Face checkpoint into an mlakit checkpoint",
+        description="Convert a dense DeepSeek-V2/V3 Hugging Face checkpoint (safetensors, single or sharded) into "
+        "an mlakit checkpoint directory; RoPE rows are brought from interleaved into mlakit's halves order. "
+        "Mixture-of-experts layers, FP8-quantised weights and non-DeepSeek models are refused.",
+        epilog="Python: mlakit.interop.load_hf(DIR) loads such a directory directly as a Transformer.",
+    )
+    q.add_argument("src", metavar="SRC", help="Hugging Face checkpoint directory (config.json + *.safetensors)")
+    q.add_argument("out", metavar="OUT", help="mlakit checkpoint directory to create")
+    q.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="weight dtype (default: as stored)")
+    q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    q.set_defaults(func=run_import)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from mlakit.interop import export_hf
+
+    report = export_hf(
+        args.src,
+        args.out,
+        max_shard_size=parse_bytes(args.max_shard_size),
+        dtype=args.dtype,
+        allow_bias=args.allow_bias,
+        overwrite=args.overwrite,
+        progress=None,
+    )
+    print(f"wrote {report.directory}: {len(report.files)} files, {format_bytes(report.total_bytes)} of weights")
+    # report.notes were logged as warnings by the library
+    if report.measured_rel_error:
+        print(f"  latent relative error (measured, fp32): {report.measured_rel_error:.2e}")
+    return 0
+
+
+def run_import(args: argparse.Namespace) -> int:
+    from mlakit.interop import import_hf
+
+    out = import_hf(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"wrote {out}")
+    return 0
