@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         "copy_GBps": copy_bw,
         "heads": h,
         "rows": rows,
+        "kernel_config": dict(zip(("block_h", "block_n", "num_warps", "num_stages"), best)),
+        "sweep_ms": {str(k): v for k, v in sweep.items()},
         "command": "python benchmarks/bench_decode_gpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     print(f"device copy bandwidth {copy_bw:.0f} GB/s")
