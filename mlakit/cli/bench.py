@@ -1,0 +1,91 @@
+"""``mlakit bench``: decode throughput, cache capacity and memory bandwidth of one model in the engine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from typing import Any
+
+import torch
+
+from mlakit.cli.generate import add_engine_args, engine_config
+from mlakit.config import ModelConfig
+from mlakit.errors import MlakitError
+from mlakit.units import format_bytes, parse_bytes
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="measure decode tokens/s, cache capacity and memory bandwidth in the engine",
+        description="Time batched decode steps of the inference engine at given batch sizes and context lengths "
+        "(the cache is filled with random latents or K/V; prefill is not timed), report how many sequences of "
+        "--capacity-len tokens the KV budget admits, and this machine's memory bandwidth. For the full "
+        "comparison against transformers see benchmarks/bench_engine.py.",
+        epilog="example: mlakit bench --model ckpt/smollm2-mla --batch 1 8 --context 512 8192 --steps 16 --json",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="checkpoint directory, HF dir, .gguf file or alias (see mlakit generate)")
+    src.add_argument("--preset", help=f"random weights of a preset: {', '.join(ModelConfig.presets())}")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes (default 1 8)")
+    p.add_argument("--context", type=int, nargs="+", default=[512, 2048], help="cached tokens (default 512 2048)")
+    p.add_argument("--steps", type=int, default=16, help="timed decode steps per point (default 16)")
+    p.add_argument("--capacity-len", type=int, default=8192, help="sequence length for the capacity count")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    add_engine_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mlakit.engine.bench import admitted_sequences, decode_throughput, memory_bandwidth
+    from mlakit.model import Transformer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    if args.model:
+        from mlakit.engine.load import load_model
+
+        model = load_model(args.model, dtype).model
+    else:
+        try:
+            config = ModelConfig.from_preset(args.preset)
+        except ValueError as e:
+            raise MlakitError(str(e)) from e
+        model = Transformer(config).to(dtype).eval()
+    if any(b <= 0 for b in args.batch) or any(c <= 0 for c in args.context) or args.steps <= 0:
+        raise MlakitError("--batch, --context and --steps must be positive")
+    too_long = [c for c in args.context if c + args.steps + 2 > model.config.max_seq_len]
+    if too_long:
+        raise MlakitError(f"--context {too_long} (+ steps) exceeds the model's context {model.config.max_seq_len}")
+    cfg = engine_config(args)
+    points = [decode_throughput(model, cfg, b, c, args.steps).__dict__ for c in args.context for b in args.batch]
+    cache_dtype = (
+        "int8"
+        if cfg.cache_dtype == "int8"
+        else {"fp32": torch.float32, "bf16": torch.bfloat16}.get(cfg.cache_dtype, dtype)
+    )
+    capacity = admitted_sequences(model.config, cfg.kv_bytes, args.capacity_len, cfg.block_size, cache_dtype)
+    result = {
+        "model": args.model or args.preset,
+        "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "engine": {k: getattr(cfg, k) for k in ("kv_memory", "block_size", "cache_dtype", "decode_path")},
+        "decode": points,
+        "capacity": {"kv_memory": cfg.kv_bytes, "seq_len": args.capacity_len, "sequences": capacity},
+        "bandwidth": memory_bandwidth(parse_bytes("512MiB")),
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{'batch':>5} {'context':>7} {'ms/step':>9} {'tokens/s':>9} {'cache':>10} {'peak RSS':>10}")
+    for pt in points:
+        print(
+            f"{pt['batch']:>5} {pt['context']:>7} {pt['step_ms']:>9.1f} {pt['tokens_per_s']:>9.1f} "
+            f"{format_bytes(pt['kv_bytes']):>10} {format_bytes(pt['peak_rss']):>10}"
+        )
+    print(f"capacity: {capacity} sequences of {args.capacity_len} tokens in {format_bytes(cfg.kv_bytes)}")
+    bw = result["bandwidth"]
+    print(f"memory bandwidth: read {bw['read_GBps']:.1f} GB/s, copy {bw['copy_GBps']:.1f} GB/s")
+    return 0

@@ -1,0 +1,216 @@
+"""Measurements for ``mlakit bench`` and ``benchmarks/bench_engine.py``.
+
+Decode timings fill the cache with random latents (or K/V) instead of prefilling real prompts:
+decode cost depends on how much is cached, not on what, and prefill is not what is measured.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, cast
+
+import torch
+
+from mlakit.attention.mla import MultiHeadLatentAttention
+from mlakit.engine.config import EngineConfig
+from mlakit.engine.decode import absorbed_decode
+from mlakit.engine.engine import Engine
+from mlakit.engine.paged import BlockPool, PagedCache, block_runs
+from mlakit.engine.scheduler import Scheduler, Sequence
+from mlakit.generate import SamplingConfig
+from mlakit.model import Block, Transformer
+
+
+def reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS counter (``VmHWM``) to the current RSS, where Linux allows it."""
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss() -> int:
+    """Peak resident bytes of this process since the last :func:`reset_peak_rss` (0 if unknown)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def memory_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> dict[str, float]:
+    """This machine's memory bandwidth in GB/s: a large fp32 ``sum`` (read) and ``copy_`` (read + write)."""
+    x = torch.ones(nbytes // 4)
+    y = torch.empty_like(x)
+    x.sum()
+    y.copy_(x)
+    best_sum = best_copy = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        best_sum = min(best_sum, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        y.copy_(x)
+        best_copy = min(best_copy, time.perf_counter() - t0)
+    return {"read_GBps": nbytes / best_sum / 1e9, "copy_GBps": 2 * nbytes / best_copy / 1e9}
+
+
+@dataclass
+class DecodeResult:
+    batch: int
+    context: int
+    steps: int
+    step_ms: float
+    tokens_per_s: float
+    kv_bytes: int
+    peak_rss: int
+
+
+def _filled_engine(model: Transformer, config: EngineConfig, batch: int, context: int, room: int, seed: int = 0):
+    """An engine whose cache holds ``batch`` sequences of ``context`` random tokens each (+ ``room`` slots)."""
+    per_block = PagedCache.block_bytes(
+        model.config,
+        config.block_size,
+        "int8"
+        if config.cache_dtype == "int8"
+        else model.embed.weight.dtype
+        if config.cache_dtype == "auto"
+        else {"fp32": torch.float32, "bf16": torch.bfloat16}[config.cache_dtype],
+    )
+    blocks = math.ceil((context + room) / config.block_size)
+    from dataclasses import replace
+
+    engine = Engine(model, replace(config, kv_memory=per_block * blocks * batch))
+    g = torch.Generator().manual_seed(seed)
+    for rows in engine.cache.layers:
+        for r in rows:
+            if r.quantized:
+                r.data.copy_(torch.randint(-127, 128, r.data.shape, generator=g, dtype=torch.int8))
+                assert r.scale is not None
+                r.scale.fill_(1.0 / 127)
+            else:
+                r.data.copy_(torch.randn(r.data.shape, generator=g))
+    tables = [engine.cache.pool.allocate(blocks) for _ in range(batch)]
+    return engine, tables
+
+
+@torch.inference_mode()
+def decode_throughput(
+    model: Transformer,
+    config: EngineConfig,
+    batch: int,
+    context: int,
+    steps: int = 16,
+    warmup: int = 2,
+    time_budget_s: float | None = None,
+) -> DecodeResult:
+    """Tokens/s of batched decode steps at ``context`` cached tokens per sequence (cache filled randomly).
+
+    ``time_budget_s`` lowers ``steps`` (to no fewer than 1) when one step is slow.
+    """
+    reset_peak_rss()
+    engine, tables = _filled_engine(model, config, batch, context, steps + warmup)
+    vocab = model.config.vocab_size
+    tokens = torch.randint(0, vocab, (batch,)).tolist()
+    pos = context
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        engine.runner.decode(tokens, [pos] * batch, tables)
+        pos += 1
+    per = (time.perf_counter() - t0) / max(warmup, 1)
+    if time_budget_s is not None:
+        steps = max(2, min(steps, int(time_budget_s / max(per, 1e-9))))
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.runner.decode(tokens, [pos] * batch, tables)
+        pos += 1
+    dt = (time.perf_counter() - t0) / steps
+    res = DecodeResult(batch, context, steps, dt * 1e3, batch / dt, engine.cache.nbytes, peak_rss())
+    del engine
+    gc.collect()
+    return res
+
+
+@torch.inference_mode()
+def absorbed_attention_bandwidth(
+    model: Transformer, batch: int, context: int, repeats: int = 3, block_size: int = 16, profile: bool = False
+) -> dict[str, Any]:
+    """GB/s at which :func:`absorbed_decode` reads the latent cache (all layers, ``batch`` sequences).
+
+    Also the FLOP rate it reaches and, with ``profile``, each top op's share of the time.
+    """
+    engine, tables = _filled_engine(model, EngineConfig(block_size=block_size), batch, context, 0)
+    layers = [
+        (cast(MultiHeadLatentAttention, cast(Block, layer).attn), rows[0])
+        for layer, rows in zip(model.layers, engine.cache.layers)
+    ]
+    runs = [block_runs(t, context, block_size) for t in tables]
+    qs = []
+    for attn, _ in layers:
+        c = attn.config
+        qs.append(torch.randn(batch, c.num_heads, c.kv_lora_rank + c.qk_rope_head_dim) * attn.scale)
+
+    def once() -> None:
+        for (attn, rows), q in zip(layers, qs):
+            for b in range(batch):
+                absorbed_decode(q[b], rows, runs[b], attn.config.kv_lora_rank)
+
+    once()
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        once()
+        best = min(best, time.perf_counter() - t0)
+    nbytes = sum(rows.data.element_size() * rows.width for _, rows in layers) * batch * context
+    # scores [H, r + d_r] x [r + d_r, S] and o_latent [H, S] x [S, r], 2 FLOPs per multiply-add
+    flops = sum(2 * a.num_heads * (2 * a.config.kv_lora_rank + a.config.qk_rope_head_dim) for a, _ in layers)
+    out: dict[str, Any] = {
+        "seconds": best,
+        "bytes": nbytes,
+        "GBps": nbytes / best / 1e9,
+        "GFLOPs": flops * batch * context / best / 1e9,
+    }
+    if profile:
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile() as prof:
+            once()
+        total = sum(e.self_cpu_time_total for e in prof.key_averages())
+        out["profile"] = {
+            e.key: round(e.self_cpu_time_total / total, 3)
+            for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:6]
+        }
+    del engine
+    gc.collect()
+    return out
+
+
+def admitted_sequences(
+    model_config: Any, kv_bytes: int, seq_len: int, block_size: int = 16, dtype: torch.dtype | str = torch.float32
+) -> int:
+    """How many ``seq_len``-token sequences the scheduler admits at once under ``kv_bytes``.
+
+    Runs the real admission logic on a block pool of the budget's size (no tensors allocated).
+    """
+    num_blocks = kv_bytes // PagedCache.block_bytes(model_config, block_size, dtype)
+    if num_blocks < math.ceil(seq_len / block_size):
+        return 0
+    pool = BlockPool(num_blocks)
+    sched = Scheduler(pool, block_size, max_batch_size=10**9, prefill_chunk=1, max_seq_len=10**9)
+    n_try = pool.num_blocks // math.ceil(seq_len / block_size) + 2
+    for i in range(n_try):
+        sched.add(Sequence(f"s{i}", [0] * seq_len, SamplingConfig()))
+    sched.schedule()
+    return len(sched.running)
+
+
+def as_dict(r: DecodeResult) -> dict[str, Any]:
+    return asdict(r)

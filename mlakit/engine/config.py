@@ -1,0 +1,65 @@
+"""The engine's runtime config: cache layout, memory budget, batching limits, decode path.
+
+Model properties live in :class:`mlakit.config.ModelConfig`; everything here is a choice about how
+to *run* a model and is passed explicitly to :class:`mlakit.engine.Engine`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, TypeAlias
+
+from mlakit.errors import MlakitError
+from mlakit.units import parse_bytes
+
+EngineCacheDType: TypeAlias = Literal["auto", "fp32", "bf16", "int8"]
+EngineDecodePath: TypeAlias = Literal["auto", "absorbed", "naive"]
+
+
+def _fail(name: str, value: object, allowed: str) -> MlakitError:
+    return MlakitError(f"EngineConfig.{name}={value!r} is invalid: {allowed}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine runs a model.
+
+    Attributes:
+        kv_memory: bytes the paged cache may use in total (an int or a size such as ``"2GiB"``);
+            the pool is allocated once, up front, and never grows.
+        block_size: tokens per cache block (the paging granularity).
+        cache_dtype: ``"auto"`` (the model's dtype), ``"fp32"``, ``"bf16"`` or ``"int8"`` (symmetric,
+            one fp32 scale per token per layer; MLA latents and baseline K/V alike).
+        decode_path: ``"auto"`` (absorbed where the model allows it), ``"absorbed"`` or ``"naive"``
+            (decompress the cached latents; the only option for ``rope_mode="full"``).
+        max_batch_size: most sequences running at once (decoding or prefilling).
+        prefill_chunk: most prompt tokens one sequence prefills per engine step (long prompts are
+            split into chunks of this size and interleaved with decode steps).
+    """
+
+    kv_memory: int | str = "1GiB"
+    block_size: int = 16
+    cache_dtype: EngineCacheDType = "auto"
+    decode_path: EngineDecodePath = "auto"
+    max_batch_size: int = 32
+    prefill_chunk: int = 512
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "kv_memory", parse_bytes(self.kv_memory))
+        except ValueError as e:
+            raise _fail("kv_memory", self.kv_memory, str(e)) from e
+        for name in ("block_size", "max_batch_size", "prefill_chunk"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise _fail(name, v, "must be a positive integer")
+        if self.cache_dtype not in ("auto", "fp32", "bf16", "int8"):
+            raise _fail("cache_dtype", self.cache_dtype, "must be 'auto', 'fp32', 'bf16' or 'int8'")
+        if self.decode_path not in ("auto", "absorbed", "naive"):
+            raise _fail("decode_path", self.decode_path, "must be 'auto', 'absorbed' or 'naive'")
+
+    @property
+    def kv_bytes(self) -> int:
+        """``kv_memory`` as a byte count."""
+        assert isinstance(self.kv_memory, int)
+        return self.kv_memory

@@ -1,0 +1,305 @@
+"""The inference engine: paged cache + continuous batching + sampling + streaming.
+
+Example::
+
+    engine = Engine(model, EngineConfig(kv_memory="2GiB", block_size=16))
+    outs = engine.generate([Request([1, 2, 3], SamplingConfig(max_new_tokens=16)), Request([4, 5])])
+    for event in engine.stream([Request("Hello", SamplingConfig(temperature=0.7, seed=0))]):
+        print(event.text, end="")
+
+Requests join and leave between steps (:meth:`Engine.add_request`, :meth:`Engine.cancel`,
+:meth:`Engine.step`); :meth:`Engine.stream` and :meth:`Engine.generate` drive the loop for a
+batch. A bad request (empty prompt, too long, invalid sampling values, ...) is refused with one
+:class:`mlakit.errors.MlakitError` by ``add_request`` and reported as an ``error`` event/output by
+``stream``/``generate``; the other requests are served as usual.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterable, Iterator
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from mlakit.config import MLAConfig
+from mlakit.engine.config import EngineConfig
+from mlakit.engine.paged import PagedCache
+from mlakit.engine.runner import ModelRunner
+from mlakit.engine.scheduler import Scheduler, Sequence, Status
+from mlakit.errors import MlakitError
+from mlakit.generate import SamplingConfig, sample
+from mlakit.model import Transformer
+
+logger = logging.getLogger(__name__)
+
+
+class Tokenizer(Protocol):
+    """What the engine needs from a tokenizer (text prompts, streamed text, stop strings)."""
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation request: token ids (or text, with a tokenizer), sampling, stop strings."""
+
+    prompt: Seq[int] | str
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    stop_strings: tuple[str, ...] = ()
+    request_id: str | None = None
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """A new token of one request (``token is None`` for events without one, e.g. errors)."""
+
+    request_id: str
+    token: int | None
+    text: str = ""  # new text (with a tokenizer); held back while it ends inside a UTF-8 character
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "budget" | "error"
+    error: str | None = None
+
+
+@dataclass
+class RequestOutput:
+    """The result of one request."""
+
+    request_id: str
+    prompt: list[int]
+    tokens: list[int]
+    text: str = ""
+    finish_reason: str | None = None
+    error: str | None = None
+    num_preemptions: int = 0
+
+
+def _resolve_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype | str:
+    if name == "auto":
+        return model_dtype
+    names: dict[str, torch.dtype | str] = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": "int8"}
+    return names[name]
+
+
+class Engine:
+    """Serves many requests at once from one model over a paged KV/latent cache of fixed bytes.
+
+    Args:
+        model: an mlakit Transformer (MLA, or MHA/GQA/MQA), weights in fp32 or bf16.
+        config: runtime choices (budget, block size, cache dtype, decode path, batch limits).
+        tokenizer: optional; needed for text prompts, streamed text and stop strings.
+
+    Raises: MlakitError when the budget holds no block, or ``decode_path='absorbed'`` is asked
+    of a full-RoPE model.
+    """
+
+    def __init__(self, model: Transformer, config: EngineConfig | None = None, tokenizer: Tokenizer | None = None):
+        self.model = model.eval()
+        self.config = config or EngineConfig()
+        self.tokenizer = tokenizer
+        mc = model.config
+        c = self.config
+        dtype = model.embed.weight.dtype
+        att = mc.attention
+        is_mla = isinstance(att, MLAConfig)
+        if c.decode_path == "absorbed" and is_mla and not att.can_absorb:  # type: ignore[union-attr]
+            raise MlakitError("decode_path='absorbed' needs rope_mode='decoupled'; this model uses full RoPE")
+        absorb = is_mla and c.decode_path != "naive" and att.can_absorb  # type: ignore[union-attr]
+        self.cache = PagedCache.allocate(
+            mc, c.kv_bytes, c.block_size, _resolve_cache_dtype(c.cache_dtype, dtype), model.embed.weight.device
+        )
+        self.runner = ModelRunner(model, self.cache, absorb, absorb_values=c.decode_path != "naive")
+        self.scheduler = Scheduler(self.cache.pool, c.block_size, c.max_batch_size, c.prefill_chunk, mc.max_seq_len)
+        self._seqs: dict[str, Sequence] = {}
+        self._events: list[StreamEvent] = []
+        self._errors: dict[str, str] = {}  # request id -> why it was refused
+        self._ids = itertools.count()
+        logger.info(
+            "engine: %d blocks x %d tokens (%d tokens, %.1f MiB of %.1f MiB budget), %s decode",
+            self.cache.num_blocks,
+            c.block_size,
+            self.cache.capacity_tokens(),
+            self.cache.nbytes / 2**20,
+            c.kv_bytes / 2**20,
+            "absorbed" if absorb else "decompressing" if is_mla else "K/V",
+        )
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt: Seq[int] | str,
+        sampling: SamplingConfig | None = None,
+        stop_strings: Iterable[str] = (),
+        request_id: str | None = None,
+    ) -> str:
+        """Queue a request; returns its id. Raises MlakitError for a request that cannot be served."""
+        sampling = sampling if sampling is not None else SamplingConfig()
+        if not isinstance(sampling, SamplingConfig):
+            raise MlakitError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
+        stops = tuple(stop_strings)
+        if any(not isinstance(s, str) or not s for s in stops):
+            raise MlakitError(f"stop strings must be non-empty strings, got {stops!r}")
+        if stops and self.tokenizer is None:
+            raise MlakitError("stop strings need a tokenizer: pass one to Engine(...)")
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self._seqs and self._seqs[rid].status is not Status.FINISHED:
+            raise MlakitError(f"request id {rid!r} is already in use")
+        ids = self._tokenize(prompt)
+        seq = Sequence(
+            request_id=rid,
+            prompt=ids,
+            sampling=sampling,
+            stop_strings=stops,
+            generator=sampling.generator(self.model.embed.weight.device),
+        )
+        if sampling.max_new_tokens == 0:
+            seq.status, seq.finish_reason = Status.FINISHED, "length"
+            self._seqs[rid] = seq
+            self._events.append(StreamEvent(rid, None, finished=True, finish_reason="length"))
+            return rid
+        self.scheduler.add(seq)
+        self._seqs[rid] = seq
+        return rid
+
+    def _tokenize(self, prompt: Seq[int] | str) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise MlakitError("a text prompt needs a tokenizer: pass one to Engine(...) or give token ids")
+            ids = list(self.tokenizer.encode(prompt))
+        else:
+            try:
+                ids = [int(t) for t in prompt]
+            except (TypeError, ValueError) as e:
+                raise MlakitError(f"prompt must be text or a sequence of token ids: {e}") from e
+        if not ids:
+            raise MlakitError("the prompt is empty: give at least one token")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise MlakitError(f"prompt has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        return ids
+
+    def cancel(self, request_id: str) -> bool:
+        """Stop a request now and free its cache blocks; ``False`` if it is unknown or already finished."""
+        seq = self._seqs.get(request_id)
+        if seq is None or seq.status is Status.FINISHED:
+            return False
+        self.scheduler.release(seq, "cancelled")
+        self._events.append(StreamEvent(request_id, None, finished=True, finish_reason="cancelled"))
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._events)
+
+    def output(self, request_id: str) -> RequestOutput:
+        seq = self._seqs[request_id]
+        return RequestOutput(
+            request_id, seq.prompt, list(seq.output), seq.text, seq.finish_reason, num_preemptions=seq.num_preemptions
+        )
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def step(self) -> list[StreamEvent]:
+        """Run one engine step (prefill chunks + one batched decode); returns the events it produced."""
+        events, self._events = self._events, []
+        plan = self.scheduler.schedule()
+        for seq in self.scheduler.stuck():
+            logger.warning("%s needs more cache than the whole KV budget; stopping it", seq.request_id)
+            self.scheduler.release(seq, "budget")
+            events.append(StreamEvent(seq.request_id, None, finished=True, finish_reason="budget"))
+        for seq, start, n in plan.prefill:
+            logits = self.runner.prefill(seq.tokens[start : start + n], start, seq.table)
+            seq.num_cached += n
+            if seq.num_cached == seq.num_tokens:
+                events.append(self._emit(seq, logits))
+        decode = [s for s in plan.decode if s.status is Status.RUNNING]
+        if decode:
+            logits = self.runner.decode(
+                [s.tokens[-1] for s in decode], [s.num_cached for s in decode], [s.table for s in decode]
+            )
+            for seq, row in zip(decode, logits):
+                seq.num_cached += 1
+                events.append(self._emit(seq, row))
+        return events
+
+    def _emit(self, seq: Sequence, logits: torch.Tensor) -> StreamEvent:
+        """Sample ``seq``'s next token from ``logits [vocab]``, update text and finish conditions."""
+        cfg = seq.sampling
+        tok = int(logits.argmax()) if cfg.temperature == 0 else int(sample(logits.unsqueeze(0), cfg, seq.generator)[0])
+        seq.output.append(tok)
+        reason = None
+        delta = ""
+        if self.tokenizer is not None:
+            full = self.tokenizer.decode(seq.output)
+            if seq.stop_strings:
+                hits = [i for i in (full.find(s) for s in seq.stop_strings) if i >= 0]
+                if hits:
+                    full, reason = full[: min(hits)], "stop"
+            if reason is not None or not full.endswith("\ufffd"):
+                delta = full[len(seq.text) :] if full.startswith(seq.text) else full
+                seq.text = full
+        if reason is None:
+            if tok in cfg.stop_tokens:
+                reason = "stop"
+            elif len(seq.output) >= cfg.max_new_tokens or seq.num_tokens >= self.model.config.max_seq_len:
+                reason = "length"
+        if reason is not None:
+            self.scheduler.release(seq, reason)
+        return StreamEvent(seq.request_id, tok, delta, reason is not None, reason)
+
+    def stream(self, requests: Iterable[Request | Seq[int] | str]) -> Iterator[StreamEvent]:
+        """Serve ``requests`` together, yielding events as tokens are produced.
+
+        A request that cannot be served yields one event with ``error`` set and
+        ``finish_reason="error"``; the others continue.
+        """
+        for req in requests:
+            if not isinstance(req, Request):
+                req = Request(req)
+            rid = req.request_id if req.request_id is not None else f"req-{next(self._ids)}"
+            try:
+                self.add_request(req.prompt, req.sampling, req.stop_strings, rid)
+            except MlakitError as e:
+                logger.info("request %s refused: %s", rid, e)
+                self._seqs[rid] = Sequence(rid, [], req.sampling, status=Status.FINISHED, finish_reason="error")
+                self._errors[rid] = str(e)
+                yield StreamEvent(rid, None, finished=True, finish_reason="error", error=str(e))
+        while self.has_unfinished():
+            yield from self.step()
+
+    def generate(self, requests: Iterable[Request | Seq[int] | str]) -> list[RequestOutput]:
+        """Serve ``requests`` to completion; one :class:`RequestOutput` per request, in order."""
+        reqs = [r if isinstance(r, Request) else Request(r) for r in requests]
+        reqs = [
+            r if r.request_id is not None else Request(r.prompt, r.sampling, r.stop_strings, f"req-{next(self._ids)}")
+            for r in reqs
+        ]
+        for _ in self.stream(reqs):
+            pass
+        outs = []
+        for r in reqs:
+            assert r.request_id is not None
+            out = self.output(r.request_id)
+            out.error = self._errors.get(r.request_id)
+            outs.append(out)
+        return outs
+
+    def stats(self) -> dict[str, int]:
+        """Pool and scheduler counters (blocks used/free, running, waiting, preemptions)."""
+        pool = self.cache.pool
+        return {
+            "blocks_total": pool.num_blocks,
+            "blocks_used": pool.num_used,
+            "blocks_free": pool.num_free,
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "preemptions": self.scheduler.num_preemptions,
+            "cache_bytes": self.cache.nbytes,
+        }

@@ -1,0 +1,199 @@
+"""Loading a model and its tokenizer for inference: mlakit checkpoints, or Llama-family HF models.
+
+``--model`` may be an mlakit checkpoint directory (``config.json`` + ``model.safetensors``, with
+tokenizer files saved by Hugging Face tokenizers beside them), or anything
+:func:`mlakit.convert.load.resolve_model_path` accepts (an HF directory, a ``.gguf`` file, the
+``smollm2-135m`` alias), which is mapped onto an mlakit MHA/GQA :class:`~mlakit.model.Transformer`
+with the original weights (no conversion to MLA).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mlakit.config import AttentionConfig, ModelConfig
+from mlakit.errors import MlakitError
+from mlakit.model import CONFIG_FILE, FORMAT, Transformer
+
+logger = logging.getLogger(__name__)
+
+# Hugging Face Llama parameter names -> mlakit names ({i}: layer index)
+LLAMA_TO_MLAKIT: dict[str, str] = {
+    "model.embed_tokens.weight": "embed.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "lm_head.weight",
+    "model.layers.{i}.input_layernorm.weight": "layers.{i}.attn_norm.weight",
+    "model.layers.{i}.post_attention_layernorm.weight": "layers.{i}.mlp_norm.weight",
+    "model.layers.{i}.self_attn.q_proj.weight": "layers.{i}.attn.w_q.weight",
+    "model.layers.{i}.self_attn.k_proj.weight": "layers.{i}.attn.w_k.weight",
+    "model.layers.{i}.self_attn.v_proj.weight": "layers.{i}.attn.w_v.weight",
+    "model.layers.{i}.self_attn.q_proj.bias": "layers.{i}.attn.w_q.bias",
+    "model.layers.{i}.self_attn.k_proj.bias": "layers.{i}.attn.w_k.bias",
+    "model.layers.{i}.self_attn.v_proj.bias": "layers.{i}.attn.w_v.bias",
+    "model.layers.{i}.self_attn.o_proj.weight": "layers.{i}.attn.w_o.weight",
+    "model.layers.{i}.mlp.gate_proj.weight": "layers.{i}.mlp.w_gate.weight",
+    "model.layers.{i}.mlp.up_proj.weight": "layers.{i}.mlp.w_up.weight",
+    "model.layers.{i}.mlp.down_proj.weight": "layers.{i}.mlp.w_down.weight",
+}
+
+
+class HFTokenizer:
+    """Adapter over a ``transformers`` tokenizer: ``encode``/``decode`` and the chat template."""
+
+    def __init__(self, tok: Any) -> None:
+        self.tok = tok
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tok, "chat_template", None))
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return getattr(self.tok, "eos_token_id", None)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tok.encode(text, add_special_tokens=False))
+
+    def encode_chat(self, text: str) -> list[int]:
+        """``text`` as one user message, with the generation prompt appended."""
+        out = self.tok.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+        )
+        if isinstance(out, dict) or hasattr(out, "keys"):
+            out = out["input_ids"]
+        return [int(t) for t in out]
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self.tok.decode(ids, skip_special_tokens=True))
+
+
+def load_tokenizer(directory: str | Path) -> HFTokenizer | None:
+    """The tokenizer saved in ``directory`` (``tokenizer.json`` ...), or ``None`` when there is none."""
+    d = Path(directory)
+    if not (d / "tokenizer.json").is_file() and not (d / "tokenizer_config.json").is_file():
+        return None
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:  # pragma: no cover - transformers is an optional dependency
+        logger.warning("transformers is not installed: no tokenizer")
+        return None
+    try:
+        return HFTokenizer(AutoTokenizer.from_pretrained(str(d)))
+    except (OSError, ValueError, TypeError) as e:
+        logger.warning("%s: cannot load the tokenizer (%s)", d, e)
+        return None
+
+
+def _is_mlakit_dir(d: Path) -> bool:
+    try:
+        header = json.loads((d / CONFIG_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(header, dict) and header.get("format") == FORMAT
+
+
+def llama_config(hf: dict[str, Any], max_seq_len: int | None = None) -> ModelConfig:
+    """An mlakit MHA/GQA config equal to a Hugging Face Llama-family ``config.json``.
+
+    ``max_seq_len`` overrides ``max_position_embeddings`` (the size of the RoPE tables).
+    """
+    heads = hf["num_attention_heads"]
+    rope = hf.get("rope_parameters") or {}
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    if rope.get("rope_type", "default") != "default" or hf.get("rope_scaling"):
+        raise MlakitError("only plain RoPE Llama models can be loaded for inference (no rope scaling)")
+    att = AttentionConfig(
+        hidden_size=hf["hidden_size"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        rope_theta=float(theta),
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        qkv_bias=bool(hf.get("attention_bias", False)) or hf.get("model_type") == "qwen2",
+    )
+    eos = hf.get("eos_token_id")
+    return ModelConfig(
+        vocab_size=hf["vocab_size"],
+        num_layers=hf["num_hidden_layers"],
+        intermediate_size=hf["intermediate_size"],
+        attention=att,
+        max_seq_len=max_seq_len or hf.get("max_position_embeddings", 4096),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=eos[0] if isinstance(eos, list) else eos,
+        name=hf.get("_name_or_path", "") or hf.get("model_type", ""),
+    )
+
+
+def llama_to_transformer(
+    directory: str | Path, dtype: torch.dtype | None = None, max_seq_len: int | None = None
+) -> Transformer:
+    """Build an mlakit GQA Transformer holding a Hugging Face Llama checkpoint's weights (unchanged).
+
+    Raises: MlakitError for missing files or weights that do not match the config.
+    """
+    from safetensors.torch import load_file
+
+    d = Path(directory)
+    config = llama_config(json.loads((d / CONFIG_FILE).read_text()), max_seq_len)
+    files = sorted(d.glob("*.safetensors"))
+    if not files:
+        raise MlakitError(f"{d} has no *.safetensors weights")
+    hf_state: dict[str, torch.Tensor] = {}
+    for f in files:
+        hf_state.update(load_file(str(f)))
+    state = {}
+    for i in range(config.num_layers):
+        for src, dst in LLAMA_TO_MLAKIT.items():
+            if "{i}" in src and src.format(i=i) in hf_state:
+                state[dst.format(i=i)] = hf_state[src.format(i=i)]
+    for src, dst in LLAMA_TO_MLAKIT.items():
+        if "{i}" not in src and src in hf_state:
+            state[dst] = hf_state[src]
+    if config.tie_word_embeddings or "lm_head.weight" not in state:
+        state["lm_head.weight"] = state["embed.weight"]
+    with torch.device("meta"):
+        model = Transformer(config)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise MlakitError(f"{d}: weights do not match a Llama model of its config: {e}") from e
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed.weight
+    model.rotary.reset_tables("cpu")
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
+
+
+@dataclass
+class LoadedForInference:
+    model: Transformer
+    tokenizer: HFTokenizer | None
+    path: Path
+
+
+def load_model(spec: str, dtype: torch.dtype | None = None) -> LoadedForInference:
+    """Load ``spec`` (an mlakit checkpoint dir, or an HF dir / .gguf / alias) and its tokenizer.
+
+    Raises: MlakitError naming what is missing when ``spec`` is not a loadable checkpoint.
+    """
+    p = Path(spec).expanduser()
+    if p.is_dir() and _is_mlakit_dir(p):
+        return LoadedForInference(Transformer.from_pretrained(p, dtype=dtype), load_tokenizer(p), p)
+    if p.is_dir() and not (p / CONFIG_FILE).is_file() and not list(p.glob("*.gguf")):
+        raise MlakitError(f"{spec} is not a checkpoint: no {CONFIG_FILE} (expected config.json + model.safetensors)")
+    from mlakit.convert.load import resolve_model_path
+
+    path = resolve_model_path(spec)
+    if isinstance(path, str) or not Path(path).is_dir():
+        raise MlakitError(f"{spec}: not a local checkpoint (downloads are not supported here)")
+    path = Path(path)
+    model = llama_to_transformer(path, dtype)
+    return LoadedForInference(model, load_tokenizer(path), path)
