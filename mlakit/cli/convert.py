@@ -1,0 +1,106 @@
+"""``mlakit convert``: turn a Llama-family model into an MLA checkpoint, training-free."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from mlakit.errors import MlakitError
+
+
+def _ranks(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(","))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"ranks must be integers separated by commas, got {text!r}") from e
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="convert a Llama/Mistral/Qwen2/SmolLM model (HF dir, GGUF, alias) to MLA",
+        description="Convert a pretrained MHA/GQA model into a true MLA model without training: a "
+        "calibrated low-rank latent replaces K and V, and the cache shrinks to --kv-fraction of the "
+        "original. See docs/conversion.md.",
+    )
+    p.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="HF model directory, .gguf file, alias (smollm2-135m, the default) or hub id",
+    )
+    p.add_argument("--out", required=True, help="output directory (must not exist)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument(
+        "--kv-fraction",
+        type=float,
+        default=0.5,
+        help="cache bytes per token as a fraction of the original, in (0, 1] (default 0.5)",
+    )
+    budget.add_argument(
+        "--ranks",
+        type=_ranks,
+        default=None,
+        help="explicit kv_lora_rank: one value, or one per layer (comma-separated)",
+    )
+    p.add_argument(
+        "--rope",
+        choices=("decoupled", "full"),
+        default="decoupled",
+        help="decoupled: DeepSeek form, shared rotary key, absorbed decode (default); "
+        "full: latent before RoPE, exact positions, no absorption",
+    )
+    p.add_argument(
+        "--method",
+        choices=("pca", "svd"),
+        default="pca",
+        help="pca: calibrated, metric-weighted (default); svd: plain SVD of the weights (baseline)",
+    )
+    p.add_argument(
+        "--rope-dims",
+        type=int,
+        default=None,
+        help="decoupled rotary key width (even; default head_dim/2, or head_dim/4 when a layer "
+        "keeps under 1.5 head_dim values)",
+    )
+    p.add_argument("--allocation", choices=("uniform", "greedy"), default="uniform", help="rank allocation")
+    p.add_argument("--calibration-windows", type=int, default=32, help="calibration sequences (default 32)")
+    p.add_argument("--calibration-seq-len", type=int, default=512, help="tokens per sequence (default 512)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mlakit.convert import ConversionConfig, calibrate, convert_calibrated, save_converted
+
+    if Path(args.out).exists() and not args.overwrite:
+        raise MlakitError(f"--out {args.out} already exists; choose a new directory (or --overwrite)")
+    if not 0 < args.kv_fraction <= 1:
+        raise MlakitError(f"--kv-fraction {args.kv_fraction} must lie in (0, 1] (1 = the original cache size)")
+    ConversionConfig(
+        kv_fraction=args.kv_fraction, ranks=args.ranks, rope=args.rope, method=args.method, rope_dims=args.rope_dims
+    )  # validate before the slow load
+    cal = calibrate(args.model, windows=args.calibration_windows, seq_len=args.calibration_seq_len, progress=True)
+    cfg = ConversionConfig(
+        kv_fraction=args.kv_fraction,
+        ranks=args.ranks,
+        rope=args.rope,
+        method=args.method,
+        rope_dims=args.rope_dims,
+        allocation=args.allocation,
+        calibration_windows=args.calibration_windows,
+        calibration_seq_len=args.calibration_seq_len,
+    )
+    result = convert_calibrated(cal, cfg, progress=True)
+    out = save_converted(result, args.out, overwrite=args.overwrite)
+    r = result.record
+    print(f"wrote {out}")
+    print(f"  calibration text: {r['calibration']['corpus']} ({r['calibration']['tokens']} tokens)")
+    print(
+        f"  cache: {r['cache_elements_per_token']} values/token vs {r['source_cache_elements_per_token']} "
+        f"original ({r['kv_fraction_achieved']:.3f}); rope={cfg.rope}, qk_rope_head_dim={r['qk_rope_head_dim']}, "
+        f"method={cfg.method}"
+    )
+    print(f"  kv_lora_ranks: {json.dumps(r['kv_lora_ranks'])}")
+    return 0

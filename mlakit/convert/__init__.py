@@ -1,0 +1,25 @@
+"""Convert Llama-family (MHA/GQA) models into MLA, training-free; see docs/conversion.md."""
+
+from mlakit.convert.convert import (
+    Calibrated,
+    ConversionConfig,
+    ConversionResult,
+    calibrate,
+    convert,
+    convert_calibrated,
+    save_converted,
+)
+from mlakit.convert.load import SUPPORTED_MODEL_TYPES, LoadedModel, load_hf_model
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "Calibrated",
+    "ConversionConfig",
+    "ConversionResult",
+    "LoadedModel",
+    "calibrate",
+    "convert",
+    "convert_calibrated",
+    "load_hf_model",
+    "save_converted",
+]

@@ -1,0 +1,115 @@
+"""Calibration statistics: the second moment of every attention layer's input.
+
+``sigma_l = E[x~ x~^T]`` with ``x~ = [x; 1]`` (``x`` = the input of layer ``l``'s attention, i.e.
+after its RMSNorm), accumulated in float64 over calibration windows of the *original* model.
+Everything the factorization needs (key, value and query covariances) is a quadratic form in it.
+
+:func:`attention_rotation_moments` measures, per head and RoPE pair, the attention-weighted mean
+rotation ``E[cos(w_f (t - s))]``, ``E[sin(w_f (t - s))]`` between a query at ``t`` and the keys
+at ``s`` it attends to: the best position-free stand-in for a rotation that the decoupled form
+has to drop (see :mod:`mlakit.convert.rope`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+@torch.no_grad()
+def attention_input_moments(
+    hf_model: Any, windows: torch.Tensor, *, batch_size: int = 4, progress: bool = False
+) -> list[torch.Tensor]:
+    """``[num_layers]`` list of ``[n+1, n+1]`` float64 second moments over ``windows [N, T]``."""
+    from tqdm.auto import tqdm
+
+    layers = hf_model.model.layers
+    n = hf_model.config.hidden_size
+    sigma = [torch.zeros(n + 1, n + 1, dtype=torch.float64) for _ in layers]
+
+    def make_hook(i: int) -> Any:
+        def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            x = x.detach().reshape(-1, n).double()  # [B*T, n]
+            x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)  # [B*T, n+1]
+            sigma[i].add_(x.T @ x)
+
+        return hook
+
+    handles = [
+        layer.self_attn.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)
+    ]
+    try:
+        for batch in tqdm(torch.split(windows, batch_size), desc="calibrate", disable=not progress, leave=False):
+            hf_model(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    count = windows.numel()
+    return [s / count for s in sigma]
+
+
+@torch.no_grad()
+def attention_rotation_moments(
+    hf_model: Any, windows: torch.Tensor, *, batch_size: int = 2, progress: bool = False
+) -> list[torch.Tensor]:
+    """Per layer ``[H, d/2, 2]`` float64: attention-weighted ``(E cos, E sin)`` of ``w_f * (t - s)``.
+
+    Attention probabilities are recomputed from the layer's own projections and the rotary
+    tables the model passes in (eager softmax, causal), averaged over every query position.
+    """
+    from tqdm.auto import tqdm
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    cfg = hf_model.config
+    layers = hf_model.model.layers
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    t_len = windows.shape[1]
+    hist = [torch.zeros(heads, t_len, dtype=torch.float64) for _ in layers]  # attention mass per distance
+    dist = torch.arange(t_len)[:, None] - torch.arange(t_len)[None, :]  # [T, S]
+    causal = dist >= 0
+
+    def make_hook(i: int) -> Any:
+        def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            cos, sin = kwargs["position_embeddings"]
+            b, t, _ = x.shape
+            q = module.q_proj(x).view(b, t, heads, d).transpose(1, 2)  # [B, H, T, d]
+            k = module.k_proj(x).view(b, t, kv_heads, d).transpose(1, 2)  # [B, G, T, d]
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            k = k.repeat_interleave(heads // kv_heads, dim=1)  # [B, H, T, d]
+            scores = (q @ k.transpose(-1, -2)) * module.scaling  # [B, H, T, T]
+            p = scores.masked_fill(~causal[:t, :t], float("-inf")).softmax(-1).double()
+            p = p.masked_fill(~causal[:t, :t], 0.0).sum(0).reshape(heads, -1)  # [H, T*T]
+            sub_idx = dist[:t, :t].clamp_min(0).flatten()
+            hist[i][:, :t].index_add_(1, sub_idx, p)
+
+        return hook
+
+    handles = [
+        layer.self_attn.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)
+    ]
+    try:
+        for batch in tqdm(torch.split(windows, batch_size), desc="attention stats", disable=not progress, leave=False):
+            hf_model(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    theta = _rope_theta(cfg)
+    inv_freq = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)  # [d/2]
+    ang = torch.arange(t_len, dtype=torch.float64)[:, None] * inv_freq[None, :]  # [T, d/2]
+    out = []
+    for h in hist:
+        h = h / h.sum(1, keepdim=True).clamp_min(1e-300)
+        out.append(torch.stack([h @ ang.cos(), h @ ang.sin()], dim=-1))  # [H, d/2, 2]
+    return out
+
+
+def _rope_theta(hf_config: Any) -> float:
+    rope = getattr(hf_config, "rope_parameters", None)
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        return float(rope["rope_theta"])
+    return float(getattr(hf_config, "rope_theta", 10000.0))

@@ -1,0 +1,402 @@
+"""Convert a Llama-family Hugging Face model into an mlakit MLA :class:`~mlakit.model.Transformer`.
+
+Pipeline (each step in its own module)::
+
+    load.py       HF dir / GGUF / alias  ->  HF LlamaForCausalLM (float32) + tokenizer
+    calibrate.py  calibration windows     ->  sigma_l = E[x~ x~^T] per layer
+    ranks.py      kv_fraction             ->  kv_lora_rank per layer
+    rope.py       decoupled RoPE          ->  shared rotary key w_kr (RoRoPE on high frequencies)
+    factorize.py  K_nope, V, sigma        ->  w_dkv, w_uk, w_uv (metric-weighted PCA)
+    layer.py      one layer's MLA weights in mlakit names
+    convert.py    the whole model, its config, and a record of how it was made
+
+Everything but the attention (embeddings, norms, MLP, head) is copied unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from mlakit.config import MLAConfig, ModelConfig
+from mlakit.convert.calibrate import attention_input_moments, attention_rotation_moments
+from mlakit.convert.factorize import AttentionWeights, energy_spectrum
+from mlakit.convert.layer import LayerRecipe, convert_layer, layer_dims, metrics
+from mlakit.convert.load import LoadedModel, load_hf_model
+from mlakit.convert.ranks import Allocation, check_ranks, greedy_ranks, latent_budget, uniform_ranks
+from mlakit.convert.rope import decouple_rope
+from mlakit.errors import MlakitError
+from mlakit.eval.corpus import Corpus, default_corpus, token_windows
+from mlakit.model import Transformer
+
+logger = logging.getLogger(__name__)
+
+RECORD_FILE = "conversion.json"
+
+
+@dataclass(frozen=True)
+class ConversionConfig:
+    """How to convert.
+
+    Attributes:
+        kv_fraction: cache size as a fraction of the original (0, 1]; ignored when ``ranks`` is set.
+        ranks: explicit ``kv_lora_rank`` (one for all layers, or one per layer).
+        rope: ``"decoupled"`` (DeepSeek form, absorbable decode) or ``"full"`` (exact positions).
+        method: ``"pca"`` (calibrated) or ``"svd"`` (plain SVD of the weights, the baseline).
+        rope_dims: ``qk_rope_head_dim`` of the shared rotary key (decoupled only; even, <= head_dim);
+            ``None``: :func:`default_rope_dims`.
+        allocation: ``"uniform"`` or ``"greedy"`` rank allocation under the budget.
+        key_metric / value_metric / key_weight: see :mod:`mlakit.convert.factorize` (defaults
+            measured best on SmolLM2, docs/conversion.md).
+        rotation_average: decoupled only; fold the attention-weighted expected rotation into the
+            position-free query (needs ``calibrate(..., rotation_windows > 0)``; measured worse,
+            off by default).
+        calibration_windows / calibration_seq_len: size of the calibration set.
+    """
+
+    kv_fraction: float = 0.5
+    ranks: tuple[int, ...] | None = None
+    rope: Literal["decoupled", "full"] = "decoupled"
+    method: Literal["pca", "svd"] = "pca"
+    rope_dims: int | None = None
+    allocation: Allocation = "uniform"
+    key_metric: Literal["balanced", "query", "query_diag"] = "query"
+    value_metric: Literal["balanced", "output"] = "output"
+    key_weight: float = 2.0
+    rotation_average: bool = False
+    calibration_windows: int = 32
+    calibration_seq_len: int = 512
+
+    def __post_init__(self) -> None:
+        def bad(name: str, allowed: str) -> MlakitError:
+            return MlakitError(f"ConversionConfig.{name}={getattr(self, name)!r} is invalid: {allowed}")
+
+        if not isinstance(self.kv_fraction, (int, float)) or not 0 < self.kv_fraction <= 1:
+            raise bad("kv_fraction", "must lie in (0, 1] (1 = the original cache size)")
+        if self.ranks is not None:
+            object.__setattr__(self, "ranks", tuple(int(r) for r in self.ranks))
+            if not self.ranks or any(r <= 0 for r in self.ranks):
+                raise bad("ranks", "must be positive integers")
+        if self.rope not in ("decoupled", "full"):
+            raise bad("rope", "must be 'decoupled' or 'full'")
+        if self.method not in ("pca", "svd"):
+            raise bad("method", "must be 'pca' or 'svd'")
+        if self.rope == "decoupled" and self.rope_dims is not None and (self.rope_dims <= 0 or self.rope_dims % 2):
+            raise bad("rope_dims", "must be a positive even number")
+        if self.allocation not in ("uniform", "greedy"):
+            raise bad("allocation", "must be 'uniform' or 'greedy'")
+        if self.key_metric not in ("balanced", "query", "query_diag"):
+            raise bad("key_metric", "must be 'balanced', 'query' or 'query_diag'")
+        if self.value_metric not in ("balanced", "output"):
+            raise bad("value_metric", "must be 'balanced' or 'output'")
+        if not self.key_weight > 0:
+            raise bad("key_weight", "must be > 0")
+        for n in ("calibration_windows", "calibration_seq_len"):
+            if getattr(self, n) <= 0:
+                raise bad(n, "must be positive")
+
+    def resolved_rope_dims(self, head_dim: int, num_kv_heads: int) -> int:
+        if self.rope == "full":
+            return 0
+        if self.rope_dims is not None:
+            return self.rope_dims
+        return default_rope_dims(self.kv_fraction, head_dim, num_kv_heads)
+
+    def recipe(self, head_dim: int, num_kv_heads: int) -> LayerRecipe:
+        return LayerRecipe(
+            rope=self.rope,
+            method=self.method,
+            rope_pairs=max(1, self.resolved_rope_dims(head_dim, num_kv_heads) // 2),
+            key_metric=self.key_metric,
+            value_metric=self.value_metric,
+            key_weight=self.key_weight,
+            rotation_average=self.rotation_average,
+        )
+
+
+def default_rope_dims(kv_fraction: float, head_dim: int, num_kv_heads: int) -> int:
+    """Decoupled rotary width for a budget (measured on SmolLM2, docs/conversion.md): ``head_dim/2``
+    (the highest-frequency half of the pairs) when a layer keeps at least ``1.5 * head_dim`` values
+    per token, else ``head_dim/4`` so the latent keeps room."""
+    per_layer = kv_fraction * 2 * num_kv_heads * head_dim
+    dims = head_dim // 2 if per_layer >= 1.5 * head_dim else head_dim // 4
+    return max(2, dims - dims % 2)
+
+
+@dataclass
+class Calibrated:
+    """A loaded source model with its calibration statistics (reused across conversions)."""
+
+    loaded: LoadedModel
+    sigma: list[torch.Tensor]
+    corpus: str
+    tokens: int
+    weights: list[AttentionWeights] = field(default_factory=list)
+    rotation: list[torch.Tensor] | None = None
+
+
+@dataclass
+class ConversionResult:
+    """A converted model and the record of how it was made (written as ``conversion.json``)."""
+
+    model: Transformer
+    record: dict[str, Any]
+    tokenizer: Any
+
+
+def _source_dims(hf_config: Any) -> tuple[int, int, int]:
+    h = hf_config.num_attention_heads
+    g = getattr(hf_config, "num_key_value_heads", None) or h
+    d = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // h
+    return h, g, d
+
+
+def _check_supported(hf_config: Any, source: str) -> None:
+    act = getattr(hf_config, "hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise MlakitError(f"{source}: hidden_act={act!r} is not supported (SwiGLU/silu only)")
+    if getattr(hf_config, "mlp_bias", False):
+        raise MlakitError(f"{source}: MLP biases are not supported")
+    rope = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
+    rtype = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    if rtype not in ("default", None):
+        raise MlakitError(f"{source}: rope scaling {rtype!r} is not supported (plain RoPE only)")
+
+
+def _rope_theta(hf_config: Any) -> float:
+    rope = getattr(hf_config, "rope_parameters", None)
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        return float(rope["rope_theta"])
+    return float(getattr(hf_config, "rope_theta", 10000.0))
+
+
+def calibrate(
+    model: str | LoadedModel,
+    *,
+    windows: int = 32,
+    seq_len: int = 512,
+    corpus: Corpus | None = None,
+    tokens: torch.Tensor | None = None,
+    rotation_windows: int = 0,
+    progress: bool = False,
+) -> Calibrated:
+    """Load (if needed) and collect calibration statistics.
+
+    Args:
+        corpus: calibration text (default: the built-in calibration split, disjoint from the
+            evaluation split), cut into ``windows`` x ``seq_len`` tokens.
+        tokens: ready ``[N, T]`` token ids instead of a corpus (tests, custom pipelines).
+        rotation_windows: how many of the windows also measure attention-weighted rotations
+            (only needed for ``ConversionConfig(rotation_average=True)``; 0 skips it).
+    """
+    loaded = model if isinstance(model, LoadedModel) else load_hf_model(model)
+    _check_supported(loaded.model.config, loaded.source)
+    if tokens is None:
+        if loaded.tokenizer is None:
+            raise MlakitError(f"{loaded.source}: a tokenizer is needed for calibration text")
+        corpus = corpus or default_corpus("calibration")
+        tokens = token_windows(corpus, loaded.tokenizer, num_windows=windows, seq_len=seq_len)
+        name = corpus.name
+    else:
+        name = "given tokens"
+    logger.info("calibrating on %d x %d tokens of %s", tokens.shape[0], tokens.shape[1], name)
+    sigma = attention_input_moments(loaded.model, tokens, progress=progress)
+    rotation = (
+        attention_rotation_moments(loaded.model, tokens[:rotation_windows], progress=progress)
+        if rotation_windows > 0
+        else None
+    )
+    h, g, d = _source_dims(loaded.model.config)
+    weights = [AttentionWeights.from_hf(layer.self_attn, h, g, d) for layer in loaded.model.model.layers]
+    return Calibrated(
+        loaded=loaded, sigma=sigma, corpus=name, tokens=tokens.numel(), weights=weights, rotation=rotation
+    )
+
+
+def plan_ranks(cal: Calibrated, config: ConversionConfig) -> tuple[int, ...]:
+    """Per-layer ``kv_lora_rank`` for ``config`` (explicit, or from the budget)."""
+    _, g, d = _source_dims(cal.loaded.model.config)
+    n_layers = len(cal.weights)
+    has_bias = bool(any(w.w_k[:, -1].abs().max() > 0 or w.w_v[:, -1].abs().max() > 0 for w in cal.weights))
+    max_rank = min(2 * g * d, cal.loaded.model.config.hidden_size + int(has_bias))
+    if config.ranks is not None:
+        return check_ranks(config.ranks, n_layers, max_rank)
+    rope_dims = config.resolved_rope_dims(d, g)
+    if rope_dims > d:
+        raise MlakitError(f"rope_dims={rope_dims} exceeds the head dim {d}")
+    total = latent_budget(config.kv_fraction, original_per_layer=2 * g * d, num_layers=n_layers, rope_dims=rope_dims)
+    if config.allocation == "uniform" or config.method == "svd":
+        return uniform_ranks(total, n_layers, max_rank)
+    recipe = config.recipe(d, g)
+    spectra = []
+    theta = _rope_theta(cal.loaded.model.config)
+    for w, s in zip(cal.weights, cal.sigma):
+        m_k, m_v = metrics(w, s, recipe)
+        w_k = w.w_k
+        if recipe.rope == "decoupled":
+            w_k = decouple_rope(w, s, recipe.rope_pairs, theta, query_weighted=recipe.rope_query_weighted).w_k_nope
+        spectra.append(energy_spectrum(w_k, w.w_v, s, m_k, m_v, recipe.key_weight))
+    return greedy_ranks(spectra, total, max_rank)
+
+
+def convert_calibrated(cal: Calibrated, config: ConversionConfig, *, progress: bool = False) -> ConversionResult:
+    """Convert a calibrated source model (see :func:`calibrate`) under ``config``."""
+    from tqdm.auto import tqdm
+
+    t0 = time.time()
+    hf = cal.loaded.model
+    hc = hf.config
+    h, g, d = _source_dims(hc)
+    theta = _rope_theta(hc)
+    if config.rotation_average and config.rope == "decoupled" and cal.rotation is None:
+        raise MlakitError("rotation_average=True needs rotation statistics: calibrate(..., rotation_windows=8)")
+    ranks = plan_ranks(cal, config)
+    recipe = config.recipe(d, g)
+    has_bias = any(
+        w.w_q[:, -1].abs().max() > 0 or w.w_k[:, -1].abs().max() > 0 or w.w_v[:, -1].abs().max() > 0
+        for w in cal.weights
+    )
+    layer_states = []
+    new_theta = theta
+    for i in tqdm(
+        range(len(cal.weights)), desc=f"convert ({config.rope}, {config.method})", disable=not progress, leave=False
+    ):
+        rot = cal.rotation[i] if cal.rotation is not None else None
+        st, new_theta = convert_layer(cal.weights[i], cal.sigma[i], ranks[i], recipe, theta, rot)
+        layer_states.append(st)
+    dn, dr = layer_dims(recipe, d)
+    att = MLAConfig(
+        hidden_size=hc.hidden_size,
+        num_heads=h,
+        kv_lora_rank=max(ranks),
+        qk_nope_head_dim=dn,
+        qk_rope_head_dim=dr,
+        v_head_dim=d,
+        q_lora_rank=None,
+        rope_theta=new_theta,
+        rms_norm_eps=float(hc.rms_norm_eps),
+        rope_mode=config.rope,
+        kv_norm=False,
+        attention_bias=has_bias,
+    )
+    eos = hc.eos_token_id[0] if isinstance(hc.eos_token_id, (list, tuple)) else hc.eos_token_id
+    mc = ModelConfig(
+        vocab_size=hc.vocab_size,
+        num_layers=len(ranks),
+        intermediate_size=hc.intermediate_size,
+        attention=att,
+        max_seq_len=int(getattr(hc, "max_position_embeddings", 4096)),
+        tie_word_embeddings=bool(getattr(hc, "tie_word_embeddings", False)),
+        kv_lora_ranks=ranks,
+        bos_token_id=hc.bos_token_id,
+        eos_token_id=eos,
+        name=f"{Path(str(cal.loaded.source)).name}-mla-{config.rope}",
+    )
+    state = _model_state(hf, layer_states, has_bias)
+    with torch.device("meta"):
+        model = Transformer(mc)
+    model.load_state_dict(state, strict=True, assign=True)
+    if mc.tie_word_embeddings:
+        model.lm_head.weight = model.embed.weight
+    model.rotary.reset_tables("cpu")
+    model.eval()
+    original = 2 * g * d * len(ranks)
+    cached = sum(ranks) + dr * len(ranks)
+    record = {
+        "source": str(cal.loaded.source),
+        "source_architecture": getattr(hc, "model_type", None),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()},
+        "kv_lora_ranks": list(ranks),
+        "qk_rope_head_dim": dr,
+        "rope_theta": new_theta,
+        "source_rope_theta": theta,
+        "cache_elements_per_token": cached,
+        "source_cache_elements_per_token": original,
+        "kv_fraction_achieved": cached / original,
+        "calibration": {"corpus": cal.corpus, "tokens": cal.tokens},
+        "seconds": round(time.time() - t0, 1),
+    }
+    return ConversionResult(model=model, record=record, tokenizer=cal.loaded.tokenizer)
+
+
+def _model_state(hf: Any, layer_states: list[dict[str, torch.Tensor]], has_bias: bool) -> dict[str, torch.Tensor]:
+    """Full mlakit state dict: converted attention plus everything else copied from ``hf``."""
+    base = hf.model
+    st: dict[str, torch.Tensor] = {
+        "embed.weight": base.embed_tokens.weight,
+        "norm.weight": base.norm.weight,
+        "lm_head.weight": hf.lm_head.weight,
+    }
+    for i, (layer, ls) in enumerate(zip(base.layers, layer_states)):
+        p = f"layers.{i}."
+        st[p + "attn_norm.weight"] = layer.input_layernorm.weight
+        st[p + "mlp_norm.weight"] = layer.post_attention_layernorm.weight
+        st[p + "mlp.w_gate.weight"] = layer.mlp.gate_proj.weight
+        st[p + "mlp.w_up.weight"] = layer.mlp.up_proj.weight
+        st[p + "mlp.w_down.weight"] = layer.mlp.down_proj.weight
+        for k, v in ls.items():
+            if k.endswith(".bias") and not has_bias:
+                continue
+            st[p + "attn." + k] = v
+        if has_bias:
+            st[p + "attn.w_o.bias"] = torch.zeros(hf.config.hidden_size, dtype=torch.float64)
+    return {k: v.detach().to(torch.float32).contiguous().clone() for k, v in st.items()}
+
+
+def save_converted(result: ConversionResult, out: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Write the checkpoint (safetensors + config + tokenizer + ``conversion.json``) atomically:
+    into a temporary sibling directory that is renamed at the end, so no partial ``out`` exists.
+
+    Raises:
+        MlakitError: ``out`` exists (and ``overwrite`` is false) or its parent is not writable.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise MlakitError(f"--out {out} already exists; choose a new directory")
+    parent = out.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    except OSError as e:
+        raise MlakitError(f"cannot write under {parent}: {e}") from e
+    try:
+        result.model.save_pretrained(tmp, metadata={"conversion": result.record})
+        if result.tokenizer is not None:
+            result.tokenizer.save_pretrained(tmp)
+        (tmp / RECORD_FILE).write_text(json.dumps(result.record, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def convert(
+    model: str,
+    out: str | os.PathLike[str],
+    config: ConversionConfig | None = None,
+    *,
+    progress: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Load ``model``, calibrate, convert under ``config`` and save to ``out``; returns ``out``."""
+    config = config or ConversionConfig()
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise MlakitError(f"--out {out} already exists; choose a new directory")
+    cal = calibrate(model, windows=config.calibration_windows, seq_len=config.calibration_seq_len, progress=progress)
+    return save_converted(convert_calibrated(cal, config, progress=progress), out, overwrite=overwrite)

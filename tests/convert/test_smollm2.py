@@ -1,0 +1,55 @@
+"""Conversion of the real SmolLM2-135M (embedded GGUF): slow, run with ``pytest -m slow``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mlakit.convert import ConversionConfig, calibrate, convert_calibrated
+from mlakit.eval.corpus import default_corpus, token_windows
+from mlakit.eval.metrics import as_logits_fn, evaluate
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():  # type: ignore[no-untyped-def]
+    pytest.importorskip("gguf")
+    cal = calibrate("smollm2-135m", windows=16, seq_len=512)
+    windows = token_windows(default_corpus("evaluation"), cal.loaded.tokenizer, num_windows=4, seq_len=512)
+    base = evaluate(as_logits_fn(cal.loaded.model), windows).perplexity
+    return cal, windows, base
+
+
+def _ppl(smollm2, **kw) -> float:  # type: ignore[no-untyped-def]
+    cal, windows, _ = smollm2
+    return evaluate(as_logits_fn(convert_calibrated(cal, ConversionConfig(**kw)).model), windows).perplexity
+
+
+def test_full_rank_is_the_original(smollm2) -> None:  # type: ignore[no-untyped-def]
+    cal, windows, _ = smollm2
+    model = convert_calibrated(cal, ConversionConfig(kv_fraction=1.0, rope="full")).model
+    x = windows[:1, :128]
+    assert (model(x) - cal.loaded.model(x).logits).abs().max().item() < 1e-3
+
+
+def test_targets_full_rope_half_cache(smollm2) -> None:  # type: ignore[no-untyped-def]
+    base = smollm2[2]
+    assert _ppl(smollm2, kv_fraction=0.5, rope="full") / base <= 1.12
+
+
+@pytest.mark.parametrize("rope", ["full", "decoupled"])
+def test_calibrated_beats_weight_svd(smollm2, rope: str) -> None:  # type: ignore[no-untyped-def]
+    assert _ppl(smollm2, kv_fraction=0.5, rope=rope) < _ppl(smollm2, kv_fraction=0.5, rope=rope, method="svd")
+
+
+def test_cached_absorbed_decode_matches_forward(smollm2) -> None:  # type: ignore[no-untyped-def]
+    cal, windows, _ = smollm2
+    model = convert_calibrated(cal, ConversionConfig(kv_fraction=0.5, rope="decoupled")).model
+    x = windows[:1, :48]
+    full = model(x)
+    cache = model.new_cache(1, 64)
+    pos = torch.arange(48)[None]
+    steps = [model(x[:, :40], pos[:, :40], cache)]
+    steps += [model(x[:, t : t + 1], pos[:, t : t + 1], cache) for t in range(40, 48)]
+    assert (torch.cat(steps, 1) - full).abs().max().item() < 1e-3
