@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from mlakit.attention.mla import AttentionPath
 from mlakit.cache import KVCache, LatentCache, ModelCache
 from mlakit.config import CacheDType, MLAConfig, ModelConfig, RuntimeConfig
 from mlakit.errors import MlakitError
+from mlakit.io import atomic_write, read_config_json
 from mlakit.layers import RMSNorm, SwiGLU
 
 CONFIG_FILE = "config.json"
@@ -165,8 +165,8 @@ class Transformer(nn.Module):
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
         header = {"format": FORMAT, "config": self.config.to_dict(), **(metadata or {})}
-        _atomic_write(out / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
-        _atomic_write(out / CONFIG_FILE, lambda p: p.write_text(json.dumps(header, indent=2)))
+        atomic_write(out / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
+        atomic_write(out / CONFIG_FILE, lambda p: p.write_text(json.dumps(header, indent=2)))
         return out
 
     @classmethod
@@ -203,17 +203,9 @@ class Transformer(nn.Module):
 
 def load_config(directory: str | os.PathLike[str]) -> ModelConfig:
     """Read an mlakit checkpoint's ``config.json`` (raises MlakitError with the reason)."""
-    d = Path(directory)
-    if not d.is_dir():
-        raise MlakitError(f"{d} is not a directory: expected an mlakit checkpoint (config.json + model.safetensors)")
-    p = d / CONFIG_FILE
-    if not p.is_file():
-        raise MlakitError(f"{d} has no {CONFIG_FILE}: not an mlakit checkpoint")
-    try:
-        header = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise MlakitError(f"{p} is not valid JSON: {e}") from e
-    if not isinstance(header, dict) or header.get("format") != FORMAT or "config" not in header:
+    header = read_config_json(directory, CONFIG_FILE, "an mlakit checkpoint (config.json + model.safetensors)")
+    p = Path(directory) / CONFIG_FILE
+    if header.get("format") != FORMAT or "config" not in header:
         raise MlakitError(
             f'{p} is not an mlakit config (no "format": "{FORMAT}"); a Hugging Face '
             "checkpoint? use `mlakit import-hf` or the convert command"
@@ -222,14 +214,3 @@ def load_config(directory: str | os.PathLike[str]) -> ModelConfig:
         return ModelConfig.from_dict(header["config"])
     except ValueError as e:
         raise MlakitError(f"{p}: {e}") from e
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -68,6 +68,7 @@ from safetensors.torch import save_file
 
 from mlakit.config import MLAConfig, ModelConfig, RopeScaling
 from mlakit.errors import MlakitError
+from mlakit.io import read_config_json
 from mlakit.model import CONFIG_FILE, FORMAT, Transformer
 from mlakit.rope import interleaved_to_halves
 
@@ -698,19 +699,7 @@ _REQUIRED = (
 
 def read_hf_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """The ``config.json`` of a Hugging Face checkpoint directory (raises MlakitError with the reason)."""
-    d = Path(directory)
-    if not d.is_dir():
-        raise MlakitError(f"{d} is not a directory: expected a Hugging Face checkpoint (config.json + safetensors)")
-    p = d / CONFIG_FILE
-    if not p.is_file():
-        raise MlakitError(f"{d} has no {CONFIG_FILE}: not a Hugging Face checkpoint")
-    try:
-        cfg = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise MlakitError(f"{p} is not valid JSON: {e}") from e
-    if not isinstance(cfg, dict):
-        raise MlakitError(f"{p} does not hold a JSON object")
-    return cfg
+    return read_config_json(directory, CONFIG_FILE, "a Hugging Face checkpoint (config.json + safetensors)")
 
 
 def _moe_layer(cfg: dict[str, Any]) -> int | None:
