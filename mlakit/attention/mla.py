@@ -183,10 +183,16 @@ class MultiHeadLatentAttention(nn.Module):
         else:
             q = torch.cat((q_nope, q_rope), dim=-1)  # [B, T, H, d_qk]
             k = torch.cat((k_nope, k_rope.unsqueeze(2).expand(b, s, h, c.qk_rope_head_dim)), dim=-1)
+        d_v = v.shape[-1]
+        if d_v < q.shape[-1]:
+            # fused (flash) SDPA kernels need equal q/k and v widths; zero-padded V columns give zero
+            # output columns, sliced off below. Without this CPU falls back to the math path, which
+            # keeps the [B, H, T, S] probabilities for backward.
+            v = F.pad(v, (0, q.shape[-1] - d_v))
         o = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=causal, scale=self.scale
-        )  # [B, H, T, d_v]
-        return o.transpose(1, 2)
+        )  # [B, H, T, d_qk or d_v]
+        return o.transpose(1, 2)[..., :d_v]
 
     def _attend_absorbed(
         self,
