@@ -22,7 +22,6 @@ def attention_input_moments(
     hf_model: Any, windows: torch.Tensor, *, batch_size: int = 4, progress: bool = False
 ) -> list[torch.Tensor]:
     """``[num_layers]`` list of ``[n+1, n+1]`` float64 second moments over ``windows [N, T]``."""
-    from tqdm.auto import tqdm
 
     layers = hf_model.model.layers
     n = hf_model.config.hidden_size
@@ -37,15 +36,7 @@ def attention_input_moments(
 
         return hook
 
-    handles = [
-        layer.self_attn.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)
-    ]
-    try:
-        for batch in tqdm(torch.split(windows, batch_size), desc="calibrate", disable=not progress, leave=False):
-            hf_model(batch)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_hooked(hf_model, layers, make_hook, windows, batch_size, "calibrate", progress)
     count = windows.numel()
     return [s / count for s in sigma]
 
@@ -59,7 +50,6 @@ def attention_rotation_moments(
     Attention probabilities are recomputed from the layer's own projections and the rotary
     tables the model passes in (eager softmax, causal), averaged over every query position.
     """
-    from tqdm.auto import tqdm
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     cfg = hf_model.config
@@ -89,15 +79,7 @@ def attention_rotation_moments(
 
         return hook
 
-    handles = [
-        layer.self_attn.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)
-    ]
-    try:
-        for batch in tqdm(torch.split(windows, batch_size), desc="attention stats", disable=not progress, leave=False):
-            hf_model(batch)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_hooked(hf_model, layers, make_hook, windows, batch_size, "attention stats", progress)
     theta = _rope_theta(cfg)
     inv_freq = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)  # [d/2]
     ang = torch.arange(t_len, dtype=torch.float64)[:, None] * inv_freq[None, :]  # [T, d/2]
@@ -113,3 +95,20 @@ def _rope_theta(hf_config: Any) -> float:
     if isinstance(rope, dict) and "rope_theta" in rope:
         return float(rope["rope_theta"])
     return float(getattr(hf_config, "rope_theta", 10000.0))
+
+
+def _run_hooked(
+    hf_model: Any, layers: Any, make_hook: Any, windows: torch.Tensor, batch_size: int, desc: str, progress: bool
+) -> None:
+    """Run ``windows`` through ``hf_model`` with ``make_hook(i)`` as a pre-hook on layer i's attention."""
+    from tqdm.auto import tqdm
+
+    handles = [
+        layer.self_attn.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)
+    ]
+    try:
+        for batch in tqdm(torch.split(windows, batch_size), desc=desc, disable=not progress, leave=False):
+            hf_model(batch)
+    finally:
+        for h in handles:
+            h.remove()
