@@ -13,10 +13,16 @@ The output directory is what transformers (AutoModelForCausalLM.from_pretrained)
 config.json (model_type deepseek_v3, dense MLP in every layer, rope_interleave true),
 safetensors weights, generation_config.json and the source's tokenizer files.
 
-Not carried over: the quantized cache (a runtime choice), per-layer latent ranks (padded to the
-largest, exactly), kv_norm=False (emulated to ~1e-6 with attention_bias, transformers only, needs
---allow-bias). Full-RoPE MLA and MHA/GQA models cannot be exported (convert them first).
-See docs/serving.md.
+Not carried over: the quantized cache (a runtime choice) and per-layer latent ranks (padded to
+the largest, exactly). Full-RoPE MLA and MHA/GQA models cannot be exported (convert them first).
+
+Converted models (kv_norm=False, a linear latent) export without biases, for all three engines:
+the latent rows are scaled by a tiny power of two s so that kv_a_layernorm's eps dominates and the
+norm acts linearly; kv_b_proj undoes the scale. Relative error per token <= s^2 B^2 / (2 R eps)
+<= 1e-5 (B bounds the latent's norm; bound and fp32 measurement are written to config.json under
+mlakit_export). These exports write rms_norm_eps 1e-6, the latent norm's eps in transformers, which
+also applies to the other norms (SmolLM2's is 1e-5: a small change, noted). fp16 cannot hold the
+scaled rows: use bf16 or fp32. See docs/serving.md.
 """
 
 
@@ -38,8 +44,8 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--allow-bias",
         action="store_true",
-        help="permit attention_bias=true (kv_norm=False models, models with attention biases): exact in "
-        "transformers, but vLLM and SGLang ignore these biases",
+        help="permit attention_bias=true, needed when an attention bias is non-zero (e.g. a model converted "
+        "from Qwen2): exact in transformers, but vLLM and SGLang ignore these biases",
     )
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=run_export)
@@ -73,8 +79,10 @@ def run_export(args: argparse.Namespace) -> int:
     )
     print(f"wrote {report.directory}: {len(report.files)} files, {format_bytes(report.total_bytes)} of weights")
     # report.notes were logged as warnings by the library
-    if report.measured_rel_error:
-        print(f"  latent relative error (measured, fp32): {report.measured_rel_error:.2e}")
+    if report.measured_rel_error or report.error_bound:
+        print(
+            f"  latent relative error: bound {report.error_bound:.2e}, measured (fp32) {report.measured_rel_error:.2e}"
+        )
     return 0
 
 

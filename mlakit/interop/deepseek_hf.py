@@ -33,14 +33,35 @@ What the format cannot say, and what export does about it (recorded under ``mlak
   in ``w_uk``/``w_uv``. Zero rows lower the mean square the latent RMSNorm divides by by ``r/R``;
   scaling the real rows of ``w_dkv`` (and its bias) by ``s = sqrt(R/r)`` restores it exactly
   (epsilon included) and ``kv_norm`` divided by ``s`` undoes the scale: exact in real arithmetic.
-* ``kv_norm=False`` (a linear latent, what conversion produces): DeepSeek-V3 always normalises the
-  latent. One extra latent dim fed by a constant bias ``M`` (a power of two) makes the mean square
-  ``(|c|^2 + M^2)/R`` nearly constant, so ``kv_a_layernorm`` scales every token by nearly the same
-  ``sqrt(R)/M``; ``w_uk``/``w_uv`` are multiplied by ``M/sqrt(R)`` to undo it and the extra dim's
-  norm weight is 0. Relative error per token ``~ |c|^2 / (2 M^2)``; ``M`` is chosen from a bound
-  on ``|c|`` (``sigma_max(w_dkv diag(attn_norm)) sqrt(hidden) + |b|``) so that it stays below
-  ``1e-6``. This needs ``attention_bias: true``, which transformers honours but vLLM and SGLang
-  do not (they build these projections without bias and skip ``.bias`` tensors), so it is opt-in.
+* ``kv_norm=False`` (a linear latent ``c = w_dkv x``, what conversion produces): DeepSeek-V3
+  always applies ``kv_a_layernorm``, ``RMSNorm(z) = z / sqrt(mean(z^2) + eps) * gamma``. Export
+  makes ``eps`` dominate the mean square: the latent rows are ``s * w_dkv`` (and ``s * b``) with
+  ``s`` a small power of two, so ``mean(z^2) = s^2 |c|^2 / R << eps`` and::
+
+      RMSNorm(s c) = gamma s c / sqrt(eps) * (1 + x)^(-1/2),   x = s^2 |c|^2 / (R eps)
+
+  which is linear in ``c`` up to a relative error ``1 - (1 + x)^(-1/2) <= x / 2``. ``gamma`` is
+  the power of two nearest ``sqrt(eps) / s`` on the real rows (0 on padding rows), so the
+  normalised latent, which engines cache, has the magnitude of mlakit's ``c_kv``; ``w_uk``/``w_uv``
+  are multiplied by ``up_scale = sqrt(eps) / (s gamma)`` (in ``[2^-1/2, 2^1/2]``) to undo the
+  rest. ``s`` is the largest power of two with ``s^2 B^2 / (2 R eps) <= LINEAR_LATENT_TARGET``,
+  ``B`` a data-free bound on ``|c|`` (``sigma_max(w_dkv diag(attn_norm)) sqrt(hidden) + |b|``,
+  inputs ``attn_norm * u`` with ``rms(u) = 1``). Scaling by powers of two is exact in binary
+  floating point, so bf16 rounds ``s * w_dkv`` and ``gamma`` exactly as it rounds ``w_dkv`` and 1.
+  No bias is involved, so nothing is lost in vLLM and SGLang. Padding rows of narrower layers are
+  zero, so no per-layer norm compensation is needed.
+
+  ``eps`` must be the same in every runtime: transformers builds ``kv_a_layernorm`` with its
+  default ``1e-6`` whatever the config says, vLLM and SGLang with ``rms_norm_eps``. So such
+  exports write ``rms_norm_eps: 1e-6`` and size ``s`` for it; that also moves the eps of the
+  other RMSNorms (``input_layernorm``, ``post_attention_layernorm``, ``model.norm``; in vLLM and
+  SGLang also ``q_a_layernorm``) from the source's value, a small change (SmolLM2-135M, eps
+  1e-5: logits of magnitude up to 40 move by at most 2e-2) recorded in the notes and in
+  ``mlakit_export`` (``source_rms_norm_eps``). fp16 cannot hold ``s * w_dkv`` (it falls below
+  fp16's normal range): such exports are refused; bf16 has fp32's exponent range and is fine.
+* attention biases: written (``attention_bias: true``) only when one is non-zero, and only with
+  ``allow_bias``: transformers honours them, vLLM and SGLang build these projections without bias
+  and skip ``.bias`` tensors. All-zero biases are dropped.
 
 Not expressible at all (clear error): ``rope_mode='full'`` MLA and MHA/GQA/MQA baselines.
 Import rejects mixture-of-experts layers, FP8 block-quantised weights and unknown RoPE types.
@@ -79,7 +100,12 @@ HF_INDEX = "model.safetensors.index.json"
 GENERATION_CONFIG = "generation_config.json"
 MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # the Hugging Face default shard size
-LINEAR_LATENT_TARGET = 1e-6  # relative error bound the constant-bias latent dim is sized for
+# Worst-case relative error of a linear latent's epsilon-dominated RMSNorm. 400x below bf16's
+# rounding (2^-8), the dtype engines serve in, and at the level of fp32 rounding in the matmuls
+# around it. Lower would cost no precision (s is a power of two) but sqrt(10) more exponent range
+# per decade between the latent and rope-key rows of kv_a_proj_with_mqa, which hurts
+# per-tensor weight quantisation.
+LINEAR_LATENT_TARGET = 1e-5
 HF_LATENT_NORM_EPS = 1e-6  # transformers builds q_a_layernorm/kv_a_layernorm with the default eps
 
 # tokenizer and chat files copied along when the source directory has them
@@ -160,15 +186,15 @@ def _rope_to_interleaved(dim: int) -> torch.Tensor:
 class LayerLatent:
     """How one layer's latent is written into the shared ``kv_lora_rank`` ``R``.
 
-    ``row_scale`` multiplies the real rows of ``w_dkv`` (and bias); ``norm`` is the exported
-    ``kv_a_layernorm`` weight ``[R]``; ``bias_const`` the constant fed to the last latent dim
-    (linear latents only); ``up_scale`` multiplies ``w_uk``/``w_uv``.
+    ``row_scale`` multiplies the real rows of ``w_dkv`` (and bias): ``sqrt(R/r)`` for a normed
+    latent, the small power of two ``s`` for a linear one; ``norm`` is the exported
+    ``kv_a_layernorm`` weight ``[R]``; ``up_scale`` multiplies ``w_uk``/``w_uv``;
+    ``error_bound`` is the worst-case relative error of the latent path (0 when exact).
     """
 
     rank: int
     row_scale: float
     norm: torch.Tensor
-    bias_const: float | None = None
     up_scale: float = 1.0
     error_bound: float = 0.0
 
@@ -181,6 +207,7 @@ class ExportPlan:
     kv_lora_rank: int
     attention_bias: bool
     layers: tuple[LayerLatent, ...]
+    rms_norm_eps: float
     notes: tuple[str, ...] = ()
 
     @property
@@ -198,6 +225,7 @@ class ExportReport:
     kv_lora_rank: int
     notes: tuple[str, ...] = ()
     measured_rel_error: float = 0.0
+    error_bound: float = 0.0
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
@@ -218,10 +246,13 @@ def _mla(config: ModelConfig) -> MLAConfig:
 
 
 def plan_export(model: Transformer, allow_bias: bool = False) -> ExportPlan:
-    """Decide the exported ``kv_lora_rank`` and each layer's latent mapping (see the module docstring).
+    """Decide the exported ``kv_lora_rank``, ``rms_norm_eps`` and each layer's latent mapping.
 
-    Raises: MlakitError when the model cannot be written in the DeepSeek-V3 format, or would need
-    ``attention_bias`` (vLLM/SGLang ignore it) without ``allow_bias``.
+    See the module docstring for the two latent mappings (normed: padding compensation; linear:
+    epsilon-dominated RMSNorm).
+
+    Raises: MlakitError when the model cannot be written in the DeepSeek-V3 format, or has
+    non-zero attention biases (vLLM/SGLang ignore them) without ``allow_bias``.
     """
     config = model.config
     att = _mla(config)
@@ -237,23 +268,27 @@ def plan_export(model: Transformer, allow_bias: bool = False) -> ExportPlan:
                     f"layer {i}: w_q has a non-zero bias; DeepSeek-V3's q_proj has none (only q_a_proj, "
                     "kv_a_proj_with_mqa and o_proj take attention_bias)"
                 )
-    attention_bias = att.attention_bias or linear
-    if attention_bias and not allow_bias:
-        why = (
-            "kv_norm=False (a linear latent): DeepSeek-V3 always RMS-normalises the latent; mlakit can emulate "
-            f"a linear latent with one constant-bias latent dim (relative error < {LINEAR_LATENT_TARGET:g}), "
-            "but that needs attention_bias=true"
-            if linear
-            else "the model has attention biases (attention_bias=True)"
-        )
+    biased = _nonzero_biases(state, config.num_layers)
+    if biased and not allow_bias:
+        more = f" and {len(biased) - 1} more" if len(biased) > 1 else ""
         raise MlakitError(
-            f"{why}. transformers runs such a checkpoint exactly, vLLM and SGLang silently drop these biases; "
-            "pass --allow-bias (allow_bias=True) for a transformers-only export"
+            f"the model has attention biases ({biased[0]}{more} non-zero). transformers runs such a checkpoint "
+            "exactly, vLLM and SGLang silently drop these biases; pass --allow-bias (allow_bias=True) for a "
+            "transformers-only export"
         )
-    r_max = max(ranks)
-    big_r = r_max + 1 if linear else r_max
-    eps = att.rms_norm_eps
-    if eps != HF_LATENT_NORM_EPS:
+    if att.attention_bias and not biased:
+        notes.append("attention_bias=True but every attention bias is zero: written without biases")
+    big_r = max(ranks)
+    eps = HF_LATENT_NORM_EPS if linear else att.rms_norm_eps
+    if linear and att.rms_norm_eps != eps:
+        q_norm = ", q_a_layernorm" if att.q_lora_rank is not None else ""
+        notes.append(
+            f"rms_norm_eps {att.rms_norm_eps:g} -> {eps:g}: the linear latent's kv_a_layernorm needs the same eps in "
+            f"every runtime and transformers hard-codes {eps:g}; the other RMSNorms (input_layernorm, "
+            f"post_attention_layernorm, model.norm{q_norm}) now use it too, changing their output by about "
+            "(old - new) / (2 mean(h^2)) relative"
+        )
+    elif eps != HF_LATENT_NORM_EPS:
         notes.append(
             f"rms_norm_eps={eps:g}: transformers normalises q/kv latents with eps {HF_LATENT_NORM_EPS:g}, vLLM/SGLang "
             "with rms_norm_eps (mlakit): tiny differences in transformers"
@@ -265,28 +300,49 @@ def plan_export(model: Transformer, allow_bias: bool = False) -> ExportPlan:
             bound = _latent_norm_bound(
                 state[p + "attn.w_dkv.weight"], state.get(p + "attn.w_dkv.bias"), state[p + "attn_norm.weight"]
             )
-            m = 2.0 ** math.ceil(math.log2(max(bound, 1e-30) / math.sqrt(2 * LINEAR_LATENT_TARGET)))
-            m = max(m, 1.0)
-            norm = torch.zeros(big_r)
-            norm[:r] = 1.0
-            err = (bound**2 + eps * big_r) / (2 * m * m)
-            layers.append(LayerLatent(r, 1.0, norm, m, m / math.sqrt(big_r), err))
+            layers.append(_linear_latent(r, big_r, bound, eps))
         else:
             s = math.sqrt(big_r / r)
             g = state[p + "attn.kv_norm.weight"]
             norm = torch.zeros(big_r, dtype=g.dtype)
             norm[:r] = g if r == big_r else (g.double() / s).to(g.dtype)
             layers.append(LayerLatent(r, s, norm))
-    if any(r != big_r for r in ranks) and not linear:
-        notes.append(f"per-layer latent ranks {ranks} padded to kv_lora_rank={big_r} (norm-compensated, exact)")
-    elif len(set(ranks)) > 1:
-        notes.append(f"per-layer latent ranks {ranks} padded to {r_max} (+1 constant dim)")
+    if any(r != big_r for r in ranks):
+        how = "zero rows, exact for a linear latent" if linear else "norm-compensated, exact"
+        notes.append(f"per-layer latent ranks {ranks} padded to kv_lora_rank={big_r} ({how})")
     if linear:
+        bound = max(lay.error_bound for lay in layers)
         notes.append(
-            "kv_norm=False emulated with a constant-bias latent dim (attention_bias=true): transformers-only, "
-            "vLLM/SGLang drop the biases"
+            f"kv_norm=False written as an epsilon-dominated kv_a_layernorm (latent rows x 2^k, eps {eps:g}): "
+            f"relative error <= {bound:.1e} per token, no biases"
         )
-    return ExportPlan(config, big_r, attention_bias, tuple(layers), tuple(notes))
+    return ExportPlan(config, big_r, bool(biased), tuple(layers), eps, tuple(notes))
+
+
+def _nonzero_biases(state: dict[str, torch.Tensor], num_layers: int) -> list[str]:
+    """mlakit names of the non-zero biases the format would write (``attention_bias`` tensors)."""
+    names = [n for mp in MAPPING if mp.per_layer and mp.hf.endswith(".bias") for n in mp.mlakit]
+    out = []
+    for i in range(num_layers):
+        for n in names:
+            b = state.get(f"layers.{i}.{n}")
+            if b is not None and bool(b.ne(0).any()):
+                out.append(f"layers.{i}.{n}")
+    return out
+
+
+def _linear_latent(rank: int, big_r: int, bound: float, eps: float) -> LayerLatent:
+    """The epsilon-dominated RMSNorm mapping of a linear latent with ``|c| <= bound``."""
+    if bound <= 0:  # an all-zero latent: nothing to approximate
+        s = 1.0
+    else:
+        # largest power of two with s^2 bound^2 / (2 R eps) <= target
+        s = 2.0 ** math.floor(math.log2(math.sqrt(2 * big_r * eps * LINEAR_LATENT_TARGET) / bound))
+    gamma = 2.0 ** round(math.log2(math.sqrt(eps) / s))
+    norm = torch.zeros(big_r)
+    norm[:rank] = gamma
+    error = s * s * bound * bound / (2 * big_r * eps)
+    return LayerLatent(rank, s, norm, math.sqrt(eps) / (s * gamma), error)
 
 
 def _mla_layer(config: ModelConfig, layer: int) -> MLAConfig:
@@ -324,7 +380,7 @@ def hf_config(plan: ExportPlan, dtype: torch.dtype) -> dict[str, Any]:
         "head_dim": att.qk_rope_head_dim,
         "hidden_act": "silu",
         "max_position_embeddings": config.max_seq_len,
-        "rms_norm_eps": att.rms_norm_eps,
+        "rms_norm_eps": plan.rms_norm_eps,
         "attention_bias": plan.attention_bias,
         "attention_dropout": 0.0,
         "rope_theta": att.rope_theta,
@@ -430,21 +486,19 @@ class _Exporter:
         return torch.cat((w[:, :dn], w[:, dn:][:, self.to_il]), dim=1).reshape(h * (dn + dr), -1)
 
     def _latent_and_rope_key(self, mp: Mapping, prefix: str, lay: LayerLatent) -> torch.Tensor:
-        """Rows ``[s * w_dkv ; 0 (padding) ; w_kr interleaved]`` (weight or bias; bias gets the constant)."""
+        """Rows ``[row_scale * w_dkv ; 0 (padding) ; w_kr interleaved]`` (weight or bias)."""
         big_r, r = self.plan.kv_lora_rank, lay.rank
         dkv, kr = (self.state.get(prefix + n) for n in mp.mlakit)
         is_bias = mp.hf.endswith(".bias")
         ref = self.state[prefix + "attn.w_dkv.weight"]
-        exact = lay.row_scale == 1 and lay.bias_const is None
+        exact = lay.row_scale == 1
         out = torch.zeros(
             (big_r + self.dr, *(() if is_bias else ref.shape[1:])), dtype=ref.dtype if exact else torch.float64
         )
         if dkv is not None:
-            out[:r] = dkv if lay.row_scale == 1 else dkv.double() * lay.row_scale
+            out[:r] = dkv if exact else dkv.double() * lay.row_scale
         if kr is not None:
             out[big_r:] = kr[self.to_il]
-        if is_bias and lay.bias_const is not None:
-            out[big_r - 1] = lay.bias_const
         return out
 
     def _per_head_kv(self, prefix: str, lay: LayerLatent) -> torch.Tensor:
@@ -463,17 +517,18 @@ class _Exporter:
 def measure_latent_error(model: Transformer, plan: ExportPlan, probes: int = 256, seed: int = 0) -> float:
     """Largest relative error of the exported latent path against mlakit's, over random inputs.
 
-    Replays, in fp32 as transformers does, ``kv_b_proj(kv_a_layernorm(kv_a_proj(x)))`` for the
-    exported tensors against ``[w_uk; w_uv] c_kv`` for the original layer, on ``probes`` random
-    inputs ``x = attn_norm * u`` with ``rms(u) = 1`` (the inputs this projection sees). 0 when
-    no layer is approximated.
+    Replays, in fp32 as transformers does and with the exported ``rms_norm_eps``,
+    ``kv_b_proj(kv_a_layernorm(kv_a_proj(x)))`` for the exported tensors against
+    ``[w_uk; w_uv] c_kv`` for the original layer, on ``probes`` random inputs
+    ``x = attn_norm * u`` with ``rms(u) = 1`` (the inputs this projection sees). The result is
+    the approximation plus fp32 rounding. 0 when every layer is copied unchanged.
     """
-    if not any(lay.bias_const is not None or lay.rank != plan.kv_lora_rank for lay in plan.layers):
+    big_r = plan.kv_lora_rank
+    if all(lay.row_scale == 1 and lay.up_scale == 1 and lay.rank == big_r for lay in plan.layers):
         return 0.0
     gen = torch.Generator().manual_seed(seed)
-    eps = HF_LATENT_NORM_EPS
+    eps = plan.rms_norm_eps
     worst = 0.0
-    big_r = plan.kv_lora_rank
     state = {k: v.detach().float() for k, v in model.state_dict().items()}
     att = _mla(model.config)
     with torch.no_grad():
@@ -494,12 +549,9 @@ def measure_latent_error(model: Transformer, plan: ExportPlan, probes: int = 256
             r = lay.rank
             w = torch.zeros(big_r, d)
             w[:r] = w_dkv * lay.row_scale
-            b = torch.zeros(big_r)
+            z = x @ w.T  # [N, R]
             if b_dkv is not None:
-                b[:r] = b_dkv * lay.row_scale
-            if lay.bias_const is not None:
-                b[big_r - 1] = lay.bias_const
-            z = x @ w.T + b
+                z[:, :r] += b_dkv * lay.row_scale
             c = z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + eps) * lay.norm.float()
             up_x = torch.zeros(up.shape[0], big_r)
             up_x[:, :r] = up * lay.up_scale
@@ -507,6 +559,35 @@ def measure_latent_error(model: Transformer, plan: ExportPlan, probes: int = 256
             rel = (got - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-30)
             worst = max(worst, float(rel.max()))
     return worst
+
+
+def _check_latent_dtype(model: Transformer, plan: ExportPlan, dtype: torch.dtype) -> None:
+    """Refuse an export ``dtype`` that cannot hold the scaled latent rows or norm weights.
+
+    A linear latent's rows ``s * w_dkv`` are tiny; fp16 flushes them into its subnormal range
+    (or to zero). Casting loses more than the dtype's own rounding (``finfo.eps``) exactly then.
+
+    Raises: MlakitError naming the layer, the loss and the dtypes that work.
+    """
+    if dtype == torch.float32 or _mla(plan.config).kv_norm:
+        return
+    state = model.state_dict()
+    for i, lay in enumerate(plan.layers):
+        scaled = [state[f"layers.{i}.attn.w_dkv.weight"].detach().double() * lay.row_scale, lay.norm.double()]
+        b = state.get(f"layers.{i}.attn.w_dkv.bias")
+        if plan.attention_bias and b is not None:
+            scaled.append(b.detach().double() * lay.row_scale)
+        for t in scaled:
+            cast = t.to(dtype).double()
+            loss = float((cast - t).norm() / t.norm().clamp_min(1e-300))
+            if not bool(cast.isfinite().all()) or loss > torch.finfo(dtype).eps:
+                name = str(dtype).removeprefix("torch.")
+                raise MlakitError(
+                    f"layer {i}: {name} cannot hold the exported latent (w_dkv x {lay.row_scale:.3g} for the "
+                    f"epsilon-dominated kv_a_layernorm, norm weight {float(lay.norm.max()):g}): the cast loses "
+                    f"{loss:.1e} relative, more than {name}'s rounding; export as bf16 (--dtype bf16, fp32's "
+                    "exponent range) or fp32"
+                )
 
 
 def _write_shards(entries: list[Entry], directory: Path, max_shard_size: int, progress: bool | None) -> dict[str, str]:
@@ -519,6 +600,7 @@ def _write_shards(entries: list[Entry], directory: Path, max_shard_size: int, pr
 
     groups: list[list[str]] = []
     pending: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
     size = 0
 
     def flush() -> None:
@@ -527,6 +609,7 @@ def _write_shards(entries: list[Entry], directory: Path, max_shard_size: int, pr
             save_file(pending, str(directory / f"shard-{len(groups)}.partial"), metadata={"format": "pt"})
             groups.append(list(pending))
             pending, size = {}, 0
+            storages.clear()
 
     disable = None if progress is None else not progress
     for name, make in tqdm(entries, unit="tensor", desc=f"writing {directory.name}", disable=disable):
@@ -534,6 +617,9 @@ def _write_shards(entries: list[Entry], directory: Path, max_shard_size: int, pr
         nbytes = t.numel() * t.element_size()
         if pending and size + nbytes > max_shard_size:
             flush()
+        if t.untyped_storage().data_ptr() in storages:
+            t = t.clone()  # tied embed/lm_head: safetensors refuses tensors sharing memory in one file
+        storages.add(t.untyped_storage().data_ptr())
         pending[name] = t
         size += nbytes
     flush()
@@ -567,15 +653,16 @@ def export_hf(
         max_shard_size: bytes per ``.safetensors`` shard; more than one shard adds
             ``model.safetensors.index.json``.
         dtype: ``fp32``/``bf16``/``fp16``; default the model's parameter dtype.
-        allow_bias: permit ``attention_bias: true`` (needed for ``kv_norm=False`` models and
-            models with attention biases); transformers honours it, vLLM/SGLang do not.
+        allow_bias: permit ``attention_bias: true``, needed when an attention bias is non-zero
+            (e.g. a model converted from Qwen2); transformers honours it, vLLM/SGLang do not.
         tokenizer_dir: where to copy tokenizer files from.
         overwrite: replace an existing ``out``.
         progress: tqdm bar over the tensors as shards are written (``None``: only on a terminal).
 
     Returns: an :class:`ExportReport`.
     Raises: MlakitError for models the format cannot express (baseline attention, full-RoPE MLA,
-        biases without ``allow_bias``), an existing ``out`` without ``overwrite``, or a bad source.
+        non-zero biases without ``allow_bias``), a ``dtype`` that cannot hold a linear latent's
+        scaled rows (fp16), an existing ``out`` without ``overwrite``, or a bad source.
     """
     if isinstance(source, Transformer):
         model = source
@@ -590,27 +677,32 @@ def export_hf(
     torch_dtype = _DTYPES[dtype] if dtype is not None else model.embed.weight.dtype
     if torch_dtype not in _HF_DTYPE_NAMES:
         raise MlakitError(f"model dtype {torch_dtype} cannot be exported: pass dtype='fp32', 'bf16' or 'fp16'")
-    if torch_dtype == torch.float16:
-        big = [lay.bias_const for lay in plan.layers if lay.bias_const is not None and lay.bias_const > 2.0**15]
-        if big:
-            raise MlakitError(
-                f"the constant latent bias {max(big):g} does not fit fp16 (max 65504): export fp32 or bf16"
-            )
+    _check_latent_dtype(model, plan, torch_dtype)
     for note in plan.notes:
         log.warning("export-hf: %s", note)
     measured = measure_latent_error(model, plan)
+    att = _mla(model.config)
     meta: dict[str, Any] = {
         "format": FORMAT,
         "source_kv_lora_ranks": [lay.rank for lay in plan.layers],
-        "source_kv_norm": _mla(model.config).kv_norm,
+        "source_kv_norm": att.kv_norm,
+        "source_rms_norm_eps": att.rms_norm_eps,
         "source_name": model.config.name,
         "source_tie_word_embeddings": model.config.tie_word_embeddings,
         "notes": list(plan.notes),
     }
+    if not att.kv_norm:
+        meta["linear_latent"] = {
+            "method": "epsilon-dominated kv_a_layernorm",
+            "eps": plan.rms_norm_eps,
+            "rel_error_target": LINEAR_LATENT_TARGET,
+            "row_scales": [lay.row_scale for lay in plan.layers],
+            "norm_weights": [float(lay.norm.max()) for lay in plan.layers],
+            "up_scales": [lay.up_scale for lay in plan.layers],
+        }
     if plan.error_bound or measured:
         meta["latent_rel_error_bound"] = plan.error_bound
         meta["latent_rel_error_measured_fp32"] = measured
-        meta["latent_bias_constants"] = [lay.bias_const for lay in plan.layers]
     config = hf_config(plan, torch_dtype)
     config["mlakit_export"] = meta
     out = Path(out)
@@ -630,7 +722,7 @@ def export_hf(
 
     files, total = _atomic_dir(out, overwrite, write)
     log.info("export-hf: wrote %s (%d files, %d bytes)", out, len(files), total)
-    return ExportReport(out, tuple(files), total, plan.kv_lora_rank, plan.notes, measured, meta)
+    return ExportReport(out, tuple(files), total, plan.kv_lora_rank, plan.notes, measured, plan.error_bound, meta)
 
 
 def _tensor_bytes(directory: Path, shards: list[str]) -> int:

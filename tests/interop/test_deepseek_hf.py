@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from mlakit import MlakitError, ModelConfig, RopeScaling, SamplingConfig, Transformer, generate
 from mlakit.cli import main
+from mlakit.config import MLAConfig
 from mlakit.interop import MAPPING, deepseek_hf, export_hf, load_hf, load_pretrained
 from tests.conftest import TOLERANCES, build, tiny_mla_config
 
@@ -100,25 +103,158 @@ def test_per_layer_ranks_padded_exactly(tmp_path: Path) -> None:
     assert max_diff(model, hf_model(tmp_path / "hf"), torch.randint(0, 256, (2, 13))) <= TOL
 
 
+# -- linear latents (kv_norm=False): an epsilon-dominated kv_a_layernorm, no biases -------------------
+
+# The exported latent path is linear up to a relative error <= LINEAR_LATENT_TARGET (1e-5) per token,
+# and the tiny models' logits are below 1 in magnitude, so their logits can move by ~1e-5 at most;
+# fp32 rounding adds ~1e-7. The mistakes this guards against are far larger: a kv_a_layernorm eps
+# of 1e-5 instead of 1e-6 (vLLM/SGLang with the source's rms_norm_eps) moves the logits by ~8e-2,
+# kv_b_proj 1% off by ~1e-3.
+LINEAR_TOL = 1e-5
+
+
+def linear_model(ranks: tuple[int, int] | None = None, **attention: object) -> Transformer:
+    config = tiny_mla_config(kv_norm=False, q_lora_rank=None, **attention)
+    return build(dataclasses.replace(config, kv_lora_ranks=ranks))
+
+
+def tensor_names(directory: Path) -> set[str]:
+    names: set[str] = set()
+    for f in directory.glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as h:
+            names |= set(h.keys())
+    return names
+
+
+def with_eps(model: Transformer, eps: float) -> Transformer:
+    """``model`` with another ``rms_norm_eps`` and the same weights."""
+    att = dataclasses.replace(model.config.attention, rms_norm_eps=eps)
+    other = Transformer(dataclasses.replace(model.config, attention=att)).eval()
+    other.load_state_dict(model.state_dict())
+    return other
+
+
 @pytest.mark.parametrize("ranks", [None, (32, 24)], ids=["uniform", "per_layer"])
-def test_linear_latent_emulated_with_bias(ranks: tuple[int, int] | None, tmp_path: Path) -> None:
-    config = dataclasses.replace(tiny_mla_config(kv_norm=False, q_lora_rank=None), kv_lora_ranks=ranks)
-    model = build(config)
-    with pytest.raises(MlakitError, match="kv_norm=False.*--allow-bias"):
-        export_hf(model, tmp_path / "refused")
-    assert not (tmp_path / "refused").exists()
-    report = export_hf(model, tmp_path / "hf", allow_bias=True)
-    meta = json.loads((tmp_path / "hf" / "config.json").read_text())["mlakit_export"]
-    assert meta["latent_rel_error_bound"] <= 1e-6 and meta["latent_rel_error_measured_fp32"] < 1e-5
-    assert report.kv_lora_rank == 33
+def test_linear_latent_exports_without_bias(ranks: tuple[int, int] | None, tmp_path: Path) -> None:
+    model = linear_model(ranks)
+    report = export_hf(model, tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["attention_bias"] is False and cfg["rms_norm_eps"] == 1e-6 and cfg["kv_lora_rank"] == 32
+    assert not any(n.endswith(".bias") for n in tensor_names(tmp_path / "hf"))
+    meta = cfg["mlakit_export"]
+    assert meta["source_kv_norm"] is False and meta["linear_latent"]["eps"] == 1e-6
+    target = deepseek_hf.LINEAR_LATENT_TARGET
+    assert 0 < meta["latent_rel_error_measured_fp32"] <= meta["latent_rel_error_bound"] <= target
+    assert report.error_bound == meta["latent_rel_error_bound"]
+    assert report.measured_rel_error == meta["latent_rel_error_measured_fp32"]
+    hf = hf_model(tmp_path / "hf")
+    for i, rank in enumerate(ranks or (32, 32)):
+        gamma = hf.model.layers[i].self_attn.kv_a_layernorm.weight.detach()
+        g = float(gamma[0])
+        assert g == 2.0 ** round(math.log2(g)) and torch.all(gamma[:rank] == g) and torch.all(gamma[rank:] == 0)
+    tokens = torch.randint(0, 256, (2, 15))
+    assert max_diff(model, hf, tokens) <= LINEAR_TOL
+    # the tolerance is tight: a wrong latent eps or a 1% wrong kv_b_proj fails it by far
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            layer.self_attn.kv_a_layernorm.variance_epsilon = 1e-5
+        assert max_diff(model, hf, tokens) > 1000 * LINEAR_TOL
+        for layer in hf.model.layers:
+            layer.self_attn.kv_a_layernorm.variance_epsilon = 1e-6
+            layer.self_attn.kv_b_proj.weight.mul_(1.01)
+        assert max_diff(model, hf, tokens) > 10 * LINEAR_TOL
+    # importing gives a normed-latent model that computes what the source does
+    back = load_hf(tmp_path / "hf")
+    assert back.config.attention.kv_norm and back.config.attention.rms_norm_eps == 1e-6
+    with torch.no_grad():
+        assert float((back(tokens) - model(tokens)).abs().max()) <= LINEAR_TOL
+
+
+def test_linear_latent_export_moves_rms_norm_eps_to_1e6(tmp_path: Path) -> None:
+    # SmolLM2's rms_norm_eps is 1e-5; the export must use 1e-6, the latent norm's eps in transformers
+    model = linear_model(rms_norm_eps=1e-5)
+    report = export_hf(model, tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["rms_norm_eps"] == 1e-6 and cfg["mlakit_export"]["source_rms_norm_eps"] == 1e-5
+    assert any("rms_norm_eps 1e-05 -> 1e-06" in n for n in report.notes)
     hf = hf_model(tmp_path / "hf")
     tokens = torch.randint(0, 256, (2, 15))
     with torch.no_grad():
+        ours, same_eps, theirs = model(tokens), with_eps(model, 1e-6)(tokens), hf(tokens).logits
+    # the export is the source with eps 1e-6 everywhere...
+    assert float((same_eps - theirs).abs().max()) <= LINEAR_TOL
+    # ...so all that differs from the source is the hidden-state norms' eps. Its size depends on the
+    # hidden states' mean square: these random embeddings (std 0.02, mean square 4e-4) make it ~1%
+    eps_effect = float((ours - same_eps).abs().max())
+    assert 1e-4 < eps_effect < 2e-2 * float(ours.abs().max())
+    assert abs(float((ours - theirs).abs().max()) - eps_effect) <= LINEAR_TOL
+
+
+def test_linear_latent_bf16_export_rounds_like_a_plain_cast(tmp_path: Path) -> None:
+    model = linear_model((32, 24))
+    export_hf(model, tmp_path / "hf", dtype="bf16")
+    meta = json.loads((tmp_path / "hf" / "config.json").read_text())["mlakit_export"]["linear_latent"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.bfloat16).eval()
+    for i, block in enumerate(model.layers):
+        # a power-of-two scale commutes with rounding: the rows are exactly s * bf16(w_dkv)
+        w = block.attn.w_dkv.weight.detach()
+        rows = hf.model.layers[i].self_attn.kv_a_proj_with_mqa.weight[: w.shape[0]]
+        assert torch.equal(rows, (w.bfloat16().float() * meta["row_scales"][i]).bfloat16())
+    tokens = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        theirs = hf(tokens).logits.float()
+        assert float((model(tokens) - theirs).abs().max()) <= TOLERANCES[torch.bfloat16]
+        assert float((load_hf(tmp_path / "hf")(tokens).float() - theirs).abs().max()) <= TOLERANCES[torch.bfloat16]
+
+
+def test_linear_latent_fp16_export_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(MlakitError, match=r"layer 0: float16 cannot hold the exported latent.*bf16.*fp32") as e:
+        export_hf(linear_model(), tmp_path / "hf", dtype="fp16")
+    assert str(e.value).count("\n") == 0
+    assert not (tmp_path / "hf").exists()
+
+
+def test_linear_latent_bias_needs_allow_bias_only_when_nonzero(tmp_path: Path) -> None:
+    model = linear_model(attention_bias=True)  # biases built, all zero: not worth a transformers-only export
+    export_hf(model, tmp_path / "zero")
+    assert json.loads((tmp_path / "zero" / "config.json").read_text())["attention_bias"] is False
+    assert not any(n.endswith(".bias") for n in tensor_names(tmp_path / "zero"))
+    with torch.no_grad():
+        model.layers[1].attn.w_dkv.bias.normal_(0, 0.5)  # what a Qwen2 source gives
+    with pytest.raises(MlakitError, match=r"attention biases \(layers\.1\.attn\.w_dkv\.bias non-zero\).*--allow-bias"):
+        export_hf(model, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    report = export_hf(model, tmp_path / "hf", allow_bias=True)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["attention_bias"] is True
+    assert report.measured_rel_error <= report.error_bound <= deepseek_hf.LINEAR_LATENT_TARGET
+    assert max_diff(model, hf_model(tmp_path / "hf"), torch.randint(0, 256, (2, 11))) <= LINEAR_TOL
+
+
+@pytest.fixture(scope="module")
+def converted_llama(tmp_path_factory: pytest.TempPathFactory) -> Transformer:
+    """A tiny random Llama (saved locally) converted to MLA with decoupled RoPE at half the cache."""
+    from mlakit.convert import ConversionConfig, calibrate, convert_calibrated
+    from tests.convert.conftest import CALIBRATION_TOKENS, make_hf_model
+
+    source = make_hf_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
+    cal = calibrate(str(source), tokens=CALIBRATION_TOKENS)
+    return convert_calibrated(cal, ConversionConfig(kv_fraction=0.5, rope="decoupled", rope_dims=8)).model.eval()
+
+
+def test_converted_llama_exports_for_vllm_and_sglang(converted_llama: Transformer, tmp_path: Path) -> None:
+    model = converted_llama
+    att = model.config.attention
+    assert isinstance(att, MLAConfig) and not att.kv_norm and att.q_lora_rank is None
+    report = export_hf(model, tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["attention_bias"] is False and not any(n.endswith(".bias") for n in tensor_names(tmp_path / "hf"))
+    assert report.measured_rel_error <= report.error_bound <= deepseek_hf.LINEAR_LATENT_TARGET
+    tokens = torch.randint(0, 256, (2, 40))
+    with torch.no_grad():
         ref = model(tokens)
-        rel = float((ref - hf(tokens).logits).abs().max() / ref.abs().max())
-    assert rel <= 1e-5
-    # importing gives what transformers computes (a normed latent with a bias), not the original
-    assert max_diff(load_hf(tmp_path / "hf"), hf, tokens) <= TOL
+        diff = float((ref - hf_model(tmp_path / "hf")(tokens).logits).abs().max())
+    # the Llama source's rms_norm_eps is already 1e-6, so only the latent approximation and rounding remain
+    assert diff <= LINEAR_TOL * max(1.0, float(ref.abs().max()))
 
 
 def test_attention_biases_export_with_allow_bias(tmp_path: Path) -> None:
@@ -152,9 +288,9 @@ def test_mapping_table_names_every_tensor(tmp_path: Path) -> None:
     for attention in ({}, {"q_lora_rank": None, "attention_bias": True}):
         model = build(tiny_mla_config(**attention))
         with torch.no_grad():
-            for block in model.layers:
-                if block.attn.config.q_lora_rank is None and block.attn.w_q.bias is not None:
-                    block.attn.w_q.bias.zero_()  # the format has no q_proj bias
+            for name, p in model.named_parameters():
+                if name.endswith(".bias"):  # zero biases are not written; the format has no q_proj bias
+                    p.fill_(0.0 if name.endswith("w_q.bias") else 0.1)
         # w_q.bias has no DeepSeek-V3 counterpart: export requires it to be zero, import zero-fills it
         ours = {re.sub(r"^layers\.\d+\.", "", k) for k in model.state_dict()} - {"attn.w_q.bias"}
         assert ours <= {n for m in MAPPING for n in m.mlakit}
@@ -248,6 +384,16 @@ def test_roundtrip_is_bit_identical_through_the_cli(tmp_path: Path) -> None:
     assert back.config == model.config
     assert_same_weights(model, back)
     assert (tmp_path / "back" / "tokenizer.json").is_file()
+
+
+def test_tied_embeddings_export_in_one_shard(tmp_path: Path) -> None:
+    # embed and lm_head share memory; the export writes both into the same file
+    model = build(dataclasses.replace(tiny_mla_config(), tie_word_embeddings=True))
+    export_hf(model, tmp_path / "hf")
+    assert {"model.embed_tokens.weight", "lm_head.weight"} <= tensor_names(tmp_path / "hf")
+    back = load_hf(tmp_path / "hf")
+    assert back.config.tie_word_embeddings
+    assert_same_weights(model, back)
 
 
 # -- bad input: one clear error each -------------------------------------------------------------------
