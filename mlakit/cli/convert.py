@@ -64,7 +64,44 @@ def register(sub: Any) -> None:
         help="decoupled rotary key width (even; default head_dim/2, or head_dim/4 when a layer "
         "keeps under 1.5 head_dim values)",
     )
+    p.add_argument(
+        "--rope-mixing",
+        choices=("complex", "real"),
+        default="complex",
+        help="decoupled: how each frequency's KV heads are mixed into the shared rotary key: complex "
+        "(a rotation and scale per head, commutes with RoPE; default) or real (TransMLA's RoRoPE)",
+    )
     p.add_argument("--allocation", choices=("uniform", "greedy"), default="uniform", help="rank allocation")
+    p.add_argument(
+        "--keep-first-wide",
+        type=int,
+        default=0,
+        metavar="N",
+        help="keep the first N layers at full latent rank; the others share the rest of the budget (default 0)",
+    )
+    p.add_argument(
+        "--key-weight",
+        type=float,
+        default=None,
+        metavar="W",
+        help="how much more the keys weigh than the values in the joint latent, after balancing their "
+        "energies (default 3, measured best on SmolLM2 for both RoPE forms)",
+    )
+    p.add_argument(
+        "--key-share",
+        type=float,
+        default=None,
+        metavar="S",
+        help="separate K and V budgets: share S of every latent goes to the keys' own PCA, the rest to "
+        "the values' (default: one joint K/V PCA decides)",
+    )
+    p.add_argument(
+        "--sequential",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="convert layer by layer on the converted model's own activations, regressing each layer's keys "
+        "and values onto the original's (auto: on for --rope full, off for decoupled, as measured)",
+    )
     p.add_argument("--calibration-windows", type=int, default=32, help="calibration sequences (default 32)")
     p.add_argument("--calibration-seq-len", type=int, default=512, help="tokens per sequence (default 512)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -78,10 +115,6 @@ def run(args: argparse.Namespace) -> int:
         raise MlakitError(f"--out {args.out} already exists; choose a new directory (or --overwrite)")
     if not 0 < args.kv_fraction <= 1:
         raise MlakitError(f"--kv-fraction {args.kv_fraction} must lie in (0, 1] (1 = the original cache size)")
-    ConversionConfig(
-        kv_fraction=args.kv_fraction, ranks=args.ranks, rope=args.rope, method=args.method, rope_dims=args.rope_dims
-    )  # validate before the slow load
-    cal = calibrate(args.model, windows=args.calibration_windows, seq_len=args.calibration_seq_len, progress=True)
     cfg = ConversionConfig(
         kv_fraction=args.kv_fraction,
         ranks=args.ranks,
@@ -89,14 +122,24 @@ def run(args: argparse.Namespace) -> int:
         method=args.method,
         rope_dims=args.rope_dims,
         allocation=args.allocation,
+        rope_mixing=args.rope_mixing,
+        key_share=args.key_share,
+        **({} if args.key_weight is None else {"key_weight": args.key_weight}),
+        sequential={"auto": None, "on": True, "off": False}[args.sequential],
+        keep_first_wide=args.keep_first_wide,
         calibration_windows=args.calibration_windows,
         calibration_seq_len=args.calibration_seq_len,
-    )
+    )  # validated before the slow load
+    cal = calibrate(args.model, windows=args.calibration_windows, seq_len=args.calibration_seq_len, progress=True)
     result = convert_calibrated(cal, cfg, progress=True)
     out = save_converted(result, args.out, overwrite=args.overwrite)
     r = result.record
     print(f"wrote {out}")
-    print(f"  calibration text: {r['calibration']['corpus']} ({r['calibration']['tokens']} tokens)")
+    seq = r["calibration"]["sequential_tokens"]
+    print(
+        f"  calibration text: {r['calibration']['corpus']} ({r['calibration']['tokens']} tokens"
+        + (f"; sequential pass over the first {seq})" if seq else ")")
+    )
     print(
         f"  cache: {r['cache_elements_per_token']} values/token vs {r['source_cache_elements_per_token']} "
         f"original ({r['kv_fraction_achieved']:.3f}); rope={cfg.rope}, qk_rope_head_dim={r['qk_rope_head_dim']}, "

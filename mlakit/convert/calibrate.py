@@ -42,6 +42,24 @@ def attention_input_moments(
 
 
 @torch.no_grad()
+def attention_inputs(hf_model: Any, windows: torch.Tensor, *, batch_size: int = 4) -> list[torch.Tensor]:
+    """Per layer, the attention inputs ``x`` themselves, ``[N*T, n]`` float32 (for sequential conversion)."""
+    layers = hf_model.model.layers
+    n = hf_model.config.hidden_size
+    xs: list[list[torch.Tensor]] = [[] for _ in layers]
+
+    def make_hook(i: int) -> Any:
+        def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            xs[i].append(x.detach().reshape(-1, n).float())
+
+        return hook
+
+    _run_hooked(hf_model, layers, make_hook, windows, batch_size, "original inputs", False)
+    return [torch.cat(x) for x in xs]
+
+
+@torch.no_grad()
 def attention_rotation_moments(
     hf_model: Any, windows: torch.Tensor, *, batch_size: int = 2, progress: bool = False
 ) -> list[torch.Tensor]:
@@ -107,8 +125,9 @@ def _run_hooked(
         layer.self_attn.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)
     ]
     try:
-        for batch in tqdm(torch.split(windows, batch_size), desc=desc, disable=not progress, leave=False):
-            hf_model(batch)
+        with torch.no_grad():
+            for batch in tqdm(torch.split(windows, batch_size), desc=desc, disable=not progress, leave=False):
+                hf_model(batch)
     finally:
         for h in handles:
             h.remove()

@@ -173,6 +173,13 @@ def energy_spectrum(
         return torch.linalg.eigvalsh((c + c.T) / 2).flip(0).clamp_min(0)
 
 
+def _top_eigvecs(c: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-``k`` eigenvectors (descending) of a symmetric matrix, as columns."""
+    with single_thread():
+        _, vecs = torch.linalg.eigh((c + c.T) / 2)
+    return vecs[:, vecs.shape[1] - k :].flip(1)
+
+
 def factorize(
     w_k: torch.Tensor,
     w_v: torch.Tensor,
@@ -184,6 +191,7 @@ def factorize(
     key_scale: float | None = None,
     key_weight: float = 1.0,
     method: Method = "pca",
+    key_share: float | None = None,
 ) -> LowRankKV:
     """Rank-``rank`` shared latent for keys ``w_k [Rk, n+1]`` and values ``w_v [Rv, n+1]``.
 
@@ -193,6 +201,9 @@ def factorize(
         key_scale: factor on the key metric; ``None`` balances calibrated K and V energy.
         key_weight: multiplies ``key_scale`` (after balancing): > 1 gives keys more of the rank.
         method: ``"pca"`` (calibrated) or ``"svd"`` (weights only; metrics and sigma ignored).
+        key_share: separate K and V budgets: ``round(key_share * rank)`` latent dims are the
+            keys' own PCA, the rest the values' (a block latent: ``w_uk`` reads only the first
+            block, ``w_uv`` only the second). ``None``: one joint PCA decides the split.
     """
     rk, rv = w_k.shape[0], w_v.shape[0]
     if not 0 < rank <= min(rk + rv, w_k.shape[1]):
@@ -210,10 +221,16 @@ def factorize(
         key_scale = _balance(a_k, a_v, sigma)
     key_scale *= key_weight
     a = torch.cat([key_scale * a_k, a_v])  # [Rk+Rv, n+1]
-    c = a @ sigma @ a.T
-    with single_thread():
-        _, vecs = torch.linalg.eigh((c + c.T) / 2)
-    u = vecs[:, -rank:].flip(1)  # top-r, descending  # [Rk+Rv, r]
+    if key_share is None:
+        u = _top_eigvecs(a @ sigma @ a.T, rank)  # [Rk+Rv, r]
+    else:
+        r_k = min(rk, max(0, round(key_share * rank)))
+        r_v = rank - r_k
+        if r_v > rv:
+            r_k, r_v = rank - rv, rv
+        u = torch.zeros(rk + rv, rank, dtype=a.dtype)
+        u[:rk, :r_k] = _top_eigvecs(a[:rk] @ sigma @ a[:rk].T, r_k)
+        u[rk:, r_k:] = _top_eigvecs(a[rk:] @ sigma @ a[rk:].T, r_v)
     down = u.T @ a
     up_k = torch.linalg.solve(key_scale * m_k, u[:rk])
     up_v = torch.linalg.solve(m_v, u[rk:])

@@ -46,6 +46,8 @@ class LayerRecipe:
     rope_query_weighted: bool = True
     key_weight: float = 1.0
     rotation_average: bool = False
+    complex_mixing: bool = True
+    key_share: float | None = None
 
 
 def layer_dims(recipe: LayerRecipe, head_dim: int) -> tuple[int, int]:
@@ -99,6 +101,7 @@ def convert_layer(
             rope_theta,
             query_weighted=recipe.rope_query_weighted and recipe.method != "svd",
             rotation=rotation if recipe.rotation_average and recipe.method != "svd" else None,
+            complex_mixing=recipe.complex_mixing,
         )
         w_k_nope, theta = dk.w_k_nope, dk.rope_theta
         dr = 2 * recipe.rope_pairs
@@ -112,7 +115,9 @@ def convert_layer(
         f = factorize(w_k_nope, w.w_v, None, rank, method="svd")
     else:
         m_k, m_v = metrics(w, sigma, recipe)
-        f = factorize(w_k_nope, w.w_v, sigma, rank, m_k=m_k, m_v=m_v, key_weight=recipe.key_weight)
+        f = factorize(
+            w_k_nope, w.w_v, sigma, rank, m_k=m_k, m_v=m_v, key_weight=recipe.key_weight, key_share=recipe.key_share
+        )
     state["w_q.weight"], state["w_q.bias"] = w_q[:, :n], w_q[:, n]
     state["w_dkv.weight"], state["w_dkv.bias"] = f.down[:, :n], f.down[:, n]
     state["w_uk.weight"] = _expand(f.up_k, w)

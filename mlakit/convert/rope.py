@@ -5,15 +5,24 @@ Llama rotates all ``d`` dims of every key head: pair ``i`` (dims ``i`` and ``i +
 ``k_rope`` of ``qk_rope_head_dim`` dims shared by every head, and leaves the rest position-free.
 
 RoRoPE (TransMLA): rotating pair ``f`` of all ``G`` KV heads by the same angle commutes with any
-orthogonal mixing *across heads* of that pair.  So per frequency we can take the principal
-direction ``u_f`` across heads (PCA of the ``G`` 2-D vectors, optionally query-weighted) as the
-shared rotary key, ``k_rope,f = sum_g u_f[g] k_g,f``, and keep only the residual
-``k_g,f - a_f[g] k_rope,f`` as a position-free ("nope") key.  Scores stay exact except for the
-residual's missing rotation; the query of head ``h`` in group ``g`` reads the rotary key with
-``a_f[g] q_h,f``.
+mixing *across heads* of that pair.  So per frequency we take the principal direction ``u_f``
+across heads (PCA of the ``G`` per-head pair vectors, query-weighted) as the shared rotary key,
+``k_rope,f = sum_g b_g k_g,f``, and keep only the residual ``k_g,f - a_g k_rope,f`` as a
+position-free ("nope") key.  Scores stay exact except for the residual's missing rotation; the
+query of head ``h`` in group ``g`` reads the rotary key through ``a_g``.
+
+Complex mixing (mlakit's extension, the default): a RoPE pair is a complex number ``z = k0 + i k1``
+that RoPE multiplies by ``e^{i w t}``; *complex* weights (a rotation and a scale per head) commute
+with that just as real ones do.  So the PCA runs on the Hermitian covariance ``E[z_g conj(z_h)]``:
+``b_g`` and ``a_g`` become complex, the query reads ``q conj(a_g)`` (a 2x2 rotation-scale of its
+pair), and heads whose keys are phase-shifted copies of each other share one rotary key exactly.
+TransMLA's real weights are the special case ``Im = 0`` and capture less energy: on SmolLM2 with
+no latent compression the decoupled split alone costs x1.24 instead of x1.50 (16 pairs) and
+x1.14 instead of x1.26 (all 32 pairs); docs/conversion.md.
 
 What the position-free part loses: a query at ``t`` and a key at ``s`` meet through the rotation
-``R(-w (t - s))``; dropping it replaces that with the identity.  The better position-free stand-in
+``R(-w (t - s))``; dropping it replaces that with the identity.  An alternative stand-in (an
+option, measured *worse* on SmolLM2: attention sinks far away average high frequencies to ~0)
 is the *expected* rotation under the layer's own attention, ``A = E[R(-w (t - s))]`` (measured
 per head and pair on calibration text, :func:`mlakit.convert.calibrate.attention_rotation_moments`):
 a high-frequency pair whose angle is random over the attended keys averages to ~0 (drop it, do
@@ -60,6 +69,14 @@ def _pair_rows(head: int, pair: int, d: int) -> list[int]:
     return [head * d + pair, head * d + pair + d // 2]
 
 
+def _cmul(a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Complex scalar(s) ``a`` times real pair rows ``v[..., 2, n]`` (``v[..., 0, :]`` real part)."""
+    ar, ai = a.real.to(v.dtype), a.imag.to(v.dtype)
+    if ar.dim():
+        ar, ai = ar[..., None], ai[..., None]
+    return torch.stack([ar * v[..., 0, :] - ai * v[..., 1, :], ar * v[..., 1, :] + ai * v[..., 0, :]], dim=-2)
+
+
 def decouple_rope(
     w: AttentionWeights,
     sigma: torch.Tensor,
@@ -68,6 +85,7 @@ def decouple_rope(
     *,
     query_weighted: bool = True,
     rotation: torch.Tensor | None = None,
+    complex_mixing: bool = True,
 ) -> DecoupledKeys:
     """RoRoPE on the ``rope_pairs`` highest frequencies of one layer (see module docstring).
 
@@ -77,6 +95,8 @@ def decouple_rope(
         query_weighted: weight each head's share by the energy of the queries reading it.
         rotation: ``[H, d/2, 2]`` attention-weighted ``(E cos, E sin)`` per head and pair; when
             given, the nope query of every pair is ``A^T q`` (see module docstring), else ``q``.
+        complex_mixing: mix heads with complex weights (a rotation and a scale per head, which
+            commute with RoPE) instead of real ones; see the module docstring.
     """
     d, g_heads, grp = w.head_dim, w.num_kv_heads, w.group
     if not 0 < rope_pairs <= d // 2:
@@ -88,7 +108,13 @@ def decouple_rope(
     for f in range(rope_pairs):
         rows = [_pair_rows(g, f, d) for g in range(g_heads)]
         kf = torch.stack([w.w_k[r] for r in rows])  # [G, 2, n+1]
-        cov = torch.einsum("gcn,nm,hcm->gh", kf, sigma, kf)  # [G, G]
+        # Pair f of head g as a complex number z_g = k0 + i k1; RoPE multiplies it by e^{i w t}.
+        # C[g, h] = E[z_g conj(z_h)]; its real part alone is the real (per-component) PCA.
+        re = torch.einsum("gcn,nm,hcm->gh", kf, sigma, kf)
+        im = torch.einsum("gn,nm,hm->gh", kf[:, 1], sigma, kf[:, 0]) - torch.einsum(
+            "gn,nm,hm->gh", kf[:, 0], sigma, kf[:, 1]
+        )
+        cov = torch.complex(re, im if complex_mixing else torch.zeros_like(im))
         if query_weighted:
             qe = torch.zeros(g_heads, dtype=sigma.dtype)
             for g in range(g_heads):
@@ -100,17 +126,18 @@ def decouple_rope(
             m = torch.ones(g_heads, dtype=sigma.dtype)
         wc = m[:, None] * cov * m[None, :]
         with single_thread():
-            _, vecs = torch.linalg.eigh((wc + wc.T) / 2)
+            _, vecs = torch.linalg.eigh((wc + wc.mH) / 2)
         u = vecs[:, -1]
-        b = u * m  # k_rope,f = sum_g b_g k_g,f
-        a = u / m  # k_g,f ~= a_g k_rope,f
-        kr = torch.einsum("g,gcn->cn", b, kf)  # [2, n+1]
+        b = u.conj() * m  # k_rope,f = sum_g b_g z_g (complex)
+        a = u / m  # z_g ~= a_g k_rope,f
+        kr = _cmul(b, kf).sum(0)  # [2, n+1]
         w_kr[f], w_kr[rope_pairs + f] = kr[0], kr[1]
         for g in range(g_heads):
-            w_k_nope[rows[g]] = kf[g] - a[g] * kr
+            w_k_nope[rows[g]] = kf[g] - _cmul(a[g], kr)
             for h in range(g * grp, (g + 1) * grp):
-                qf = w.w_q[_pair_rows(h, f, d)]
-                w_q_rope[h, f], w_q_rope[h, rope_pairs + f] = a[g] * qf[0], a[g] * qf[1]
+                # Re(q conj(z)) with z = a k_rope: the rotary query is q conj(a).
+                qf = _cmul(a[g].conj(), w.w_q[_pair_rows(h, f, d)])
+                w_q_rope[h, f], w_q_rope[h, rope_pairs + f] = qf[0], qf[1]
     w_q_nope = w.w_q.clone()
     if rotation is not None:
         for h in range(w.num_heads):

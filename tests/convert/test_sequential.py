@@ -1,0 +1,63 @@
+"""Sequential (layer-by-layer, error-correcting) conversion."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from mlakit.convert import ConversionConfig, convert_calibrated
+from mlakit.model import Block
+from tests.convert.conftest import CALIBRATION_TOKENS
+
+convert_module = sys.modules["mlakit.convert.convert"]
+
+
+def test_correction_is_identity_on_identical_inputs_and_inverts_a_linear_distortion() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, 12, generator=g, dtype=torch.float64)
+    t, sigma = convert_module.sequential_correction(x, x)
+    assert (t - torch.eye(13, dtype=torch.float64)).abs().max().item() < 1e-12
+    xa = torch.cat([x, torch.ones(4000, 1, dtype=torch.float64)], 1)
+    assert torch.allclose(sigma, xa.T @ xa / 4000)
+    a = torch.eye(12, dtype=torch.float64) + 0.3 * torch.randn(12, 12, generator=g, dtype=torch.float64)
+    t, _ = convert_module.sequential_correction(x, x @ a.T, damp=1e-9)  # x_c = A x_o
+    assert (t[:12, :12] - torch.linalg.inv(a)).abs().max() < 1e-5
+    assert t[12, 12] == 1 and t[:12, 12].abs().max() == 0  # no affine part
+
+
+def test_sequential_run_replays_the_converted_model(cal_llama) -> None:  # type: ignore[no-untyped-def]
+    # the activations layer l is fitted on are exactly what the finished model computes there
+    for rope in ("full", "decoupled"):
+        cfg = ConversionConfig(kv_fraction=0.5, rope=rope, rope_dims=8, sequential=True, sequential_windows=4)  # type: ignore[arg-type]
+        res = convert_calibrated(cal_llama, cfg)
+        assert res.record["calibration"]["sequential_tokens"] == 4 * CALIBRATION_TOKENS.shape[1]
+        run = convert_module._SequentialRun(cal_llama, res.model.config, 4)
+        model = res.model
+        with torch.no_grad():
+            x = model.embed(CALIBRATION_TOKENS[:4])
+            assert torch.equal(x, run.hidden)
+            for i, block in enumerate(model.layers):
+                x = block(x, None, None, "naive", None)
+                state = {k.split(".", 2)[2]: v for k, v in model.state_dict().items() if k.startswith(f"layers.{i}.")}
+                replay = Block(model.config, i, run.rotary)
+                replay.load_state_dict(state)
+                run.hidden = replay(run.hidden, None, None, "naive", None)
+                assert (x - run.hidden).abs().max().item() < 1e-6
+
+
+@torch.no_grad()
+def test_sequential_lowers_the_output_error(cal_llama) -> None:  # type: ignore[no-untyped-def]
+    ref = cal_llama.loaded.model(CALIBRATION_TOKENS).logits
+
+    def err(sequential: bool) -> float:
+        cfg = ConversionConfig(kv_fraction=0.25, rope="full", sequential=sequential)
+        return float((convert_calibrated(cal_llama, cfg).model(CALIBRATION_TOKENS) - ref).pow(2).mean())
+
+    assert err(True) < err(False)
+
+
+def test_sequential_defaults() -> None:
+    assert ConversionConfig(rope="full").resolved_sequential()
+    assert not ConversionConfig(rope="decoupled").resolved_sequential()
+    assert ConversionConfig(rope="decoupled", sequential=True).resolved_sequential()
