@@ -98,7 +98,7 @@ def attention_rotation_moments(
         return hook
 
     _run_hooked(hf_model, layers, make_hook, windows, batch_size, "attention stats", progress)
-    theta = _rope_theta(cfg)
+    theta = source_rope_theta(cfg)
     inv_freq = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)  # [d/2]
     ang = torch.arange(t_len, dtype=torch.float64)[:, None] * inv_freq[None, :]  # [T, d/2]
     out = []
@@ -108,7 +108,8 @@ def attention_rotation_moments(
     return out
 
 
-def _rope_theta(hf_config: Any) -> float:
+def source_rope_theta(hf_config: Any) -> float:
+    """RoPE base of a Hugging Face config (transformers >= 5 ``rope_parameters``, or ``rope_theta``)."""
     rope = getattr(hf_config, "rope_parameters", None)
     if isinstance(rope, dict) and "rope_theta" in rope:
         return float(rope["rope_theta"])

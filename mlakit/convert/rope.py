@@ -69,6 +69,11 @@ def _pair_rows(head: int, pair: int, d: int) -> list[int]:
     return [head * d + pair, head * d + pair + d // 2]
 
 
+def decoupled_rope_theta(rope_theta: float, rope_pairs: int, head_dim: int) -> float:
+    """Base under which pair ``j`` of a ``2K``-dim rotary key turns at the original ``theta^(-2j/d)``."""
+    return rope_theta ** (2 * rope_pairs / head_dim)
+
+
 def _cmul(a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Complex scalar(s) ``a`` times real pair rows ``v[..., 2, n]`` (``v[..., 0, :]`` real part)."""
     ar, ai = a.real.to(v.dtype), a.imag.to(v.dtype)
@@ -147,5 +152,5 @@ def decouple_rope(
                 # q' = A^T q with A = E[R(-w delta)] = [[c, s], [-s, c]]
                 w_q_nope[h * d + f] = c * r0 - s * r1
                 w_q_nope[h * d + f + d // 2] = s * r0 + c * r1
-    theta = rope_theta ** (2 * rope_pairs / d)
+    theta = decoupled_rope_theta(rope_theta, rope_pairs, d)
     return DecoupledKeys(w_kr=w_kr, w_q_rope=w_q_rope, w_k_nope=w_k_nope, w_q_nope=w_q_nope, rope_theta=theta)
