@@ -17,6 +17,7 @@ from collections.abc import Sequence
 COMMAND_MODULES: tuple[str, ...] = (
     "kv_size",
     "convert",
+    "heal",
     "eval",
     "tradeoff",
     "generate",

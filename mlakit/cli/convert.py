@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mlakit.cli.heal import add_heal_options, heal_config
 from mlakit.errors import MlakitError
 
 
@@ -61,8 +62,16 @@ def register(sub: Any) -> None:
         "--rope-dims",
         type=int,
         default=None,
-        help="decoupled rotary key width (even; default head_dim/2, or head_dim/4 when a layer "
-        "keeps under 1.5 head_dim values)",
+        help="decoupled rotary key width (even; default: every frequency pair that turns by a radian or "
+        "more over --context-length, at most half of a layer's cache)",
+    )
+    p.add_argument(
+        "--context-length",
+        type=int,
+        default=None,
+        metavar="L",
+        help="decoupled: the context the converted model must hold, in tokens; picks the rotary pairs "
+        "(default: the source's max_position_embeddings, at most 4096)",
     )
     p.add_argument(
         "--rope-mixing",
@@ -102,14 +111,30 @@ def register(sub: Any) -> None:
         help="convert layer by layer on the converted model's own activations, regressing each layer's keys "
         "and values onto the original's (auto: on for --rope full, off for decoupled, as measured)",
     )
+    p.add_argument(
+        "--calibration-text",
+        nargs="+",
+        default=None,
+        metavar="PATH",
+        help="calibrate (and heal) on these UTF-8 text files or directories (default: the built-in genre mix "
+        "of Python docs, manual pages, GNU info manuals and Debian policy/licence texts, calibration split)",
+    )
     p.add_argument("--calibration-windows", type=int, default=32, help="calibration sequences (default 32)")
     p.add_argument("--calibration-seq-len", type=int, default=512, help="tokens per sequence (default 512)")
+    p.add_argument(
+        "--heal",
+        action="store_true",
+        help="after converting, heal the model (what `mlakit heal` does; the --heal-* options tune it)",
+    )
+    add_heal_options(p, prefix="heal-")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from mlakit.convert import ConversionConfig, calibrate, convert_calibrated, save_converted
+    from mlakit.convert.heal import heal, heal_windows
+    from mlakit.eval.corpus import files_corpus
 
     if Path(args.out).exists() and not args.overwrite:
         raise MlakitError(f"--out {args.out} already exists; choose a new directory (or --overwrite)")
@@ -121,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
         rope=args.rope,
         method=args.method,
         rope_dims=args.rope_dims,
+        context_length=args.context_length,
         allocation=args.allocation,
         rope_mixing=args.rope_mixing,
         key_share=args.key_share,
@@ -130,8 +156,16 @@ def run(args: argparse.Namespace) -> int:
         calibration_windows=args.calibration_windows,
         calibration_seq_len=args.calibration_seq_len,
     )  # validated before the slow load
-    cal = calibrate(args.model, windows=args.calibration_windows, seq_len=args.calibration_seq_len, progress=True)
+    hcfg = heal_config(args, prefix="heal-") if args.heal else None
+    corpus = files_corpus(args.calibration_text) if args.calibration_text else None
+    cal = calibrate(
+        args.model, windows=args.calibration_windows, seq_len=args.calibration_seq_len, corpus=corpus, progress=True
+    )
     result = convert_calibrated(cal, cfg, progress=True)
+    if hcfg is not None:
+        tokens = heal_windows(cal.loaded.tokenizer, hcfg, corpus)
+        healed = heal(result.model, cal.loaded.model, tokens, hcfg, progress=True)
+        result.record["heal"] = {"reference": str(args.model), **healed.to_dict()}
     out = save_converted(result, args.out, overwrite=args.overwrite)
     r = result.record
     print(f"wrote {out}")
@@ -146,4 +180,11 @@ def run(args: argparse.Namespace) -> int:
         f"method={cfg.method}"
     )
     print(f"  kv_lora_ranks: {json.dumps(r['kv_lora_ranks'])}")
+    if "heal" in r:
+        h = r["heal"]
+        b, a = h["relative_error_before"], h["relative_error_after"]
+        print(
+            f"  healed in {h['seconds']:.0f} s: relative attention error {sum(b) / len(b):.4f} -> "
+            f"{sum(a) / len(a):.4f} (mean over layers)"
+        )
     return 0

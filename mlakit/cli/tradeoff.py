@@ -1,4 +1,4 @@
-"""``mlakit tradeoff``: the memory-quality curve of training-free MLA conversion."""
+"""``mlakit tradeoff``: the memory-quality curve of MLA conversion, training-free and healed, at length."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 from typing import Any
+
+from mlakit.cli.heal import add_heal_options, heal_config
 
 
 def _fractions(text: str) -> tuple[float, ...]:
@@ -18,26 +20,56 @@ def _fractions(text: str) -> tuple[float, ...]:
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "tradeoff",
-        help="convert at several cache budgets, evaluate, print a table, write a plot and JSON",
-        description="Convert --model at each --kv-fraction with both --rope kinds and the weight-SVD "
-        "baseline, evaluate each against the original, print a table and write tradeoff.png / "
+        help="convert at several cache budgets (training-free and healed), evaluate at 512 and 4096 tokens, "
+        "table + plot + JSON",
+        description="Convert --model at each --kv-fraction with full RoPE, decoupled RoPE, decoupled RoPE healed "
+        "(`mlakit heal`) and the weight-SVD baseline; score each against the original on every genre of "
+        "the evaluation text at every --lengths, greedily continue one long real-text prompt beside the "
+        "original (flagging blank or repeated output), print a table and write tradeoff.png / "
         "tradeoff.json into --out.",
     )
     p.add_argument("--model", default="smollm2-135m", help="HF dir, .gguf, alias (default smollm2-135m) or hub id")
     p.add_argument(
         "--kv-fraction",
         type=_fractions,
-        default=(1.0, 0.5, 0.25, 0.125),
-        help="comma-separated fractions (default 1,0.5,0.25,0.125)",
+        default=(0.5, 0.25),
+        help="comma-separated fractions (default 0.5,0.25)",
     )
     p.add_argument(
         "--out", default="tradeoff", help="directory for tradeoff.png and tradeoff.json (default ./tradeoff)"
     )
-    p.add_argument("--text", nargs="+", default=None, metavar="FILE", help="evaluate on these text files")
-    p.add_argument("--windows", type=int, default=8, help="evaluation windows (default 8)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per evaluation window (default 512)")
+    p.add_argument(
+        "--lengths",
+        type=int,
+        nargs="+",
+        default=[512, 4096],
+        metavar="N",
+        help="context lengths to score at (default 512 4096)",
+    )
+    p.add_argument(
+        "--text", nargs="+", default=None, metavar="PATH", help="evaluate on these text files (default: genre mix)"
+    )
+    p.add_argument(
+        "--calibration-text",
+        nargs="+",
+        default=None,
+        metavar="PATH",
+        help="calibrate and heal on these text files (default: the genre mix's calibration split)",
+    )
+    p.add_argument(
+        "--windows", type=int, default=None, help="evaluation windows per genre (default: 2 at 512, 1 at 4096)"
+    )
     p.add_argument("--calibration-windows", type=int, default=32, help="calibration sequences (default 32)")
+    p.add_argument(
+        "--generation-prompt",
+        type=int,
+        default=3072,
+        metavar="N",
+        help="tokens of real text the generation check continues (default 3072; 0 skips it)",
+    )
     p.add_argument("--allocation", choices=("uniform", "greedy"), default="uniform", help="rank allocation")
+    heal = p.add_argument_group("healing (the 'decoupled + heal' rows)")
+    add_heal_options(heal, prefix="heal-")  # type: ignore[arg-type]
     p.add_argument("--json", action="store_true", help="print the JSON result instead of the table")
     p.set_defaults(func=run)
 
@@ -49,9 +81,12 @@ def run(args: argparse.Namespace) -> int:
         model=args.model,
         kv_fractions=args.kv_fraction,
         texts=tuple(args.text or ()),
+        calibration_texts=tuple(args.calibration_text or ()),
+        lengths=tuple(args.lengths),
         windows=args.windows,
-        seq_len=args.seq_len,
         calibration_windows=args.calibration_windows,
+        heal=heal_config(args, prefix="heal-"),
+        generation_prompt=args.generation_prompt,
         allocation=args.allocation,
     )
     result = run_tradeoff(cfg, args.out, progress=not args.json)

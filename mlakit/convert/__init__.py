@@ -9,6 +9,7 @@ from mlakit.convert.convert import (
     convert_calibrated,
     save_converted,
 )
+from mlakit.convert.heal import HealConfig, HealResult, heal, heal_checkpoint
 from mlakit.convert.load import SUPPORTED_MODEL_TYPES, LoadedModel, load_hf_model
 
 __all__ = [
@@ -16,10 +17,14 @@ __all__ = [
     "Calibrated",
     "ConversionConfig",
     "ConversionResult",
+    "HealConfig",
+    "HealResult",
     "LoadedModel",
     "calibrate",
     "convert",
     "convert_calibrated",
+    "heal",
+    "heal_checkpoint",
     "load_hf_model",
     "save_converted",
 ]

@@ -40,7 +40,7 @@ from mlakit.convert.factorize import AttentionWeights, energy_spectrum, single_t
 from mlakit.convert.layer import LayerRecipe, convert_layer, layer_dims, metrics
 from mlakit.convert.load import LoadedModel, load_hf_model
 from mlakit.convert.ranks import Allocation, check_ranks, greedy_ranks, latent_budget, uniform_ranks
-from mlakit.convert.rope import decouple_rope, decoupled_rope_theta
+from mlakit.convert.rope import decouple_rope, decoupled_rope_theta, rope_pairs_for_context
 from mlakit.errors import MlakitError
 from mlakit.eval.corpus import Corpus, default_corpus, token_windows
 from mlakit.model import Transformer
@@ -60,7 +60,11 @@ class ConversionConfig:
         rope: ``"decoupled"`` (DeepSeek form, absorbable decode) or ``"full"`` (exact positions).
         method: ``"pca"`` (calibrated) or ``"svd"`` (plain SVD of the weights, the baseline).
         rope_dims: ``qk_rope_head_dim`` of the shared rotary key (decoupled only; even, <= head_dim);
-            ``None``: :func:`default_rope_dims`.
+            ``None``: :func:`default_rope_dims`, chosen from ``context_length``.
+        context_length: decoupled only; the context the converted model must hold. The rotary key
+            keeps every frequency pair that turns by a radian or more over it
+            (:func:`mlakit.convert.rope.rope_pairs_for_context`). ``None``: the source's
+            ``max_position_embeddings``, at most 4096 (the longest length measured).
         allocation: ``"uniform"`` or ``"greedy"`` rank allocation under the budget.
         key_metric / value_metric / key_weight: see :mod:`mlakit.convert.factorize` (defaults
             measured best on SmolLM2, docs/conversion.md).
@@ -93,6 +97,7 @@ class ConversionConfig:
     rope: Literal["decoupled", "full"] = "decoupled"
     method: Literal["pca", "svd"] = "pca"
     rope_dims: int | None = None
+    context_length: int | None = None
     allocation: Allocation = "uniform"
     key_metric: Literal["balanced", "query", "query_diag"] = "query"
     value_metric: Literal["balanced", "output"] = "output"
@@ -122,6 +127,8 @@ class ConversionConfig:
             raise bad("method", "must be 'pca' or 'svd'")
         if self.rope == "decoupled" and self.rope_dims is not None and (self.rope_dims <= 0 or self.rope_dims % 2):
             raise bad("rope_dims", "must be a positive even number")
+        if self.context_length is not None and (not isinstance(self.context_length, int) or self.context_length < 2):
+            raise bad("context_length", "must be an integer >= 2 (tokens), or None for the source's context")
         if self.allocation not in ("uniform", "greedy"):
             raise bad("allocation", "must be 'uniform' or 'greedy'")
         if self.key_metric not in ("balanced", "query", "query_diag"):
@@ -140,12 +147,17 @@ class ConversionConfig:
             if getattr(self, n) <= 0:
                 raise bad(n, "must be positive")
 
-    def resolved_rope_dims(self, head_dim: int, num_kv_heads: int) -> int:
+    def resolved_rope_dims(self, head_dim: int, num_kv_heads: int, rope_theta: float, source_context: int) -> int:
+        """``qk_rope_head_dim``: 0 for full RoPE, ``rope_dims`` if given, else :func:`default_rope_dims`."""
         if self.rope == "full":
             return 0
         if self.rope_dims is not None:
             return self.rope_dims
-        return default_rope_dims(self.kv_fraction, head_dim, num_kv_heads)
+        # explicit ranks: the rotary key may be as wide as the smallest latent (half the layer's cache)
+        per_layer = 2 * min(self.ranks) if self.ranks else int(self.kv_fraction * 2 * num_kv_heads * head_dim + 1e-9)
+        return default_rope_dims(
+            per_layer, head_dim, rope_theta=rope_theta, context_length=self.context_length or source_context
+        )
 
     def resolved_sequential(self) -> bool:
         """``sequential``, or its measured default for the rope kind (see the class docstring)."""
@@ -153,11 +165,11 @@ class ConversionConfig:
             return self.sequential
         return self.rope == "full"
 
-    def recipe(self, head_dim: int, num_kv_heads: int) -> LayerRecipe:
+    def recipe(self, head_dim: int, num_kv_heads: int, rope_theta: float, source_context: int) -> LayerRecipe:
         return LayerRecipe(
             rope=self.rope,
             method=self.method,
-            rope_pairs=max(1, self.resolved_rope_dims(head_dim, num_kv_heads) // 2),
+            rope_pairs=max(1, self.resolved_rope_dims(head_dim, num_kv_heads, rope_theta, source_context) // 2),
             key_metric=self.key_metric,
             value_metric=self.value_metric,
             key_weight=self.key_weight,
@@ -167,13 +179,16 @@ class ConversionConfig:
         )
 
 
-def default_rope_dims(kv_fraction: float, head_dim: int, num_kv_heads: int) -> int:
-    """Decoupled rotary width for a budget (measured on SmolLM2, docs/conversion.md): ``head_dim/2``
-    (the highest-frequency half of the pairs) when a layer keeps at least ``1.5 * head_dim`` values
-    per token, else ``head_dim/4`` so the latent keeps room."""
-    per_layer = kv_fraction * 2 * num_kv_heads * head_dim
-    dims = head_dim // 2 if per_layer >= 1.5 * head_dim else head_dim // 4
-    return max(2, dims - dims % 2)
+def default_rope_dims(per_layer: int, head_dim: int, *, rope_theta: float, context_length: int) -> int:
+    """Decoupled rotary width for a budget and a target context (measured on SmolLM2, docs/conversion.md).
+
+    Every pair that turns by a radian or more over ``context_length`` keeps a rotary component
+    (:func:`~mlakit.convert.rope.rope_pairs_for_context`), but the rotary key takes at most half
+    of a layer's cache budget (``per_layer`` values per token), so that the latent keeps the other half.
+    """
+    pairs = rope_pairs_for_context(rope_theta, head_dim, context_length)
+    pairs = max(1, min(pairs, per_layer // 4))
+    return 2 * pairs
 
 
 @dataclass
@@ -214,6 +229,16 @@ def _source_dims(hf_config: Any) -> tuple[int, int, int]:
     g = getattr(hf_config, "num_key_value_heads", None) or h
     d = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // h
     return h, g, d
+
+
+#: Default target context of the decoupled form's rotary pairs: the longest length the defaults
+#: were measured at (docs/conversion.md); the source's own context when that is shorter.
+DEFAULT_CONTEXT = 4096
+
+
+def _source_context(hf_config: Any) -> int:
+    """Default ``context_length``: the source's ``max_position_embeddings``, at most :data:`DEFAULT_CONTEXT`."""
+    return min(int(getattr(hf_config, "max_position_embeddings", None) or DEFAULT_CONTEXT), DEFAULT_CONTEXT)
 
 
 def _check_supported(hf_config: Any, source: str) -> None:
@@ -291,7 +316,9 @@ def plan_ranks(cal: Calibrated, config: ConversionConfig) -> tuple[int, ...]:
     max_rank = _max_rank(cal)
     if config.ranks is not None:
         return check_ranks(config.ranks, n_layers, max_rank)
-    rope_dims = config.resolved_rope_dims(d, g)
+    rope_dims = config.resolved_rope_dims(
+        d, g, source_rope_theta(cal.loaded.model.config), _source_context(cal.loaded.model.config)
+    )
     if rope_dims > d:
         raise MlakitError(f"rope_dims={rope_dims} exceeds the head dim {d}")
     total = latent_budget(config.kv_fraction, original_per_layer=2 * g * d, num_layers=n_layers, rope_dims=rope_dims)
@@ -317,9 +344,9 @@ def plan_ranks(cal: Calibrated, config: ConversionConfig) -> tuple[int, ...]:
 def _spectra(cal: Calibrated, config: ConversionConfig) -> list[torch.Tensor]:
     """Per layer, the weighted K/V energy spectrum greedy allocation ranks against."""
     _, g, d = _source_dims(cal.loaded.model.config)
-    recipe = config.recipe(d, g)
-    spectra = []
     theta = source_rope_theta(cal.loaded.model.config)
+    recipe = config.recipe(d, g, theta, _source_context(cal.loaded.model.config))
+    spectra = []
     for w, s in zip(cal.weights, cal.sigma):
         m_k, m_v = metrics(w, s, recipe)
         w_k = w.w_k
@@ -348,7 +375,7 @@ def convert_calibrated(cal: Calibrated, config: ConversionConfig, *, progress: b
     if config.rotation_average and config.rope == "decoupled" and cal.rotation is None:
         raise MlakitError("rotation_average=True needs rotation statistics: calibrate(..., rotation_windows=8)")
     ranks = plan_ranks(cal, config)
-    recipe = config.recipe(d, g)
+    recipe = config.recipe(d, g, theta, _source_context(hc))
     has_bias = any(
         w.w_q[:, -1].abs().max() > 0 or w.w_k[:, -1].abs().max() > 0 or w.w_v[:, -1].abs().max() > 0
         for w in cal.weights

@@ -1,13 +1,15 @@
-"""Perplexity, and agreement with a reference model (top-1 agreement, KL divergence).
+"""Perplexity, agreement with a reference model (top-1 agreement, KL divergence), generation checks.
 
 Models are passed as callables ``tokens [B, T] -> logits [B, T, V]`` so the same code evaluates a
-Hugging Face model, an mlakit :class:`~mlakit.model.Transformer`, or anything else.
+Hugging Face model, an mlakit :class:`~mlakit.model.Transformer`, or anything else; generation
+checks take greedy generators ``(prompt [1, P], n) -> n token ids`` so callers bring their caches.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -15,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+# (prompt ids [1, P], number of new tokens) -> the new token ids, greedy
+GenerateFn = Callable[[torch.Tensor, int], Sequence[int]]
 
 
 @dataclass(frozen=True)
@@ -22,8 +26,9 @@ class EvalResult:
     """Quality of one model on a fixed set of token windows.
 
     ``perplexity`` is ``exp`` of the mean next-token NLL over ``tokens`` predicted tokens.
-    ``top1_agreement`` (fraction of positions whose argmax matches the reference) and ``kl``
-    (mean ``KL(reference || model)`` in nats per token) are ``None`` without a reference.
+    ``reference_perplexity``/``reference_nll``, ``top1_agreement`` (fraction of positions whose
+    argmax matches the reference) and ``kl`` (mean ``KL(reference || model)`` in nats per
+    token) are ``None`` without a reference.
     """
 
     perplexity: float
@@ -32,9 +37,41 @@ class EvalResult:
     reference_perplexity: float | None = None
     top1_agreement: float | None = None
     kl: float | None = None
+    reference_nll: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def pool(results: Sequence[EvalResult]) -> EvalResult:
+    """Several results as one, weighted by tokens: the numbers over all their tokens together.
+
+    Raises:
+        ValueError: no results, or some with a reference and some without.
+    """
+    if not results:
+        raise ValueError("pool(results=[]): expected at least one EvalResult")
+    with_ref = {r.reference_nll is not None for r in results}
+    if len(with_ref) != 1:
+        raise ValueError("pool: some results have a reference and some do not")
+    tokens = sum(r.tokens for r in results)
+
+    def mean(values: list[float]) -> float:
+        return sum(v * r.tokens for v, r in zip(values, results)) / tokens
+
+    nll = mean([r.nll for r in results])
+    if not with_ref.pop():
+        return EvalResult(perplexity=math.exp(nll), nll=nll, tokens=tokens)
+    ref_nll = mean([r.reference_nll for r in results])  # type: ignore[misc]
+    return EvalResult(
+        perplexity=math.exp(nll),
+        nll=nll,
+        tokens=tokens,
+        reference_perplexity=math.exp(ref_nll),
+        top1_agreement=mean([r.top1_agreement for r in results]),  # type: ignore[misc]
+        kl=mean([r.kl for r in results]),  # type: ignore[misc]
+        reference_nll=ref_nll,
+    )
 
 
 def as_logits_fn(model: Any) -> LogitsFn:
@@ -47,35 +84,49 @@ def as_logits_fn(model: Any) -> LogitsFn:
     return fn
 
 
+# positions whose log-probabilities are formed at once: [ROWS, V] float64 is 400 MB at V=49152
+_ROWS = 1024
+# positions per forward pass, so batch size shrinks as windows grow (4096-token windows, one at a time)
+_BATCH_TOKENS = 2048
+
+
 @torch.no_grad()
 def evaluate(
     model: LogitsFn,
     windows: torch.Tensor,
     *,
     reference: LogitsFn | None = None,
-    batch_size: int = 4,
+    batch_size: int | None = None,
     progress: bool = False,
     desc: str = "eval",
 ) -> EvalResult:
     """Evaluate ``model`` on ``windows`` ``[N, T]``, optionally against ``reference``.
 
-    Every window predicts its tokens 1..T-1 from their prefixes.
+    Every window predicts its tokens 1..T-1 from their prefixes. Memory stays bounded whatever
+    ``T``: ``batch_size`` defaults to ``max(1, 2048 // T)`` windows per forward pass, the
+    reference's logits are computed batch by batch and dropped, and log-probabilities (float64,
+    for exact sums) are formed ``1024`` positions at a time.
     """
     from tqdm.auto import tqdm
 
+    bs = batch_size or max(1, _BATCH_TOKENS // windows.shape[1])
     nll_sum = ref_nll_sum = kl_sum = 0.0
     agree = count = 0
-    batches = list(torch.split(windows, batch_size))
-    for tokens in tqdm(batches, desc=desc, disable=not progress, leave=False):
-        target = tokens[:, 1:]  # [B, T-1]
-        logp = F.log_softmax(model(tokens)[:, :-1].double(), dim=-1)  # [B, T-1, V]
-        nll_sum += -logp.gather(-1, target.unsqueeze(-1)).sum().item()
+    for tokens in tqdm(torch.split(windows, bs), desc=desc, disable=not progress, leave=False):
+        target = tokens[:, 1:].reshape(-1)  # [B*(T-1)]
+        logits = model(tokens)[:, :-1].flatten(0, 1)  # [B*(T-1), V]
+        ref_logits = reference(tokens)[:, :-1].flatten(0, 1) if reference is not None else None
         count += target.numel()
-        if reference is not None:
-            ref_logp = F.log_softmax(reference(tokens)[:, :-1].double(), dim=-1)  # [B, T-1, V]
-            ref_nll_sum += -ref_logp.gather(-1, target.unsqueeze(-1)).sum().item()
-            kl_sum += (ref_logp.exp() * (ref_logp - logp)).sum().item()
-            agree += int((ref_logp.argmax(-1) == logp.argmax(-1)).sum().item())
+        for rows in torch.split(torch.arange(target.numel()), _ROWS):
+            tgt = target[rows].unsqueeze(-1)  # [R, 1]
+            logp = F.log_softmax(logits[rows].double(), dim=-1)  # [R, V]
+            nll_sum += -logp.gather(-1, tgt).sum().item()
+            if ref_logits is not None:
+                ref_logp = F.log_softmax(ref_logits[rows].double(), dim=-1)  # [R, V]
+                ref_nll_sum += -ref_logp.gather(-1, tgt).sum().item()
+                kl_sum += (ref_logp.exp() * (ref_logp - logp)).sum().item()
+                agree += int((ref_logp.argmax(-1) == logp.argmax(-1)).sum().item())
+        del logits, ref_logits
     nll = nll_sum / count
     if reference is None:
         return EvalResult(perplexity=math.exp(nll), nll=nll, tokens=count)
@@ -86,4 +137,62 @@ def evaluate(
         reference_perplexity=math.exp(ref_nll_sum / count),
         top1_agreement=agree / count,
         kl=kl_sum / count,
+        reference_nll=ref_nll_sum / count,
     )
+
+
+def is_degenerate(ids: Sequence[int], tokenizer: Any) -> bool:
+    """Whether a generated continuation is a collapse rather than text.
+
+    Degenerate: empty, at least 75% of it one repeated token, or nothing but whitespace once
+    decoded. A converted model that has lost long-range attention typically loops on one token
+    or emits blank lines, while its perplexity can still look tolerable.
+    """
+    if not ids:
+        return True
+    if Counter(ids).most_common(1)[0][1] >= 0.75 * len(ids):
+        return True
+    return not tokenizer.decode(list(ids)).strip()
+
+
+def greedy_agreement(
+    model_generate: GenerateFn,
+    reference_generate: GenerateFn,
+    prompt: torch.Tensor,
+    *,
+    tokenizer: Any,
+    new_tokens: int = 32,
+) -> dict[str, Any]:
+    """Greedy continuations of ``prompt`` ``[1, P]`` by a model and its reference, compared.
+
+    The callers pass generators (``(prompt_ids [1, P], n) -> n new token ids``) so each side can
+    use its own KV cache: re-running the full forward for each token is too slow at ``P ~ 3000``.
+
+    Returns:
+        ``prefix_match``: length of the common prefix (tokens until the first divergence);
+        ``positional_agreement`` (also ``agreement``): fraction of the ``new_tokens`` positions
+        holding the same token in both (a continuation that stopped early disagrees from there);
+        ``degenerate``: :func:`is_degenerate` of the model's continuation;
+        ``model_text``/``reference_text``: the decoded continuations.
+
+    Raises:
+        ValueError: ``prompt`` is not ``[1, P]`` or ``new_tokens < 1``.
+    """
+    if prompt.dim() != 2 or prompt.shape[0] != 1 or new_tokens < 1:
+        raise ValueError(
+            f"greedy_agreement: prompt {tuple(prompt.shape)}, new_tokens={new_tokens}: expected [1, P], >= 1"
+        )
+    ours = list(model_generate(prompt, new_tokens))[:new_tokens]
+    theirs = list(reference_generate(prompt, new_tokens))[:new_tokens]
+    prefix = 0
+    while prefix < min(len(ours), len(theirs)) and ours[prefix] == theirs[prefix]:
+        prefix += 1
+    same = sum(a == b for a, b in zip(ours, theirs))
+    return {
+        "prefix_match": prefix,
+        "positional_agreement": same / new_tokens,
+        "agreement": same / new_tokens,
+        "degenerate": is_degenerate(ours, tokenizer),
+        "model_text": tokenizer.decode(ours),
+        "reference_text": tokenizer.decode(theirs),
+    }

@@ -25,6 +25,8 @@ class ScoredModel:
         kind: ``"mlakit"`` or ``"hf"``.
         name: what the user passed.
         vocab_size: output width.
+        max_seq_len: the longest context it was built for (``max_position_embeddings`` of an HF
+            config, ``max_seq_len`` of an mlakit one); ``None`` when unknown (not checked).
     """
 
     logits: LogitsFn
@@ -33,6 +35,7 @@ class ScoredModel:
     kind: str
     name: str
     vocab_size: int
+    max_seq_len: int | None = None
 
     def kv_bytes_per_token(self, cache_dtype: str = "bf16") -> int:
         return self.kv_elements_per_token * torch.tensor([], dtype=resolve_dtype(cache_dtype)).element_size()
@@ -74,6 +77,7 @@ def open_model(spec: str) -> ScoredModel:
             kind="mlakit",
             name=spec,
             vocab_size=model.config.vocab_size,
+            max_seq_len=model.config.max_seq_len,
         )
     from mlakit.convert.load import load_hf_model
 
@@ -93,6 +97,7 @@ def from_hf(hf: Any, tokenizer: Any, name: str) -> ScoredModel:
         kind="hf",
         name=name,
         vocab_size=c.vocab_size,
+        max_seq_len=getattr(c, "max_position_embeddings", None),
     )
 
 

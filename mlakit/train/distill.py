@@ -56,7 +56,7 @@ class DistillConfig:
         temperature: softening ``T`` of both distributions in the KL term.
         train_params: ``'attention'`` (only attention weights train) or ``'all'``.
         bf16: autocast matmuls to bfloat16.
-        eval_windows, eval_seq_len: held-out evaluation before and after (``mlakit eval``'s defaults).
+        eval_windows, eval_seq_len: held-out evaluation before and after (windows per genre, tokens each).
         max_minutes: stop training after this wall time (``None``: run all steps).
         seed: data order.
     """
@@ -74,7 +74,7 @@ class DistillConfig:
     temperature: float = 1.0
     train_params: TrainParams = "attention"
     bf16: bool = False
-    eval_windows: int = 8
+    eval_windows: int = 2
     eval_seq_len: int = 512
     max_minutes: float | None = None
     seed: int = 0
@@ -196,6 +196,7 @@ def distill(
         kind="mlakit",
         name=str(student),
         vocab_size=model.config.vocab_size,
+        max_seq_len=model.config.max_seq_len,
     )
 
     def evaluate_now(label: str) -> dict[str, Any]:

@@ -120,16 +120,21 @@ def run_study(
 ) -> list[dict[str, Any]]:
     """Train every variant and return one row per variant (also kept in ``OUT/study.json``).
 
-    ``train_docs``/``eval_docs`` default to the two sides of the built-in corpus
-    (:func:`mlakit.eval.corpus.default_corpus`); the tokenizer defaults to bytes.
+    ``train_docs``/``eval_docs`` default to the two sides of the built-in corpus's python-docs
+    genre (:func:`mlakit.eval.corpus.genre_corpora`); the tokenizer defaults to bytes.
     """
-    from mlakit.eval.corpus import default_corpus
+    from mlakit.eval.corpus import default_corpus, genre_corpora
+
+    def python_docs(split: Any) -> Any:
+        # the published study runs on one genre (python3-doc), not the whole mix
+        genres = genre_corpora(split)
+        return (genres.get("python-docs") or default_corpus(split)).documents
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = tokenizer or ByteTokenizer()
-    train_docs = train_docs if train_docs is not None else default_corpus("calibration").documents
-    eval_docs = eval_docs if eval_docs is not None else default_corpus("evaluation").documents
+    train_docs = train_docs if train_docs is not None else python_docs("calibration")
+    eval_docs = eval_docs if eval_docs is not None else python_docs("evaluation")
     train = build_token_file(train_docs, tok, out / "train.bin")
     val = build_token_file(eval_docs, tok, out / "eval.bin")
     results_path = out / "study.json"

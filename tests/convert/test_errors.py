@@ -92,3 +92,66 @@ def test_cli_errors_without_traceback_and_no_partial_output(
         or not any(tmp_path.iterdir())
         or all(not p.name.startswith(".out") for p in tmp_path.iterdir())
     )
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "empty"),
+        (b"tiny", "too short"),
+        (b"caf\xe9 au lait " * 50, "not UTF-8"),
+    ],
+)
+def test_cli_bad_calibration_text_one_line_no_output(
+    tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes, message: str
+) -> None:
+    text = tmp_path / "cal.txt"
+    text.write_bytes(content)
+    out = tmp_path / "out"
+    for argv in (
+        ["convert", "--model", str(tiny_llama), "--out", str(out), "--calibration-text", str(text)],
+        ["tradeoff", "--model", str(tiny_llama), "--out", str(out), "--calibration-text", str(text)],
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]  # above it at most the model's loading bar
+        assert last.startswith("mlakit ") and message in last and "cal.txt" in last and "Traceback" not in err, err
+        assert not out.exists()
+
+
+def test_cli_heal_bad_inputs(tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    conv = tmp_path / "conv"
+    assert main(["convert", "--model", str(tiny_llama), "--out", str(conv), "--calibration-windows", "2"]) == 0
+    capsys.readouterr()
+    cases = [
+        (["--model", str(tmp_path), "--out", str(tmp_path / "o1")], "not an mlakit checkpoint"),
+        (["--model", str(conv), "--out", str(tmp_path / "o2"), "--heal-seq-len", "1"], "unrecognized"),
+        (["--model", str(conv), "--out", str(tmp_path / "o3"), "--seq-len", "4096"], "context"),
+        (["--model", str(conv), "--out", str(tmp_path / "o4"), "--steps", "0"], "steps"),
+        (["--model", str(conv), "--out", str(conv)], "already exists"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) if message == "unrecognized" else _nothing():
+            assert main(["heal", *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (argv, err)
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
+    assert (conv / "model.safetensors").is_file()  # --out refused: the existing checkpoint is untouched
+
+
+def test_cli_heal_writes_a_healed_checkpoint(tiny_llama: Path, tmp_path: Path) -> None:
+    import json
+
+    conv, healed = tmp_path / "conv", tmp_path / "healed"
+    assert main(["convert", "--model", str(tiny_llama), "--out", str(conv), "--kv-fraction", "0.25"]) == 0
+    argv = ["heal", "--model", str(conv), "--out", str(healed), "--steps", "3", "--seq-len", "128"]
+    assert main([*argv, "--windows", "2"]) == 0  # reference: the source named in conversion.json
+    record = json.loads((healed / "conversion.json").read_text())
+    assert record["heal"]["reference"] == str(tiny_llama) and len(record["heal"]["relative_error_after"]) == 2
+    assert record["kv_lora_ranks"] == json.loads((conv / "conversion.json").read_text())["kv_lora_ranks"]
+
+
+def _nothing():  # type: ignore[no-untyped-def]
+    import contextlib
+
+    return contextlib.nullcontext()

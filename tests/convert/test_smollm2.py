@@ -65,3 +65,21 @@ def test_complex_rope_mixing_beats_real(smollm2) -> None:  # type: ignore[no-unt
 def test_sequential_beats_independent_layers(smollm2) -> None:  # type: ignore[no-untyped-def]
     # measured x1.60 vs x1.74 at 25% cache, full RoPE (docs/conversion.md)
     assert _ppl(smollm2, kv_fraction=0.25, rope="full") < _ppl(smollm2, kv_fraction=0.25, rope="full", sequential=False)
+
+
+def test_decoupled_holds_at_4096_once_healed(smollm2) -> None:  # type: ignore[no-untyped-def]
+    # the failure this guards against: 16 rotary pairs held at 512 tokens and gave x7.6 at 4096
+    from mlakit.convert import HealConfig, heal
+    from mlakit.convert.heal import heal_windows
+
+    cal = smollm2[0]
+    tok = cal.loaded.tokenizer
+    long = token_windows(default_corpus("evaluation"), tok, num_windows=1, seq_len=4096)
+    reference = evaluate(as_logits_fn(cal.loaded.model), long).perplexity
+    model = convert_calibrated(cal, ConversionConfig(kv_fraction=0.5, rope="decoupled")).model
+    assert model.config.attention.qk_rope_head_dim == 48  # the 24 pairs that turn by a radian over 4096 tokens
+    before = evaluate(as_logits_fn(model), long).perplexity / reference
+    config = HealConfig(steps=20)
+    heal(model, cal.loaded.model, heal_windows(tok, config), config)
+    after = evaluate(as_logits_fn(model), long).perplexity / reference
+    assert after < min(before, 2.0)

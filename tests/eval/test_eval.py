@@ -10,39 +10,17 @@ import pytest
 import torch
 
 from mlakit.cli import main
-from mlakit.errors import MlakitError
-from mlakit.eval.corpus import default_corpus, files_corpus, token_windows
+from mlakit.eval.corpus import default_corpus
 from mlakit.eval.metrics import evaluate
 from tests.convert.conftest import make_hf_model
 
 
 def test_default_splits_are_disjoint_and_nonempty() -> None:
     cal, ev = default_corpus("calibration"), default_corpus("evaluation")
-    assert cal.documents and ev.documents
-    assert not {n for n, _ in cal.documents} & {n for n, _ in ev.documents}
+    assert [p.genre for p in cal.genres] == [p.genre for p in ev.genres]
+    for c, e in zip(cal.genres, ev.genres):
+        assert c.names() and e.names() and not set(c.names()) & set(e.names())
     assert "calibration" in cal.name and "evaluation" in ev.name
-
-
-def test_files_corpus_errors(tmp_path: Path) -> None:
-    with pytest.raises(MlakitError, match="no such file"):
-        files_corpus([str(tmp_path / "nope.txt")])
-    empty = tmp_path / "empty.txt"
-    empty.write_text("  \n")
-    with pytest.raises(MlakitError, match="empty"):
-        files_corpus([str(empty)])
-
-
-def test_token_windows_shape_and_short_text(tmp_path: Path) -> None:
-    class Tok:
-        def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
-            return {"input_ids": [ord(c) % 50 for c in text]}
-
-    f = tmp_path / "t.txt"
-    f.write_text("abc " * 100)
-    w = token_windows(files_corpus([str(f)]), Tok(), num_windows=3, seq_len=50)
-    assert w.shape == (3, 50)
-    with pytest.raises(MlakitError, match="fewer than one window"):
-        token_windows(files_corpus([str(f)]), Tok(), num_windows=1, seq_len=10_000)
 
 
 def test_metrics_uniform_model_and_self_agreement() -> None:
@@ -115,6 +93,8 @@ def test_cli_convert_then_eval_json(tmp_path: Path, capsys: pytest.CaptureFixtur
     r = json.loads(capsys.readouterr().out)
     for key in ("perplexity", "reference_perplexity", "top1_agreement", "kl", "kv_bytes_per_token"):
         assert key in r
+    assert r["seq_len"] == 64 and list(r["lengths"]) == ["64"] and list(r["lengths"]["64"]["genres"]) == ["files"]
+    assert r["lengths"]["64"]["overall"]["perplexity"] == r["perplexity"]
     # kv_fraction 1 with full RoPE is the original model, exactly
     assert r["perplexity"] == pytest.approx(r["reference_perplexity"], rel=1e-4)
     assert r["top1_agreement"] == 1.0 and r["kl"] < 1e-6
@@ -126,31 +106,26 @@ def test_cli_convert_then_eval_json(tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_tradeoff_writes_table_plot_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src = make_hf_model(tmp_path / "src", "llama")
     out = tmp_path / "tr"
-    assert (
-        main(
-            [
-                "tradeoff",
-                "--model",
-                str(src),
-                "--kv-fraction",
-                "1,0.5",
-                "--out",
-                str(out),
-                "--windows",
-                "1",
-                "--seq-len",
-                "32",
-                "--calibration-windows",
-                "1",
-            ]
-        )
-        == 0
-    )
+    args = ["tradeoff", "--model", str(src), "--kv-fraction", "1,0.5", "--out", str(out), "--windows", "1"]
+    args += ["--lengths", "32", "96", "--calibration-windows", "1", "--generation-prompt", "40"]
+    args += ["--heal-steps", "2", "--heal-seq-len", "64", "--heal-windows", "1"]
+    (tmp_path / "eval.txt").write_text("Evaluation prose about caches and attention. " * 40)
+    (tmp_path / "cal.txt").write_text("Calibration prose, other words entirely; " * 80)
+    args += ["--text", str(tmp_path / "eval.txt"), "--calibration-text", str(tmp_path / "cal.txt")]
+    assert main(args) == 0
     text = capsys.readouterr().out
-    assert "calibration:" in text and "evaluation:" in text and "weight-SVD" in text
+    assert "calibration:" in text and "evaluation:" in text and "weight-SVD" in text and "x ppl@96" in text
+    assert "cal.txt" in text and "eval.txt" in text
     result = json.loads((out / "tradeoff.json").read_text())
     assert (out / "tradeoff.png").stat().st_size > 0
     rows = {(r["variant"], r["kv_fraction"]): r for r in result["rows"]}
-    assert len(rows) == 6
-    assert rows[("full (pca)", 1.0)]["perplexity_ratio"] == pytest.approx(1.0, rel=1e-4)
+    # full, decoupled and healed at both fractions; the SVD baseline at the largest only
+    assert len(rows) == 7 and ("weight-SVD (full)", 0.5) not in rows
+    for length in ("32", "96"):
+        exact = rows[("full (pca)", 1.0)]["lengths"][length]["overall"]
+        assert exact["perplexity_ratio"] == pytest.approx(1.0, rel=1e-4) and exact["top1_agreement"] == 1.0
+        assert list(rows[("decoupled + heal", 0.5)]["lengths"][length]["genres"]) == ["files"]
     assert rows[("full (pca)", 0.5)]["kv_bytes_per_token"] <= result["original"]["kv_bytes_per_token"] // 2
+    assert rows[("decoupled + heal", 0.5)]["healed"] and rows[("decoupled + heal", 0.5)]["heal_seconds"] >= 0
+    gen = rows[("full (pca)", 1.0)]["generation"]
+    assert gen["prefix_match"] == 32 and gen["positional_agreement"] == 1.0  # the exact conversion generates the same

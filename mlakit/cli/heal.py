@@ -1,0 +1,101 @@
+"""``mlakit heal``: fit a converted model's attention to its source's, layer by layer, at length."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from mlakit.errors import MlakitError
+
+
+def add_heal_options(p: argparse.ArgumentParser, *, prefix: str = "") -> None:
+    """The healing knobs (shared by ``mlakit heal`` and ``mlakit convert --heal``)."""
+    from mlakit.convert.heal import HEALABLE, HealConfig
+
+    d = HealConfig()
+    p.add_argument(f"--{prefix}steps", type=int, default=d.steps, help=f"Adam steps per layer (default {d.steps})")
+    p.add_argument(
+        f"--{prefix}seq-len",
+        type=int,
+        default=d.seq_len,
+        help=f"tokens per healing window; long, so slow rotations are seen (default {d.seq_len})",
+    )
+    p.add_argument(f"--{prefix}windows", type=int, default=d.windows, help=f"healing windows (default {d.windows})")
+    p.add_argument(f"--{prefix}lr", type=float, default=d.lr, help=f"Adam learning rate (default {d.lr:g})")
+    p.add_argument(
+        f"--{prefix}params",
+        nargs="+",
+        choices=HEALABLE,
+        default=list(d.params),
+        metavar="W",
+        help=f"MLA weights to fit (default: all of {' '.join(HEALABLE)})",
+    )
+
+
+def heal_config(args: argparse.Namespace, *, prefix: str = "") -> Any:
+    from mlakit.convert.heal import HealConfig
+
+    p = prefix.replace("-", "_")
+    return HealConfig(
+        steps=getattr(args, f"{p}steps"),
+        seq_len=getattr(args, f"{p}seq_len"),
+        windows=getattr(args, f"{p}windows"),
+        lr=getattr(args, f"{p}lr"),
+        params=tuple(getattr(args, f"{p}params")),
+    )
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "heal",
+        help="fit a converted model's attention to the original's, layer by layer (minutes on a CPU)",
+        description="Between training-free conversion and distillation: for each layer in order, a few hundred "
+        "Adam steps fit the MLA weights so that the layer reproduces the original attention output on "
+        "the converted model's own activations, over long calibration windows (so the rotations the "
+        "decoupled form drops are seen). The shapes, cache and export format do not change. "
+        "See docs/conversion.md.",
+    )
+    p.add_argument("--model", required=True, help="mlakit checkpoint made by `mlakit convert`")
+    p.add_argument(
+        "--reference",
+        default=None,
+        help="the original model (HF dir, .gguf, alias, hub id); default: the source in the model's conversion.json",
+    )
+    p.add_argument("--out", required=True, help="output directory (must not exist)")
+    p.add_argument(
+        "--calibration-text",
+        nargs="+",
+        default=None,
+        metavar="PATH",
+        help="heal on these UTF-8 text files or directories (default: the built-in genre mix, calibration split)",
+    )
+    add_heal_options(p)
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mlakit.convert.heal import heal_checkpoint
+    from mlakit.eval.corpus import files_corpus
+
+    if Path(args.out).exists() and not args.overwrite:
+        raise MlakitError(f"--out {args.out} already exists; choose a new directory (or --overwrite)")
+    config = heal_config(args)  # validated before the slow load
+    corpus = files_corpus(args.calibration_text) if args.calibration_text else None
+    out, result = heal_checkpoint(
+        args.model,
+        args.out,
+        reference=args.reference,
+        config=config,
+        corpus=corpus,
+        progress=True,
+        overwrite=args.overwrite,
+    )
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    print(f"wrote {out}")
+    print(
+        f"  healed {len(result.after)} layers on {result.tokens} tokens in {result.seconds:.0f} s: "
+        f"relative attention error {mean(result.before):.4f} -> {mean(result.after):.4f} (mean over layers)"
+    )
+    return 0
