@@ -43,7 +43,7 @@ from mlakit.attention.common import position_mask
 from mlakit.attention.mla import MultiHeadLatentAttention
 from mlakit.errors import MlakitError
 from mlakit.eval.corpus import Corpus, default_corpus, token_windows
-from mlakit.model import Transformer
+from mlakit.model import Block, Transformer
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class HealConfig:
 
     windows: int = 4
     seq_len: int = 2048
-    steps: int = 60
+    steps: int = 80
     lr: float = 1e-4
     query_tokens: int = 256
     params: tuple[str, ...] = HEALABLE
@@ -175,6 +175,7 @@ def heal(
         hidden = model.embed(tokens).float()  # [N, T, n]
     bar = tqdm(total=mc.num_layers * config.steps, desc="heal", disable=not progress, leave=False)
     for i, block in enumerate(model.layers):
+        assert isinstance(block, Block)
         attn = block.attn
         if not isinstance(attn, MultiHeadLatentAttention):
             raise MlakitError(f"layer {i} is not MLA: only converted MLA models can be healed")

@@ -10,6 +10,7 @@ when its perplexity looks tolerable.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import json
@@ -114,7 +115,7 @@ class TradeoffConfig:
             raise MlakitError(f"generation_prompt={self.generation_prompt} must be >= 0 (0 skips the check)")
 
 
-class _Memo:
+class Memo:
     """Memoise a logits function by the exact tokens it is called on (the reference, here)."""
 
     def __init__(self, fn: Any) -> None:
@@ -173,6 +174,15 @@ def _scored(model: Any, tokenizer: Any, name: str) -> ScoredModel:
     )
 
 
+def _conversion(cfg: TradeoffConfig, variant: Variant, frac: float) -> ConversionConfig:
+    return ConversionConfig(
+        kv_fraction=frac,
+        rope=variant.rope,  # type: ignore[arg-type]
+        method=variant.method,  # type: ignore[arg-type]
+        allocation=cfg.allocation,  # type: ignore[arg-type]
+    )
+
+
 def _jobs(cfg: TradeoffConfig) -> list[tuple[Variant, float]]:
     largest = max(cfg.kv_fractions)
     return [(v, f) for v in cfg.variants for f in cfg.kv_fractions if not v.largest_only or f == largest]
@@ -196,7 +206,7 @@ def run_tradeoff(
     )
     hf, tokenizer = cal.loaded.model, cal.loaded.tokenizer
     plain = from_hf(hf, tokenizer, cfg.model)
-    source = dataclasses.replace(plain, logits=_Memo(plain.logits))
+    source = dataclasses.replace(plain, logits=Memo(plain.logits))
     lengths = check_lengths(cfg.lengths, [source])
     if cfg.heal.seq_len > (source.max_seq_len or cfg.heal.seq_len):
         raise MlakitError(f"heal seq_len={cfg.heal.seq_len} exceeds the model's context ({source.max_seq_len})")
@@ -210,22 +220,24 @@ def run_tradeoff(
     orig_bytes = source.kv_bytes_per_token(cfg.cache_dtype)
     bpe = orig_bytes // source.kv_elements_per_token
     rows: list[dict[str, Any]] = []
-    for variant, frac in tqdm(_jobs(cfg), desc="tradeoff", disable=not progress):
-        conv = ConversionConfig(
-            kv_fraction=frac,
-            rope=variant.rope,  # type: ignore[arg-type]
-            method=variant.method,  # type: ignore[arg-type]
-            allocation=cfg.allocation,  # type: ignore[arg-type]
-        )
+    jobs = [(v, f, _conversion(cfg, v, f)) for v, f in _jobs(cfg)]
+    healed_later = {c for v, _, c in jobs if v.heal}
+    unhealed: dict[ConversionConfig, Any] = {}
+    for variant, frac, conv in tqdm(jobs, desc="tradeoff", disable=not progress):
         row: dict[str, Any] = {"variant": variant.label, "rope": variant.rope, "method": variant.method}
         row |= {"healed": variant.heal, "kv_fraction": frac}
         t_row = time.time()
         try:
-            res = convert_calibrated(cal, conv)
+            if conv in unhealed:  # the training-free row already made this conversion: heal a copy
+                res = dataclasses.replace(unhealed[conv], model=copy.deepcopy(unhealed[conv].model))
+            else:
+                res = convert_calibrated(cal, conv)
         except MlakitError as e:
             logger.warning("%s at kv_fraction=%s: %s", variant.label, frac, e)
             rows.append({**row, "error": str(e)})
             continue
+        if not variant.heal and conv in healed_later:
+            unhealed[conv] = res
         if variant.heal:
             heal_tokens = heal_tokens if heal_tokens is not None else heal_windows(tokenizer, cfg.heal, cal_corpus)
             healed = heal(res.model, hf, heal_tokens, cfg.heal, progress=progress)
@@ -257,6 +269,8 @@ def run_tradeoff(
             row["generation"] = {"genre": prompt[0], "prompt_tokens": prompt[1].shape[1], **check}
         row["seconds"] = round(time.time() - t_row, 1)
         rows.append(row)
+        if variant.heal:
+            unhealed.pop(conv, None)
         del res
     result = {
         "model": cfg.model,

@@ -189,6 +189,12 @@ def distill(
     if tokenizer is None:
         raise MlakitError("neither the teacher nor the student has a tokenizer")
     model = Transformer.from_pretrained(student)
+    for name in ("seq_len", "eval_seq_len"):
+        if getattr(c, name) > model.config.max_seq_len:
+            raise MlakitError(
+                f"--{name.replace('_', '-')} {getattr(c, name)} exceeds the student's context "
+                f"({model.config.max_seq_len} tokens)"
+            )
     scored = ScoredModel(
         logits=lambda t: model(t),
         tokenizer=tokenizer,

@@ -127,5 +127,8 @@ def test_tradeoff_writes_table_plot_and_json(tmp_path: Path, capsys: pytest.Capt
         assert list(rows[("decoupled + heal", 0.5)]["lengths"][length]["genres"]) == ["files"]
     assert rows[("full (pca)", 0.5)]["kv_bytes_per_token"] <= result["original"]["kv_bytes_per_token"] // 2
     assert rows[("decoupled + heal", 0.5)]["healed"] and rows[("decoupled + heal", 0.5)]["heal_seconds"] >= 0
+    # the healed row heals a copy of the training-free conversion, which keeps its own scores
+    plain, healed = (rows[(v, 0.5)]["lengths"]["96"]["overall"]["kl"] for v in ("decoupled (pca)", "decoupled + heal"))
+    assert plain != healed
     gen = rows[("full (pca)", 1.0)]["generation"]
     assert gen["prefix_match"] == 32 and gen["positional_agreement"] == 1.0  # the exact conversion generates the same

@@ -52,3 +52,15 @@ def test_distill_reduces_kl_to_teacher(tmp_path: Path) -> None:
 def test_distill_rejects_non_mlakit_student(tmp_path: Path) -> None:
     with pytest.raises(MlakitError, match="not an mlakit checkpoint"):
         distill("smollm2-135m", str(tmp_path), tmp_path / "out")
+
+
+def test_distill_rejects_windows_beyond_the_students_context(tmp_path: Path) -> None:
+    teacher = build(ModelConfig.from_preset("tiny-gqa"), seed=1).save_pretrained(tmp_path / "teacher")
+    student_model = build(tiny_mla_config(), seed=2)
+    student = student_model.save_pretrained(tmp_path / "student")
+    too_long = student_model.config.max_seq_len + 1
+    with pytest.raises(MlakitError, match="--seq-len .* exceeds the student's context"):
+        distill(
+            str(teacher), str(student), tmp_path / "out", DistillConfig(seq_len=too_long), tokenizer=ByteTokenizer()
+        )
+    assert not (tmp_path / "out").exists()
