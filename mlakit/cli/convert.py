@@ -180,6 +180,11 @@ def run(args: argparse.Namespace) -> int:
         f"method={cfg.method}"
     )
     print(f"  kv_lora_ranks: {json.dumps(r['kv_lora_ranks'])}")
+    if cfg.rope == "decoupled" and "heal" not in r:
+        print(
+            f"  next: mlakit heal --model {out} --out {out}-healed   (minutes; the decoupled form loses most "
+            "at long context until healed, docs/conversion.md)"
+        )
     if "heal" in r:
         h = r["heal"]
         b, a = h["relative_error_before"], h["relative_error_after"]
