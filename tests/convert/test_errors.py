@@ -155,3 +155,15 @@ def _nothing():  # type: ignore[no-untyped-def]
     import contextlib
 
     return contextlib.nullcontext()
+
+
+def test_cli_convert_heal_in_one_go(tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    out = tmp_path / "healed"
+    argv = ["convert", "--model", str(tiny_llama), "--out", str(out), "--kv-fraction", "0.25", "--heal"]
+    assert main([*argv, "--heal-steps", "3", "--heal-seq-len", "128", "--heal-windows", "2"]) == 0
+    assert "healed in" in capsys.readouterr().out
+    heal = json.loads((out / "conversion.json").read_text())["heal"]
+    assert len(heal["relative_error_before"]) == len(heal["relative_error_after"]) == 2
+    assert all(a <= b for a, b in zip(heal["relative_error_after"], heal["relative_error_before"]))

@@ -63,3 +63,33 @@ def test_pool_and_batching_do_not_change_numbers() -> None:
             assert getattr(r, k) == pytest.approx(getattr(whole, k), rel=1e-9)
     with pytest.raises(ValueError):
         pool([])
+
+
+def test_evaluate_matches_a_plain_float64_computation() -> None:
+    # evaluate() forms log-probabilities in float32 (sums in float64); the plain path is float64 throughout
+    import math
+
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    vocab = 4096
+    windows = torch.randint(0, vocab, (2, 300), generator=gen)
+    table_a = torch.randn(vocab, vocab, generator=gen) * 3
+    table_b = table_a + torch.randn(vocab, vocab, generator=gen)
+
+    def model_a(t: torch.Tensor) -> torch.Tensor:
+        return table_a[t]
+
+    def model_b(t: torch.Tensor) -> torch.Tensor:
+        return table_b[t]
+
+    res = evaluate(model_b, windows, reference=model_a)
+    target = windows[:, 1:]
+    lp = F.log_softmax(table_b[windows][:, :-1].double(), -1)
+    rp = F.log_softmax(table_a[windows][:, :-1].double(), -1)
+    nll = -lp.gather(-1, target.unsqueeze(-1)).mean().item()
+    kl = (rp.exp() * (rp - lp)).sum(-1).mean().item()
+    agree = (rp.argmax(-1) == lp.argmax(-1)).double().mean().item()
+    assert res.perplexity == pytest.approx(math.exp(nll), rel=1e-6)
+    assert res.kl == pytest.approx(kl, rel=1e-5)
+    assert res.top1_agreement == pytest.approx(agree)
