@@ -34,6 +34,9 @@ def _worker(rank: int, port: int, data_path: str, out: str) -> None:
         val = trainer.evaluate()
         if rank == 0:
             torch.save({"losses": result.losses, "val": val, "state": trainer.model.state_dict()}, f"{out}/ddp.pt")
+        # both ranks leave together: a rank tearing gloo down while the other still works aborted
+        # it once in CI ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
