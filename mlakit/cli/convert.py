@@ -133,7 +133,7 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mlakit.convert import ConversionConfig, calibrate, convert_calibrated, save_converted
-    from mlakit.convert.heal import heal, heal_windows
+    from mlakit.convert.heal import heal_recorded
     from mlakit.eval.corpus import files_corpus
 
     if Path(args.out).exists() and not args.overwrite:
@@ -163,9 +163,16 @@ def run(args: argparse.Namespace) -> int:
     )
     result = convert_calibrated(cal, cfg, progress=True)
     if hcfg is not None:
-        tokens = heal_windows(cal.loaded.tokenizer, hcfg, corpus)
-        healed = heal(result.model, cal.loaded.model, tokens, hcfg, progress=True)
-        result.record["heal"] = {"reference": str(args.model), **healed.to_dict()}
+        heal_recorded(
+            result.model,
+            cal.loaded.model,
+            cal.loaded.tokenizer,
+            result.record,
+            reference_name=str(args.model),
+            config=hcfg,
+            corpus=corpus,
+            progress=True,
+        )
     out = save_converted(result, args.out, overwrite=args.overwrite)
     r = result.record
     print(f"wrote {out}")

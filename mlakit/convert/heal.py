@@ -236,6 +236,24 @@ def heal_windows(tokenizer: Any, config: HealConfig, corpus: Corpus | None = Non
     return token_windows(corpus, tokenizer, num_windows=config.windows, seq_len=config.seq_len)
 
 
+def heal_recorded(
+    model: Transformer,
+    reference: Any,
+    tokenizer: Any,
+    record: dict[str, Any],
+    *,
+    reference_name: str,
+    config: HealConfig,
+    corpus: Corpus | None = None,
+    progress: bool = False,
+) -> HealResult:
+    """Heal ``model`` in place against the Hugging Face ``reference`` on :func:`heal_windows`, and
+    note how in ``record["heal"]`` (the ``conversion.json`` of the checkpoint that will be written)."""
+    result = heal(model, reference, heal_windows(tokenizer, config, corpus), config, progress=progress)
+    record["heal"] = {"reference": reference_name, "config": dataclasses.asdict(config), **result.to_dict()}
+    return result
+
+
 def heal_checkpoint(
     model: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -277,9 +295,16 @@ def heal_checkpoint(
     tokenizer = loaded.tokenizer
     if tokenizer is None:
         raise MlakitError(f"--reference {reference}: a tokenizer is needed for the healing text")
-    tokens = heal_windows(tokenizer, config, corpus)
-    result = heal(student, loaded.model, tokens, config, progress=progress)
-    record["heal"] = {"reference": str(reference), "config": dataclasses.asdict(config), **result.to_dict()}
+    result = heal_recorded(
+        student,
+        loaded.model,
+        tokenizer,
+        record,
+        reference_name=str(reference),
+        config=config,
+        corpus=corpus,
+        progress=progress,
+    )
     written = save_converted(
         ConversionResult(model=student, record=record, tokenizer=tokenizer), out, overwrite=overwrite
     )

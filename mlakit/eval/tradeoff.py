@@ -212,10 +212,8 @@ def run_tradeoff(
         raise MlakitError(f"heal seq_len={cfg.heal.seq_len} exceeds the model's context ({source.max_seq_len})")
     base = evaluate_models(source, None, eval_corpus, lengths=lengths, windows=cfg.windows, progress=progress)
     prompt = _generation_prompt(eval_corpus, tokenizer, cfg.generation_prompt) if cfg.generation_prompt else None
-    reference_generate = _hf_generator(hf)
-    if prompt is not None:
-        ref_ids = reference_generate(prompt[1], cfg.generation_tokens)
-        reference_generate = lambda p, n: ref_ids  # noqa: E731  (same prompt for every row)
+    # every row continues the same prompt: the original's continuation is generated once
+    ref_ids = _hf_generator(hf)(prompt[1], cfg.generation_tokens) if prompt is not None else []
     heal_tokens = None
     orig_bytes = source.kv_bytes_per_token(cfg.cache_dtype)
     bpe = orig_bytes // source.kv_elements_per_token
@@ -261,7 +259,7 @@ def run_tradeoff(
         if prompt is not None:
             check = greedy_agreement(
                 _mlakit_generator(res.model),
-                reference_generate,
+                lambda p, n: ref_ids,
                 prompt[1],
                 tokenizer=tokenizer,
                 new_tokens=cfg.generation_tokens,
@@ -282,9 +280,7 @@ def run_tradeoff(
         "cache_dtype": cfg.cache_dtype,
         "lengths": list(lengths),
         "original": {"kv_bytes_per_token": orig_bytes, "lengths": base["lengths"]},
-        "generation_reference": None
-        if prompt is None
-        else {"genre": prompt[0], "text": tokenizer.decode(reference_generate(prompt[1], cfg.generation_tokens))},
+        "generation_reference": None if prompt is None else {"genre": prompt[0], "text": tokenizer.decode(ref_ids)},
         "rows": rows,
         "seconds": round(time.time() - t0, 1),
     }

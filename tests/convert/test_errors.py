@@ -166,4 +166,5 @@ def test_cli_convert_heal_in_one_go(tiny_llama: Path, tmp_path: Path, capsys: py
     assert "healed in" in capsys.readouterr().out
     heal = json.loads((out / "conversion.json").read_text())["heal"]
     assert len(heal["relative_error_before"]) == len(heal["relative_error_after"]) == 2
+    assert heal["config"]["steps"] == 3 and heal["reference"] == str(tiny_llama)  # same record as `mlakit heal`
     assert all(a <= b for a, b in zip(heal["relative_error_after"], heal["relative_error_before"]))
