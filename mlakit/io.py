@@ -12,6 +12,12 @@ from typing import Any
 from mlakit.errors import MlakitError
 
 
+def cache_dir() -> Path:
+    """Root of mlakit's on-disk cache: ``$MLAKIT_CACHE`` or ``~/.cache/mlakit``."""
+    env = os.environ.get("MLAKIT_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "mlakit"
+
+
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Call ``write(tmp)`` on a temporary sibling of ``path`` and rename it into place.
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mlakit.attention import GroupedQueryAttention, MultiHeadLatentAttention, RotaryEmbedding
+from mlakit.attention.metadata import AttentionMetadata
 from mlakit.attention.mla import AttentionPath
 from mlakit.cache import KVCache, LatentCache, ModelCache
 from mlakit.config import CacheDType, MLAConfig, ModelConfig, RuntimeConfig
@@ -39,9 +40,9 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(config.hidden_size, att.rms_norm_eps)
         self.attn: MultiHeadLatentAttention | GroupedQueryAttention
         if isinstance(att, MLAConfig):
-            self.attn = MultiHeadLatentAttention(att, rotary)
+            self.attn = MultiHeadLatentAttention(att, rotary, layer_idx=layer)
         else:
-            self.attn = GroupedQueryAttention(att, rotary)
+            self.attn = GroupedQueryAttention(att, rotary, layer_idx=layer)
         self.mlp_norm = RMSNorm(config.hidden_size, att.rms_norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
@@ -52,8 +53,9 @@ class Block(nn.Module):
         cache: LatentCache | KVCache | None,
         path: AttentionPath,
         kv_len: int | None,
+        meta: AttentionMetadata | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), positions, cache, path, kv_len)  # type: ignore[arg-type]
+        x = x + self.attn(self.attn_norm(x), positions, cache, path, kv_len, meta)  # type: ignore[arg-type]
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -104,6 +106,7 @@ class Transformer(nn.Module):
         cache: ModelCache | None = None,
         runtime: RuntimeConfig | None = None,
         logit_index: torch.Tensor | None = None,
+        attn_metadata: AttentionMetadata | None = None,
     ) -> torch.Tensor:
         """Logits for ``tokens [B, T]`` at ``positions [B, T]`` (default ``0..T-1`` per row).
 
@@ -112,10 +115,17 @@ class Transformer(nn.Module):
         (T == 1, using ``runtime.decode_path``). ``logit_index [B]`` returns only that token's
         logits per row, ``[B, vocab]``, instead of ``[B, T, vocab]``.
 
+        With ``attn_metadata`` (the engine's step), ``tokens [1, N]`` is a packed row of many
+        sequences over the paged cache (see :mod:`mlakit.attention.metadata`); the logits of each
+        sequence's last token come back, ``[B, vocab]``. The engine validates token ids when a
+        request arrives, so this path never synchronises with the device.
+
         Raises: MlakitError for token ids outside the vocabulary or positions outside the cache.
         """
         if tokens.dim() != 2 or tokens.shape[1] == 0:
             raise MlakitError(f"tokens must be a non-empty [B, T] tensor, got shape {tuple(tokens.shape)}")
+        if attn_metadata is not None:
+            return self._forward_packed(tokens, positions, runtime or RuntimeConfig(), attn_metadata)
         vocab = self.config.vocab_size
         if int(tokens.min()) < 0 or int(tokens.max()) >= vocab:
             raise MlakitError(f"token ids must lie in [0, {vocab}); got [{int(tokens.min())}, {int(tokens.max())}]")
@@ -138,6 +148,17 @@ class Transformer(nn.Module):
         if logit_index is not None:
             x = x[torch.arange(x.shape[0], device=x.device), logit_index]  # [B, hidden]
         return self.lm_head(self.norm(x))
+
+    def _forward_packed(
+        self, tokens: torch.Tensor, positions: torch.Tensor | None, runtime: RuntimeConfig, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        if positions is None or tokens.shape[0] != 1 or positions.shape != tokens.shape:
+            raise MlakitError("a packed step needs tokens and positions of shape [1, N]")
+        path = self.attention_path(runtime, decode=True)
+        x = self.embed(tokens)  # [1, N, hidden]
+        for layer in self.layers:
+            x = layer(x, positions, None, path, None, meta)
+        return self.lm_head(self.norm(x[0, meta.logits_index]))  # [B, vocab]
 
     def attention_path(self, runtime: RuntimeConfig, decode: bool) -> AttentionPath:
         """Naive for prefill/training; ``runtime.decode_path`` for single-token decode steps."""

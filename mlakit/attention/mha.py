@@ -13,8 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlakit.attention.common import RotaryEmbedding, check_positions, position_mask
+from mlakit.attention.metadata import AttentionMetadata
 from mlakit.cache import KVCache
 from mlakit.config import AttentionConfig
+from mlakit.layers import fuse_linears
 from mlakit.rope import softmax_scale
 
 
@@ -22,17 +24,37 @@ class GroupedQueryAttention(nn.Module):
     """Llama-style attention with ``w_q, w_k, w_v, w_o`` (biases on q/k/v when ``qkv_bias``)."""
 
     def __init__(
-        self, config: AttentionConfig, rotary: RotaryEmbedding | None = None, max_positions: int = 4096
+        self,
+        config: AttentionConfig,
+        rotary: RotaryEmbedding | None = None,
+        max_positions: int = 4096,
+        layer_idx: int = 0,
     ) -> None:
         super().__init__()
         c = config
         self.config = c
+        self.layer_idx = layer_idx  # which of the paged cache's layers this one reads
         self.scale = softmax_scale(c.head_dim, c.rope_scaling)
         self.w_q = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.qkv_bias)
         self.w_k = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.w_v = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.w_o = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
         self.rotary = rotary or RotaryEmbedding(c.head_dim, max_positions, c.rope_theta, c.rope_scaling)
+        self.fused_in: nn.Module | None = None  # set by fuse_input_projections (inference)
+
+    def fuse_input_projections(self) -> None:
+        """Inference: ``w_q``, ``w_k``, ``w_v`` as one product (the originals are dropped)."""
+        self.fused_in = fuse_linears([self.w_q, self.w_k, self.w_v])
+        del self.w_q, self.w_k, self.w_v
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(w_q x, w_k x, w_v x)``, one product when fused."""
+        if self.fused_in is None:
+            return self.w_q(x), self.w_k(x), self.w_v(x)
+        c = self.config
+        kv = c.num_kv_heads * c.head_dim
+        q, k, v = self.fused_in(x).split([c.num_heads * c.head_dim, kv, kv], dim=-1)
+        return q, k, v
 
     def forward(
         self,
@@ -41,8 +63,13 @@ class GroupedQueryAttention(nn.Module):
         cache: KVCache | None = None,
         path: str = "naive",
         kv_len: int | None = None,
+        meta: AttentionMetadata | None = None,
     ) -> torch.Tensor:
         """Attend ``x [B, T, hidden]`` at ``positions [B, T]``; ``path`` is accepted and ignored.
+
+        With ``meta`` (the engine), ``x`` is a packed row ``[1, N, hidden]`` over the paged cache:
+        decode tokens go through the backend's ``kv_decode``, each prefill chunk reads its
+        sequence's gathered K/V.
 
         Returns: ``[B, T, hidden]``.
         """
@@ -52,9 +79,12 @@ class GroupedQueryAttention(nn.Module):
         if positions is None:
             positions = torch.arange(t, device=x.device).unsqueeze(0).expand(b, t)
         check_positions(x, positions)
-        q = self.rotary.rotate(self.w_q(x).view(b, t, c.num_heads, c.head_dim), positions)  # [B, T, H, D]
-        k = self.rotary.rotate(self.w_k(x).view(b, t, c.num_kv_heads, c.head_dim), positions)  # [B, T, G, D]
-        v = self.w_v(x).view(b, t, c.num_kv_heads, c.head_dim)  # [B, T, G, D]
+        q, k, v = self._project(x)
+        q = self.rotary.rotate(q.view(b, t, c.num_heads, c.head_dim), positions)  # [B, T, H, D]
+        k = self.rotary.rotate(k.view(b, t, c.num_kv_heads, c.head_dim), positions)  # [B, T, G, D]
+        v = v.view(b, t, c.num_kv_heads, c.head_dim)  # [B, T, G, D]
+        if meta is not None:
+            return self.w_o(self._attend_paged(q[0], k[0], v[0], positions[0], meta).reshape(b, t, -1))
         if cache is not None:
             cache.write(positions, k, v)
             if kv_len is None:
@@ -64,12 +94,41 @@ class GroupedQueryAttention(nn.Module):
         else:
             k_pos = positions
         mask = None if causal else position_mask(positions, k_pos)
+        return self.w_o(self._attend(q, k, v, mask, causal).reshape(b, t, -1))
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool
+    ) -> torch.Tensor:
+        """``q [B, T, H, D]`` over ``k, v [B, S, G, D]`` (each kv head serves H/G query heads) -> ``[B, T, H, D]``."""
+        c = self.config
+        b, s = k.shape[:2]
         group = c.num_heads // c.num_kv_heads
-        s = k.shape[1]
         if group > 1:  # share each kv head with its group of query heads
             k = k.unsqueeze(3).expand(b, s, c.num_kv_heads, group, c.head_dim).reshape(b, s, c.num_heads, c.head_dim)
             v = v.unsqueeze(3).expand(b, s, c.num_kv_heads, group, c.head_dim).reshape(b, s, c.num_heads, c.head_dim)
         o = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=causal, scale=self.scale
         )  # [B, H, T, D]
-        return self.w_o(o.transpose(1, 2).reshape(b, t, -1))
+        return o.transpose(1, 2)
+
+    def _attend_paged(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """Packed ``q [N, H, D]``, new ``k, v [N, G, D]`` at ``pos [N]`` -> ``[N, H, D]`` over the paged cache."""
+        c = self.config
+        g, d = c.num_kv_heads, c.head_dim
+        k_rows, v_rows = meta.cache.layers[self.layer_idx]
+        k_rows.write(meta.slot_mapping, k.flatten(1))
+        v_rows.write(meta.slot_mapping, v.flatten(1))
+        nd = meta.num_decodes
+        parts = []
+        if nd:
+            parts.append(meta.backend.kv_decode(q[:nd] * self.scale, k_rows, v_rows, meta, g))  # [nd, H, D]
+        for i in range(nd, meta.num_seqs):  # prefill chunks, one sequence each
+            a, b = meta.query_start[i], meta.query_start[i + 1]
+            k_all = meta.backend.gather(k_rows, meta, i, i + 1, q.dtype).view(1, -1, g, d)  # [1, S_i, G, D]
+            v_all = meta.backend.gather(v_rows, meta, i, i + 1, q.dtype).view(1, -1, g, d)
+            k_pos = torch.arange(k_all.shape[1], device=q.device)
+            mask = position_mask(pos[a:b].unsqueeze(0), k_pos)  # [1, 1, T_i, S_i]
+            parts.append(self._attend(q[a:b].unsqueeze(0), k_all, v_all, mask, False)[0])  # [T_i, H, D]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)

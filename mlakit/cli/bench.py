@@ -32,58 +32,85 @@ def register(sub: Any) -> None:
     p.add_argument("--context", type=int, nargs="+", default=[512, 2048], help="cached tokens (default 512 2048)")
     p.add_argument("--steps", type=int, default=16, help="timed decode steps per point (default 16)")
     p.add_argument("--capacity-len", type=int, default=8192, help="sequence length for the capacity count")
+    p.add_argument(
+        "--prefill-len",
+        type=int,
+        default=4096,
+        help="prompt tokens for the prefill timing (capped at the model's context; 0 skips it; default 4096)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     add_engine_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from mlakit.engine.bench import admitted_sequences, decode_throughput, memory_bandwidth
+    from mlakit.engine.bench import admitted_sequences, decode_throughput, memory_bandwidth, prefill_throughput
     from mlakit.model import Transformer
+    from mlakit.quant import prepare_weights
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    if any(b <= 0 for b in args.batch) or any(c <= 0 for c in args.context) or args.steps <= 0:
+        raise MlakitError("--batch, --context and --steps must be positive")
+    if args.prefill_len < 0:
+        raise MlakitError(f"--prefill-len must be >= 0, got {args.prefill_len}")
     if args.model:
         from mlakit.engine.load import load_model
 
-        model = load_model(args.model, dtype).model
+        loaded = load_model(args.model, weights=args.dtype)
+        model, weights = loaded.model, loaded.weights
     else:
         try:
             config = ModelConfig.from_preset(args.preset)
         except ValueError as e:
             raise MlakitError(str(e)) from e
-        model = Transformer(config).to(dtype).eval()
-    if any(b <= 0 for b in args.batch) or any(c <= 0 for c in args.context) or args.steps <= 0:
-        raise MlakitError("--batch, --context and --steps must be positive")
+        model = Transformer(config).eval()
+        weights = prepare_weights(model, args.dtype)
     too_long = [c for c in args.context if c + args.steps + 2 > model.config.max_seq_len]
     if too_long:
         raise MlakitError(f"--context {too_long} (+ steps) exceeds the model's context {model.config.max_seq_len}")
     cfg = engine_config(args)
     points = [decode_throughput(model, cfg, b, c, args.steps).__dict__ for c in args.context for b in args.batch]
+    prefill = None
+    if args.prefill_len:
+        prefill = prefill_throughput(model, cfg, min(args.prefill_len, model.config.max_seq_len - 1))
+    dtype = model.embed.weight.dtype
     cache_dtype = (
         "int8"
         if cfg.cache_dtype == "int8"
         else {"fp32": torch.float32, "bf16": torch.bfloat16}.get(cfg.cache_dtype, dtype)
     )
     capacity = admitted_sequences(model.config, cfg.kv_bytes, args.capacity_len, cfg.block_size, cache_dtype)
+    from mlakit.quant import cpu_flags
+
     result = {
         "model": args.model or args.preset,
         "machine": platform.processor() or platform.machine(),
+        "cpu_flags": sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c"))),
         "threads": torch.get_num_threads(),
-        "engine": {k: getattr(cfg, k) for k in ("kv_memory", "block_size", "cache_dtype", "decode_path")},
+        "weights": weights,
+        "engine": {
+            k: getattr(cfg, k) for k in ("kv_memory", "block_size", "cache_dtype", "decode_path", "attention_backend")
+        },
         "decode": points,
+        "prefill": prefill,
         "capacity": {"kv_memory": cfg.kv_bytes, "seq_len": args.capacity_len, "sequences": capacity},
         "bandwidth": memory_bandwidth(parse_bytes("512MiB")),
     }
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
+    print(f"weights {weights}, attention backend {cfg.attention_backend}, {result['threads']} threads")
     print(f"{'batch':>5} {'context':>7} {'ms/step':>9} {'tokens/s':>9} {'cache':>10} {'peak RSS':>10}")
     for pt in points:
         print(
             f"{pt['batch']:>5} {pt['context']:>7} {pt['step_ms']:>9.1f} {pt['tokens_per_s']:>9.1f} "
             f"{format_bytes(pt['kv_bytes']):>10} {format_bytes(pt['peak_rss']):>10}"
+        )
+    if prefill:
+        print(
+            f"prefill: {prefill['tokens']} tokens in {prefill['seconds']:.2f} s "
+            f"= {prefill['tokens_per_s']:.0f} tokens/s"
         )
     print(f"capacity: {capacity} sequences of {args.capacity_len} tokens in {format_bytes(cfg.kv_bytes)}")
     bw = result["bandwidth"]

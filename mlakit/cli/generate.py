@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from typing import Any
 
 import torch
@@ -34,7 +35,20 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="MLA decode: absorbed (W_UK/W_UV folded, needs decoupled RoPE) or naive "
         "(decompress the latents); auto = absorbed when possible",
     )
-    g.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weights/compute dtype (default fp32)")
+    g.add_argument(
+        "--dtype",
+        choices=("auto", "fp32", "bf16", "int8"),
+        default="auto",
+        help="weights: fp32, bf16, or int8 (weight-only, per-channel scales; bf16 or fp32 activations); "
+        "auto = int8 on CPUs with bf16 arithmetic (avx512_bf16/AMX), else fp32; bf16 on GPUs (default auto)",
+    )
+    g.add_argument(
+        "--attention-backend",
+        choices=("auto", "torch", "cpu", "triton"),
+        default="auto",
+        help="kernel that reads the paged cache: cpu (no copies), torch (reference), triton (CUDA); "
+        "auto = cpu on CPU, triton on CUDA (default auto)",
+    )
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
@@ -81,7 +95,11 @@ def engine_config(args: argparse.Namespace) -> Any:
     from mlakit.engine import EngineConfig
 
     return EngineConfig(
-        kv_memory=args.kv_memory, block_size=args.block_size, cache_dtype=args.cache_dtype, decode_path=args.decode_path
+        kv_memory=args.kv_memory,
+        block_size=args.block_size,
+        cache_dtype=args.cache_dtype,
+        decode_path=args.decode_path,
+        attention_backend=args.attention_backend,
     )
 
 
@@ -93,8 +111,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     prompts = [sys.stdin.read() if p == "-" else p for p in args.prompts]
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    loaded = load_model(args.model, dtype)
+    loaded = load_model(args.model, weights=args.dtype)
     tok = loaded.tokenizer
     if tok is None:
         raise MlakitError(f"{args.model} has no tokenizer (tokenizer.json): cannot generate text")
@@ -118,18 +135,55 @@ def run(args: argparse.Namespace) -> int:
         for i, p in enumerate(prompts)
     ]
     status = 0
+    timer = _Timer()
     if len(requests) == 1:
         for ev in engine.stream(requests):
             if ev.error:
                 raise MlakitError(ev.error)
+            timer.token()
             sys.stdout.write(ev.text)
             sys.stdout.flush()
         sys.stdout.write("\n")
-        return 0
-    for out in engine.generate(requests):
-        if out.error:
-            print(f"[{out.request_id}] error: {out.error}", file=sys.stderr)
-            status = 2
-            continue
-        print(f"[{out.request_id}] {out.text}")
+    else:
+        for ev in engine.stream(requests):
+            if ev.token is not None:
+                timer.token()
+        for i in range(len(requests)):
+            out = engine.output(f"{i}")
+            err = engine.error(f"{i}")
+            if err:
+                print(f"[{i}] error: {err}", file=sys.stderr)
+                status = 2
+                continue
+            print(f"[{i}] {out.text}")
+    if args.verbose:
+        prompt_tokens = sum(len(r.prompt) for r in requests)  # type: ignore[arg-type]
+        print(timer.report(prompt_tokens, loaded.weights, engine.runner.backend.name), file=sys.stderr)
     return status
+
+
+class _Timer:
+    """Time to the first token and decode tokens/s after it (for ``-v``)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.first: float | None = None
+        self.last = self.start
+        self.count = 0
+
+    def token(self) -> None:
+        self.last = time.perf_counter()
+        self.first = self.first or self.last
+        self.count += 1
+
+    def report(self, prompt_tokens: int, weights: str, backend: str) -> str:
+        if self.first is None:
+            return "no tokens generated"
+        ttft = self.first - self.start
+        rest = self.last - self.first
+        rate = (self.count - 1) / rest if rest > 0 and self.count > 1 else float("nan")
+        return (
+            f"{prompt_tokens} prompt tokens, first token after {ttft:.2f} s "
+            f"({prompt_tokens / ttft:.0f} prompt tokens/s); "
+            f"{self.count} tokens, {rate:.1f} tokens/s after the first (weights {weights}, backend {backend})"
+        )

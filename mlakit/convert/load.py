@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from mlakit.errors import MlakitError
+from mlakit.io import cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -48,12 +49,6 @@ class LoadedModel:
     tokenizer: Any
     source: str
     path: Path
-
-
-def cache_dir() -> Path:
-    """Root of mlakit's on-disk cache: ``$MLAKIT_CACHE`` or ``~/.cache/mlakit``."""
-    env = os.environ.get("MLAKIT_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "mlakit"
 
 
 def resolve_alias(name: str) -> Path:

@@ -6,6 +6,6 @@ See ``docs/engine.md`` for the design. Public API: :class:`Engine`, :class:`Engi
 
 from mlakit.engine.config import EngineConfig
 from mlakit.engine.engine import Engine, Request, RequestOutput, StreamEvent
-from mlakit.engine.paged import BlockPool, PagedCache
+from mlakit.paged import BlockPool, PagedCache
 
 __all__ = ["BlockPool", "Engine", "EngineConfig", "PagedCache", "Request", "RequestOutput", "StreamEvent"]

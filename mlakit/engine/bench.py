@@ -14,14 +14,14 @@ from typing import Any, cast
 
 import torch
 
+from mlakit.attention.metadata import AttentionMetadata
 from mlakit.attention.mla import MultiHeadLatentAttention
 from mlakit.engine.config import EngineConfig
-from mlakit.engine.decode import absorbed_decode
-from mlakit.engine.engine import Engine
-from mlakit.engine.paged import BlockPool, PagedCache, block_runs
+from mlakit.engine.engine import Engine, Request
 from mlakit.engine.scheduler import Scheduler, Sequence
 from mlakit.generate import SamplingConfig
 from mlakit.model import Block, Transformer
+from mlakit.paged import BlockPool, PagedCache
 
 
 def reset_peak_rss() -> None:
@@ -139,29 +139,60 @@ def decode_throughput(
     return res
 
 
+def prefill_throughput(model: Transformer, config: EngineConfig, length: int, seed: int = 0) -> dict[str, float]:
+    """Seconds and tokens/s for the engine to prefill one ``length``-token prompt and return its first token.
+
+    The prompt is random token ids (prefill cost does not depend on which); it runs in the
+    engine's ``prefill_chunk`` chunks, as a served request would.
+    """
+    from dataclasses import replace
+
+    per_block = PagedCache.block_bytes(model.config, config.block_size, torch.float32)
+    engine = Engine(model, replace(config, kv_memory=per_block * (math.ceil((length + 1) / config.block_size) + 1)))
+    prompt = torch.randint(0, model.config.vocab_size, (length,), generator=torch.Generator().manual_seed(seed))
+    sampling = SamplingConfig(max_new_tokens=1)
+    engine.generate([prompt[:16].tolist()])  # warm-up
+    t0 = time.perf_counter()
+    engine.generate([Request(prompt.tolist(), sampling)])
+    dt = time.perf_counter() - t0
+    del engine
+    gc.collect()
+    return {"tokens": length, "seconds": dt, "tokens_per_s": length / dt}
+
+
 @torch.inference_mode()
 def absorbed_attention_bandwidth(
-    model: Transformer, batch: int, context: int, repeats: int = 3, block_size: int = 16, profile: bool = False
+    model: Transformer,
+    batch: int,
+    context: int,
+    repeats: int = 3,
+    block_size: int = 16,
+    profile: bool = False,
+    backend: str = "auto",
 ) -> dict[str, Any]:
-    """GB/s at which :func:`absorbed_decode` reads the latent cache (all layers, ``batch`` sequences).
+    """GB/s at which the attention backend's ``latent_decode`` reads the latent cache.
 
+    All layers, ``batch`` sequences of ``context`` tokens, the queries in the model's dtype.
     Also the FLOP rate it reaches and, with ``profile``, each top op's share of the time.
     """
-    engine, tables = _filled_engine(model, EngineConfig(block_size=block_size), batch, context, 0)
+    config = EngineConfig(block_size=block_size, attention_backend=backend)
+    engine, tables = _filled_engine(model, config, batch, context, 0)
     layers = [
         (cast(MultiHeadLatentAttention, cast(Block, layer).attn), rows[0])
         for layer, rows in zip(model.layers, engine.cache.layers)
     ]
-    runs = [block_runs(t, context, block_size) for t in tables]
+    meta = AttentionMetadata.build(
+        engine.cache, engine.runner.backend, [1] * batch, [context] * batch, tables, batch, engine.runner.device
+    )
+    dtype = model.embed.weight.dtype
     qs = []
     for attn, _ in layers:
         c = attn.config
-        qs.append(torch.randn(batch, c.num_heads, c.kv_lora_rank + c.qk_rope_head_dim) * attn.scale)
+        qs.append((torch.randn(batch, c.num_heads, c.kv_lora_rank + c.qk_rope_head_dim) * attn.scale).to(dtype))
 
     def once() -> None:
         for (attn, rows), q in zip(layers, qs):
-            for b in range(batch):
-                absorbed_decode(q[b], rows, runs[b], attn.config.kv_lora_rank)
+            meta.backend.latent_decode(q, rows, meta, attn.config.kv_lora_rank)
 
     once()
     best = math.inf

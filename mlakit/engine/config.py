@@ -33,8 +33,10 @@ class EngineConfig:
         decode_path: ``"auto"`` (absorbed where the model allows it), ``"absorbed"`` or ``"naive"``
             (decompress the cached latents; the only option for ``rope_mode="full"``).
         max_batch_size: most sequences running at once (decoding or prefilling).
-        prefill_chunk: most prompt tokens one sequence prefills per engine step (long prompts are
-            split into chunks of this size and interleaved with decode steps).
+        prefill_chunk: most prompt tokens prefilled per engine step, all sequences together (long
+            prompts are split into chunks and run in the same model call as the decodes).
+        attention_backend: ``"auto"`` (``cpu`` on CPU, ``triton`` on CUDA), ``"torch"`` (the
+            reference), ``"cpu"`` or ``"triton"``; see :mod:`mlakit.attention.backends`.
     """
 
     kv_memory: int | str = "1GiB"
@@ -43,6 +45,7 @@ class EngineConfig:
     decode_path: EngineDecodePath = "auto"
     max_batch_size: int = 32
     prefill_chunk: int = 512
+    attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
         try:
@@ -57,6 +60,10 @@ class EngineConfig:
             raise _fail("cache_dtype", self.cache_dtype, "must be 'auto', 'fp32', 'bf16' or 'int8'")
         if self.decode_path not in ("auto", "absorbed", "naive"):
             raise _fail("decode_path", self.decode_path, "must be 'auto', 'absorbed' or 'naive'")
+        from mlakit.attention.backends import BACKEND_NAMES
+
+        if self.attention_backend not in BACKEND_NAMES:
+            raise _fail("attention_backend", self.attention_backend, f"must be one of {', '.join(BACKEND_NAMES)}")
 
     @property
     def kv_bytes(self) -> int:

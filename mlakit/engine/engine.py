@@ -25,14 +25,15 @@ from typing import Protocol
 
 import torch
 
-from mlakit.config import MLAConfig
+from mlakit.attention.backends import get_backend
+from mlakit.config import MLAConfig, RuntimeConfig
 from mlakit.engine.config import EngineConfig
-from mlakit.engine.paged import PagedCache
 from mlakit.engine.runner import ModelRunner
 from mlakit.engine.scheduler import Scheduler, Sequence, Status
 from mlakit.errors import MlakitError
 from mlakit.generate import SamplingConfig, sample
 from mlakit.model import Transformer
+from mlakit.paged import PagedCache
 
 logger = logging.getLogger(__name__)
 
@@ -106,28 +107,30 @@ class Engine:
         mc = model.config
         c = self.config
         dtype = model.embed.weight.dtype
+        device = model.embed.weight.device
         att = mc.attention
         is_mla = isinstance(att, MLAConfig)
-        if c.decode_path == "absorbed" and is_mla and not att.can_absorb:  # type: ignore[union-attr]
-            raise MlakitError("decode_path='absorbed' needs rope_mode='decoupled'; this model uses full RoPE")
-        absorb = is_mla and c.decode_path != "naive" and att.can_absorb  # type: ignore[union-attr]
+        runtime = RuntimeConfig(decode_path=c.decode_path)
+        absorb = model.attention_path(runtime, decode=True) == "absorbed"
+        backend = get_backend(c.attention_backend, device)
         self.cache = PagedCache.allocate(
-            mc, c.kv_bytes, c.block_size, _resolve_cache_dtype(c.cache_dtype, dtype), model.embed.weight.device
+            mc, c.kv_bytes, c.block_size, _resolve_cache_dtype(c.cache_dtype, dtype), device
         )
-        self.runner = ModelRunner(model, self.cache, absorb, absorb_values=c.decode_path != "naive")
+        self.runner = ModelRunner(model, self.cache, backend, runtime)
         self.scheduler = Scheduler(self.cache.pool, c.block_size, c.max_batch_size, c.prefill_chunk, mc.max_seq_len)
         self._seqs: dict[str, Sequence] = {}
         self._events: list[StreamEvent] = []
         self._errors: dict[str, str] = {}  # request id -> why it was refused
         self._ids = itertools.count()
         logger.info(
-            "engine: %d blocks x %d tokens (%d tokens, %.1f MiB of %.1f MiB budget), %s decode",
+            "engine: %d blocks x %d tokens (%d tokens, %.1f MiB of %.1f MiB budget), %s decode, %s backend",
             self.cache.num_blocks,
             c.block_size,
             self.cache.capacity_tokens(),
             self.cache.nbytes / 2**20,
             c.kv_bytes / 2**20,
             "absorbed" if absorb else "decompressing" if is_mla else "K/V",
+            backend.name,
         )
 
     # -- requests ----------------------------------------------------------------------------
@@ -198,6 +201,10 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._events)
 
+    def error(self, request_id: str) -> str | None:
+        """Why request ``request_id`` was refused by :meth:`stream`, or ``None``."""
+        return self._errors.get(request_id)
+
     def output(self, request_id: str) -> RequestOutput:
         seq = self._seqs[request_id]
         return RequestOutput(
@@ -207,52 +214,96 @@ class Engine:
     # -- the loop ----------------------------------------------------------------------------
 
     def step(self) -> list[StreamEvent]:
-        """Run one engine step (prefill chunks + one batched decode); returns the events it produced."""
+        """Run one engine step: every decode and this step's prefill chunks in one model call.
+
+        Returns the events it produced.
+        """
         events, self._events = self._events, []
         plan = self.scheduler.schedule()
         for seq in self.scheduler.stuck():
             logger.warning("%s needs more cache than the whole KV budget; stopping it", seq.request_id)
             self.scheduler.release(seq, "budget")
             events.append(StreamEvent(seq.request_id, None, finished=True, finish_reason="budget"))
-        for seq, start, n in plan.prefill:
-            logits = self.runner.prefill(seq.tokens[start : start + n], start, seq.table)
-            seq.num_cached += n
-            if seq.num_cached == seq.num_tokens:
-                events.append(self._emit(seq, logits))
         decode = [s for s in plan.decode if s.status is Status.RUNNING]
-        if decode:
-            logits = self.runner.decode(
-                [s.tokens[-1] for s in decode], [s.num_cached for s in decode], [s.table for s in decode]
-            )
-            for seq, row in zip(decode, logits):
-                seq.num_cached += 1
-                events.append(self._emit(seq, row))
+        if not decode and not plan.prefill:
+            return events
+        logits = self.runner.execute(
+            [(s.tokens[-1], s.num_cached, s.table) for s in decode],
+            [(seq.tokens[start : start + n], start, seq.table) for seq, start, n in plan.prefill],
+        )  # [len(decode) + len(prefill), vocab]
+        ready: list[tuple[Sequence, int]] = []
+        for i, seq in enumerate(decode):
+            seq.num_cached += 1
+            ready.append((seq, i))
+        for j, (seq, _, n) in enumerate(plan.prefill):
+            seq.num_cached += n
+            if seq.num_cached == seq.num_tokens:  # the prompt is in: its last logits give a token
+                ready.append((seq, len(decode) + j))
+        for (seq, _), tok in zip(ready, self._sample(logits, ready)):
+            events.append(self._emit(seq, tok))
         return events
 
-    def _emit(self, seq: Sequence, logits: torch.Tensor) -> StreamEvent:
-        """Sample ``seq``'s next token from ``logits [vocab]``, update text and finish conditions."""
+    def _sample(self, logits: torch.Tensor, ready: list[tuple[Sequence, int]]) -> list[int]:
+        """Next tokens for ``ready`` sequences from their rows of ``logits``: one device sync for all greedy rows."""
+        out: list[int | None] = [None] * len(ready)
+        greedy = [k for k, (seq, _) in enumerate(ready) if seq.sampling.temperature == 0]
+        if greedy:
+            rows = torch.tensor([ready[k][1] for k in greedy], device=logits.device)
+            for k, tok in zip(greedy, logits[rows].argmax(dim=-1).tolist()):
+                out[k] = tok
+        for k, (seq, row) in enumerate(ready):
+            if out[k] is None:
+                out[k] = int(sample(logits[row].unsqueeze(0), seq.sampling, seq.generator)[0])
+        return [int(t) for t in out]  # type: ignore[arg-type]
+
+    def _emit(self, seq: Sequence, tok: int) -> StreamEvent:
+        """Append ``tok`` to ``seq``, update its text and finish conditions."""
         cfg = seq.sampling
-        tok = int(logits.argmax()) if cfg.temperature == 0 else int(sample(logits.unsqueeze(0), cfg, seq.generator)[0])
         seq.output.append(tok)
         reason = None
         delta = ""
         if self.tokenizer is not None:
-            full = self.tokenizer.decode(seq.output)
-            if seq.stop_strings:
-                hits = [i for i in (full.find(s) for s in seq.stop_strings) if i >= 0]
-                if hits:
-                    full, reason = full[: min(hits)], "stop"
-            if reason is not None or not full.endswith("\ufffd"):
-                delta = full[len(seq.text) :] if full.startswith(seq.text) else full
-                seq.text = full
+            delta, reason = self._detokenize(seq, final=False)
         if reason is None:
             if tok in cfg.stop_tokens:
                 reason = "stop"
             elif len(seq.output) >= cfg.max_new_tokens or seq.num_tokens >= self.model.config.max_seq_len:
                 reason = "length"
+            if reason is not None and self.tokenizer is not None:
+                more, _ = self._detokenize(seq, final=True)
+                delta += more
         if reason is not None:
             self.scheduler.release(seq, reason)
         return StreamEvent(seq.request_id, tok, delta, reason is not None, reason)
+
+    def _detokenize(self, seq: Sequence, final: bool) -> tuple[str, str | None]:
+        """New text of ``seq`` since the last call, and ``"stop"`` when a stop string appeared.
+
+        Incremental (vLLM/TGI): only the tokens from ``seq.prefix_offset`` are decoded, so a step
+        costs O(new tokens), not O(output). Text that ends inside a UTF-8 character is held back
+        until the character completes (or the request finishes, ``final``).
+        """
+        assert self.tokenizer is not None
+        ids = seq.output
+        prefix = self.tokenizer.decode(ids[seq.prefix_offset : seq.read_offset])
+        full = self.tokenizer.decode(ids[seq.prefix_offset :])
+        if not final and (len(full) <= len(prefix) or full.endswith("\ufffd")):
+            return "", None
+        delta = full[len(prefix) :] if full.startswith(prefix) else full
+        seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+        if seq.stop_strings and delta:
+            # a stop string may straddle the old text and the new: search the joined tail only
+            longest = max(len(s) for s in seq.stop_strings)
+            tail_start = max(0, len(seq.text) - longest + 1)
+            text = seq.text + delta
+            hits = [k for k in (text.find(s, tail_start) for s in seq.stop_strings) if k >= 0]
+            if hits:
+                cut = min(hits)
+                delta = text[len(seq.text) : cut] if cut > len(seq.text) else ""
+                seq.text = text[:cut]
+                return delta, "stop"
+        seq.text += delta
+        return delta, None
 
     def stream(self, requests: Iterable[Request | Seq[int] | str]) -> Iterator[StreamEvent]:
         """Serve ``requests`` together, yielding events as tokens are produced.

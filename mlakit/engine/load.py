@@ -20,6 +20,7 @@ import torch
 from mlakit.config import AttentionConfig, ModelConfig
 from mlakit.errors import MlakitError
 from mlakit.model import CONFIG_FILE, FORMAT, Transformer
+from mlakit.quant import prepare_weights
 
 logger = logging.getLogger(__name__)
 
@@ -177,16 +178,26 @@ class LoadedForInference:
     model: Transformer
     tokenizer: HFTokenizer | None
     path: Path
+    weights: str = "fp32"  # the weight format the model runs in (see mlakit.quant)
 
 
-def load_model(spec: str, dtype: torch.dtype | None = None) -> LoadedForInference:
+def load_model(spec: str, weights: str = "fp32", device: str | torch.device = "cpu") -> LoadedForInference:
     """Load ``spec`` (an mlakit checkpoint dir, or an HF dir / .gguf / alias) and its tokenizer.
+
+    ``weights`` is the weight format for inference (``auto``, ``fp32``, ``bf16``, ``int8``; see
+    :mod:`mlakit.quant`); the model is loaded as stored and then converted.
 
     Raises: MlakitError naming what is missing when ``spec`` is not a loadable checkpoint.
     """
+    loaded = _load(spec)
+    loaded.weights = prepare_weights(loaded.model.to(device), weights, device)
+    return loaded
+
+
+def _load(spec: str) -> LoadedForInference:
     p = Path(spec).expanduser()
     if p.is_dir() and _is_mlakit_dir(p):
-        return LoadedForInference(Transformer.from_pretrained(p, dtype=dtype), load_tokenizer(p), p)
+        return LoadedForInference(Transformer.from_pretrained(p), load_tokenizer(p), p)
     if p.is_dir() and not (p / CONFIG_FILE).is_file() and not list(p.glob("*.gguf")):
         raise MlakitError(f"{spec} is not a checkpoint: no {CONFIG_FILE} (expected config.json + model.safetensors)")
     from mlakit.convert.load import resolve_model_path
@@ -195,5 +206,5 @@ def load_model(spec: str, dtype: torch.dtype | None = None) -> LoadedForInferenc
     if isinstance(path, str) or not Path(path).is_dir():
         raise MlakitError(f"{spec}: not a local checkpoint (downloads are not supported here)")
     path = Path(path)
-    model = llama_to_transformer(path, dtype)
+    model = llama_to_transformer(path)
     return LoadedForInference(model, load_tokenizer(path), path)

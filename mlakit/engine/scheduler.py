@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mlakit.engine.paged import BlockPool
 from mlakit.errors import MlakitError
 from mlakit.generate import SamplingConfig
+from mlakit.paged import BlockPool
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,8 @@ class Sequence:
     finish_reason: str | None = None
     generator: torch.Generator | None = None
     text: str = ""  # detokenized output so far (when the engine has a tokenizer)
+    prefix_offset: int = 0  # incremental detokenization: output[prefix_offset:read_offset] is decoded
+    read_offset: int = 0
     num_preemptions: int = 0
 
     @property

@@ -97,6 +97,10 @@ def test_bench_json(capsys: pytest.CaptureFixture[str]) -> None:
             "1MiB",
             "--threads",
             "1",
+            "--dtype",
+            "int8",
+            "--prefill-len",
+            "40",
             "--json",
         ]
     )
@@ -104,3 +108,11 @@ def test_bench_json(capsys: pytest.CaptureFixture[str]) -> None:
     out = json.loads(capsys.readouterr().out)
     assert [p["batch"] for p in out["decode"]] == [1, 2] and out["capacity"]["sequences"] >= 0
     assert out["bandwidth"]["read_GBps"] > 0
+    assert out["weights"] == "int8" and out["prefill"]["tokens"] == 40 and out["prefill"]["tokens_per_s"] > 0
+
+
+def test_generate_verbose_reports_speed(checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["-v", "generate", "--model", str(checkpoint), "hello", "--max-tokens", "5", "--ignore-eos", "--no-chat"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "tokens/s after the first" in err and "prompt tokens/s" in err

@@ -9,7 +9,7 @@ import torch
 
 from mlakit import MlakitError, ModelConfig, SamplingConfig, Transformer, generate
 from mlakit.engine import Engine, EngineConfig, Request
-from mlakit.engine.paged import PagedCache
+from mlakit.paged import PagedCache
 from tests.conftest import TOLERANCES, build, tiny_mla_config
 
 KINDS = ["tiny-mla", "tiny-mla-noq", "tiny-mla-full", "tiny-mha", "tiny-gqa", "tiny-mqa"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mlakit import MlakitError, ModelConfig
-from mlakit.engine.paged import BlockPool, PagedCache, PagedRows, block_runs, token_slots
+from mlakit.paged import BlockPool, PagedCache, PagedRows, block_runs, token_slots
 
 
 def test_pool_allocates_lowest_first_and_refuses_overcommit() -> None:

@@ -1,0 +1,146 @@
+"""The CPU backend: a compiled paged-decode kernel, with a PyTorch path that walks runs of blocks.
+
+Decode goes to the C kernel ``paged_decode`` of :mod:`mlakit.native` (built on first use for
+this CPU): it reads each sequence's rows through its block table, converts a tile of rows
+to fp32 once, computes the scores of every head sharing those rows and folds them into an
+online softmax, in parallel over sequences, kv heads and slices of long contexts. For MLA one
+latent row serves all H heads (the absorbed form), for GQA one K/V row serves its H/G heads.
+
+Without a C compiler (or with ``Backend(use_kernel=False)``) decode runs in PyTorch, as follows.
+
+The block pool hands out the lowest free block first, so a sequence's blocks are mostly
+consecutive and :func:`mlakit.paged.block_runs` turns its table into a few ``(first_slot,
+length)`` runs, each a zero-copy view of the storage. Scores are computed per run and
+concatenated, so the softmax is exact over the whole sequence; with one run (the usual case) a
+decode is three library calls over a view::
+
+    scores   = q_joint . [c_kv | k_rope]^T     [H, S]
+    o_latent = softmax(scores) c_kv            [H, r]
+
+int8 rows are dequantized by folding their per-row scale into the scores and the probabilities,
+so the int8 storage is read as it is (upcast per run) and never rewritten.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from mlakit.attention.backends.base import gather_by_table
+from mlakit.paged import PagedRows
+
+if TYPE_CHECKING:
+    from mlakit.attention.metadata import AttentionMetadata
+
+Runs = list[tuple[int, int]]
+
+
+def _run(rows: PagedRows, start: int, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A run as ``(rows [L, W] in dtype, per-row scale [L] or None)``; a view unless a cast is needed."""
+    data, scale = rows.view(start, n)
+    return (data if data.dtype == dtype else data.to(dtype)), (None if scale is None else scale.to(dtype))
+
+
+def latent_attend(q_joint: torch.Tensor, rows: PagedRows, runs: Runs, kv_lora_rank: int) -> torch.Tensor:
+    """``o_latent [H, r]`` of one sequence: ``q_joint [H, r + d_r]`` (pre-scaled) over its runs."""
+    r = kv_lora_rank
+    if len(runs) == 1 and rows.scale is None and rows.data.dtype == q_joint.dtype:
+        kv = rows.data[runs[0][0] : runs[0][0] + runs[0][1]]  # [S, r + d_r], a view
+        p = F.linear(q_joint, kv).float().softmax(dim=-1).to(q_joint.dtype)  # [H, S]
+        return p @ kv[:, :r]  # [H, r]
+    parts = [_run(rows, start, n, q_joint.dtype) for start, n in runs]
+    scores = []
+    for kv, scale in parts:
+        s = F.linear(q_joint, kv)  # [H, L]
+        scores.append(s if scale is None else s * scale)
+    p = torch.cat(scores, dim=-1).float().softmax(dim=-1).to(q_joint.dtype)  # [H, S]
+    o_latent = torch.zeros(q_joint.shape[0], r, dtype=q_joint.dtype, device=q_joint.device)
+    offset = 0
+    for kv, scale in parts:
+        n = kv.shape[0]
+        p_run = p[:, offset : offset + n]
+        o_latent.addmm_(p_run if scale is None else p_run * scale, kv[:, :r])
+        offset += n
+    return o_latent
+
+
+def kv_attend(q: torch.Tensor, k_rows: PagedRows, v_rows: PagedRows, runs: Runs, num_kv_heads: int) -> torch.Tensor:
+    """``[H, D]`` baseline decode of one sequence; query heads grouped per kv head, K/V never expanded."""
+    g = num_kv_heads
+    h, d = q.shape
+    qg = q.view(g, h // g, d)  # [G, H/G, D]
+    parts = [(_run(k_rows, s0, n, q.dtype), _run(v_rows, s0, n, q.dtype)) for s0, n in runs]
+    scores = []
+    for (k, ks), _ in parts:
+        s = torch.matmul(qg, k.view(-1, g, d).permute(1, 2, 0))  # [G, H/G, L]
+        scores.append(s if ks is None else s * ks)
+    p = torch.cat(scores, dim=-1).float().softmax(dim=-1).to(q.dtype)  # [G, H/G, S]
+    o = torch.zeros_like(qg)
+    offset = 0
+    for _, (v, vs) in parts:
+        n = v.shape[0]
+        p_run = p[..., offset : offset + n]
+        o += torch.matmul(p_run if vs is None else p_run * vs, v.view(n, g, d).transpose(0, 1))  # [G, H/G, D]
+        offset += n
+    return o.reshape(h, d)
+
+
+class Backend:
+    """``use_kernel``: ``None`` = the compiled kernel when it builds; ``False`` = the PyTorch path."""
+
+    name = "cpu"
+
+    def __init__(self, use_kernel: bool | None = None) -> None:
+        from mlakit.native import load_native
+
+        self.kernel = load_native() if use_kernel is not False else None
+        if use_kernel and self.kernel is None:
+            raise RuntimeError("mlakit's CPU kernels are not available here (see the log for why)")
+
+    def gather(self, rows: PagedRows, meta: AttentionMetadata, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
+        if hi - lo == 1:
+            runs = meta.runs(lo)
+            if len(runs) == 1 and rows.scale is None:
+                data, _ = rows.view(*runs[0])
+                return data.to(dtype).unsqueeze(0)  # [1, S, W], a view when the dtype matches
+        return gather_by_table(rows, meta, lo, hi, dtype)
+
+    def latent_decode(
+        self, q_joint: torch.Tensor, rows: PagedRows, meta: AttentionMetadata, kv_lora_rank: int
+    ) -> torch.Tensor:
+        nd = meta.num_decodes
+        if self.kernel is not None:
+            o = self.kernel.paged_decode(
+                q_joint.unsqueeze(1),  # [B, 1, H, r + d_rope]: one group, all heads share the row
+                rows,
+                rows,
+                meta.block_tables[:nd],
+                meta.decode_context_lens,
+                max(meta.context_lens_host[:nd]),
+                meta.block_size,
+                kv_lora_rank,
+                0,
+            )
+            return o[:, 0].to(q_joint.dtype)  # [B, H, r]
+        return torch.stack([latent_attend(q_joint[i], rows, meta.runs(i), kv_lora_rank) for i in range(nd)])
+
+    def kv_decode(
+        self, q: torch.Tensor, k_rows: PagedRows, v_rows: PagedRows, meta: AttentionMetadata, num_kv_heads: int
+    ) -> torch.Tensor:
+        b, h, d = q.shape
+        if self.kernel is not None:
+            o = self.kernel.paged_decode(
+                q.view(b, num_kv_heads, h // num_kv_heads, d),  # [B, G, H/G, D]
+                k_rows,
+                v_rows,
+                meta.block_tables[:b],
+                meta.decode_context_lens,
+                max(meta.context_lens_host[:b]),
+                meta.block_size,
+                d,
+                d,
+            )
+            return o.view(b, h, d).to(q.dtype)
+        return torch.stack([kv_attend(q[i], k_rows, v_rows, meta.runs(i), num_kv_heads) for i in range(b)])

@@ -1,0 +1,333 @@
+/* Paged decode attention for CPUs: one query token per sequence, K/V (or MLA latents) read
+ * through block tables, fp32 / bf16 / int8 rows, split over positions for parallelism.
+ *
+ * One routine serves both cache kinds (see mlakit/attention/backends/cpu.py):
+ *   MLA absorbed:  one group; nq = H query heads; K row = [c_kv | k_rope] (dk = r + d_rope),
+ *                  V = the same row's first dv = r values.
+ *   MHA/GQA/MQA:   G groups; nq = H / G query heads per group; K and V rows of G * D values,
+ *                  group g reads columns g * D .. g * D + D - 1 (group_stride = D).
+ *
+ * Work item = (sequence, group, split of positions). Each item streams its positions in tiles of
+ * TILE rows: rows are converted to fp32 once per tile (widths zero-padded to 16), scores for all
+ * nq heads are computed from the tile sixteen rows at a time (independent FMA chains and one
+ * transposing reduction), and an online softmax (running max m, sum l, accumulator acc kept in
+ * registers over the tile) folds the tile in with one rescale per tile. Loops are written with GCC vector extensions (16 floats). Items write (acc, m, l); a merge weights splits by exp(m - max).
+ * Only positions < context_len are visited, so nothing is masked and no -inf enters the maths
+ * except the initial running max.
+ *
+ * Built at first use by mlakit with the C compiler, -O3 -march=native -ffast-math -fopenmp:
+ * the loops over widths vectorise to whatever the CPU has (AVX2, AVX-512).
+ */
+#include <math.h>
+#include <stdint.h>
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define HAVE_DPBF16 1 /* bf16 rows: scores by VDPBF16PS straight from the cache, 32 products per instruction */
+#define HAVE_DPBF16_FLAG 1
+#else
+#define HAVE_DPBF16_FLAG 0
+#endif
+#include <stdlib.h>
+#include <string.h>
+
+#define TILE 64
+
+enum { F32 = 0, BF16 = 1, I8 = 2 };
+
+static inline float bf16_to_f32(uint16_t x) {
+    uint32_t u = ((uint32_t)x) << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline void load_row(const void *base, int dtype, int64_t off, int n, float scale, float *restrict dst) {
+    if (dtype == F32) {
+        const float *p = (const float *)base + off;
+        for (int i = 0; i < n; i++) dst[i] = p[i];
+    } else if (dtype == BF16) {
+        const uint16_t *p = (const uint16_t *)base + off;
+        for (int i = 0; i < n; i++) dst[i] = bf16_to_f32(p[i]);
+    } else {
+        const int8_t *p = (const int8_t *)base + off;
+        for (int i = 0; i < n; i++) dst[i] = (float)p[i] * scale;
+    }
+}
+
+typedef float v16 __attribute__((vector_size(64))); /* 16 floats: one zmm, or two ymm on AVX2 */
+#define VL 16
+#define ROUND16(n) (((n) + VL - 1) / VL * VL)
+
+static inline float hsum(v16 v) {
+    float s = 0.f;
+    for (int i = 0; i < VL; i++) s += v[i];
+    return s;
+}
+
+static inline v16 vload(const float *p) {
+    v16 v;
+    memcpy(&v, p, sizeof(v));
+    return v;
+}
+
+/* [sum(a[0]), ..., sum(a[15])]: a transposing reduction tree, 15 adds and 30 shuffles for 16 sums
+ * (independent horizontal sums would take about 8 dependent instructions each). */
+static inline v16 reduce16(const v16 *a) {
+    v16 b[8], c[4], d[2];
+    for (int i = 0; i < 8; i++)
+        b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+               __builtin_shufflevector(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30,
+                                       31);
+    for (int i = 0; i < 4; i++)
+        c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+               __builtin_shufflevector(b[2 * i], b[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30,
+                                       31);
+    for (int i = 0; i < 2; i++)
+        d[i] = __builtin_shufflevector(c[2 * i], c[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+               __builtin_shufflevector(c[2 * i], c[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30,
+                                       31);
+    return __builtin_shufflevector(d[0], d[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+           __builtin_shufflevector(d[0], d[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+/* scores of one head against 16 rows (rows dkp apart): 16 independent FMA chains, one reduction tree */
+static inline v16 dot16(const float *restrict q, const float *restrict r, int dkp) {
+    v16 a[16];
+    for (int j = 0; j < 16; j++) a[j] = (v16){0};
+    for (int d = 0; d < dkp; d += VL) {
+        v16 qv = vload(q + d);
+        for (int j = 0; j < 16; j++) a[j] += qv * vload(r + (size_t)j * dkp + d);
+    }
+    return reduce16(a);
+}
+
+/* acc[0:dvp] = acc * alpha + sum_j e[j] * rows[j][0:dvp], up to 8 vectors of acc in registers,
+ * rows taken two at a time so that every accumulator has two independent chains */
+static inline void accumulate(float *restrict acc, float alpha, const float *restrict e, const float *restrict rows,
+                              int step, int n, int dvp) {
+    for (int c0 = 0; c0 < dvp; c0 += 8 * VL) {
+        int nc = (dvp - c0) / VL < 8 ? (dvp - c0) / VL : 8;
+        v16 a[8], b[8];
+        for (int c = 0; c < nc; c++) {
+            a[c] = vload(acc + c0 + c * VL) * alpha;
+            b[c] = (v16){0};
+        }
+        int j = 0;
+        for (; j + 1 < n; j += 2) {
+            const float *r0 = rows + (size_t)j * step + c0, *r1 = r0 + step;
+            for (int c = 0; c < nc; c++) {
+                a[c] += e[j] * vload(r0 + c * VL);
+                b[c] += e[j + 1] * vload(r1 + c * VL);
+            }
+        }
+        if (j < n)
+            for (int c = 0; c < nc; c++) a[c] += e[j] * vload(rows + (size_t)j * step + c0 + c * VL);
+        for (int c = 0; c < nc; c++) {
+            v16 t = a[c] + b[c];
+            memcpy(acc + c0 + c * VL, &t, sizeof(t));
+        }
+    }
+}
+
+/* fold one tile's scores s[0:n] of one head into its running (m, l, acc) */
+static inline void softmax_accumulate(float *restrict s, int n, float *m, float *l, float *restrict acc,
+                                      const float *restrict vrows, int vstep, int dvp) {
+    float mx = *m;
+    for (int j = 0; j < n; j++) mx = s[j] > mx ? s[j] : mx;
+    float alpha = *m == -INFINITY ? 0.f : expf(*m - mx);
+    float sum = 0.f;
+    for (int j = 0; j < n; j++) {
+        s[j] = expf(s[j] - mx);
+        sum += s[j];
+    }
+    *l = *l * alpha + sum;
+    *m = mx;
+    accumulate(acc, alpha, s, vrows, vstep, n, dvp);
+}
+
+#ifdef HAVE_DPBF16
+/* scores of one head against 16 bf16 rows of the cache (row pointers in r), q as bf16 pairs */
+static inline v16 dot16_bf16(const __m512bh *qb, const uint16_t *const *r, int dk) {
+    __m512 a[16];
+    for (int j = 0; j < 16; j++) a[j] = _mm512_setzero_ps();
+    int c = 0;
+    for (int d = 0; d < dk; d += 32, c++) {
+        __mmask32 m = dk - d >= 32 ? 0xffffffffu : ((1u << (dk - d)) - 1u);
+        for (int j = 0; j < 16; j++)
+            a[j] = _mm512_dpbf16_ps(a[j], qb[c], (__m512bh)_mm512_maskz_loadu_epi16(m, r[j] + d));
+    }
+    v16 v[16];
+    for (int j = 0; j < 16; j++) memcpy(&v[j], &a[j], sizeof(v16));
+    return reduce16(v);
+}
+#endif
+
+/* One work item: positions [p0, p1) of one (sequence, group). q [nq, dkp] zero-padded;
+ * writes acc [nq, dvp], m [nq], l [nq]. kt [TILE, dkp], vt [TILE, dvp], sc [nq, TILE] scratch. */
+static void attend_range(const float *restrict q, int nq, int dk, int dv, const void *k_base, const void *v_base,
+                         const float *k_scale, const float *v_scale, int dtype, int64_t k_stride, int64_t v_stride,
+                         int64_t k_off, int64_t v_off, int same_row, const int64_t *table, int block_size, int64_t p0,
+                         int64_t p1, float *restrict acc, float *restrict m, float *restrict l, float *restrict kt,
+                         float *restrict vt, float *restrict sc, const void *qbv) {
+    int dkp = ROUND16(dk), dvp = ROUND16(dv);
+#ifdef HAVE_DPBF16
+    const __m512bh *qb = (const __m512bh *)qbv;
+#else
+    (void)qbv;
+#endif
+    for (int h = 0; h < nq; h++) {
+        m[h] = -INFINITY;
+        l[h] = 0.f;
+    }
+    memset(acc, 0, sizeof(float) * (size_t)nq * dvp);
+    memset(kt, 0, sizeof(float) * (size_t)TILE * dkp); /* zero padding columns stay zero */
+    memset(vt, 0, sizeof(float) * (size_t)TILE * dvp);
+    for (int64_t t0 = p0; t0 < p1; t0 += TILE) {
+        int n = (int)((p1 - t0) < TILE ? (p1 - t0) : TILE);
+        int n16 = (n + VL - 1) / VL * VL; /* rows past n hold zeros or stale finite values: scored, never used */
+#ifdef HAVE_DPBF16
+        if (qb != NULL) { /* bf16 rows: keep them as they are for the scores, convert only the values */
+            const uint16_t *rp[TILE];
+            for (int j = 0; j < n16; j++) {
+                int64_t p = t0 + (j < n ? j : n - 1); /* past n: repeat the last row (scored, never used) */
+                int64_t slot = table[p / block_size] * block_size + p % block_size;
+                rp[j] = (const uint16_t *)k_base + slot * k_stride + k_off;
+                if (j < n) load_row(v_base, dtype, slot * v_stride + v_off, dv, 1.f, vt + (size_t)j * dvp);
+            }
+            for (int h = 0; h < nq; h++) {
+                float *s = sc + (size_t)h * TILE;
+                for (int j = 0; j < n16; j += VL) {
+                    v16 sj = dot16_bf16(qb + (size_t)h * ((dk + 31) / 32), rp + j, dk);
+                    memcpy(s + j, &sj, sizeof(sj));
+                }
+                softmax_accumulate(s, n, m + h, l + h, acc + (size_t)h * dvp, vt, dvp, dvp);
+            }
+            continue;
+        }
+#endif
+        for (int j = 0; j < n; j++) {
+            int64_t p = t0 + j;
+            int64_t slot = table[p / block_size] * block_size + p % block_size;
+            float ks = k_scale ? k_scale[slot] : 1.f;
+            load_row(k_base, dtype, slot * k_stride + k_off, dk, ks, kt + (size_t)j * dkp);
+            if (!same_row) {
+                float vs = v_scale ? v_scale[slot] : 1.f;
+                load_row(v_base, dtype, slot * v_stride + v_off, dv, vs, vt + (size_t)j * dvp);
+            }
+        }
+        const float *vrows = same_row ? kt : vt;
+        int vstep = same_row ? dkp : dvp;
+        for (int h = 0; h < nq; h++) {
+            const float *qh = q + (size_t)h * dkp;
+            float *s = sc + (size_t)h * TILE;
+            for (int j = 0; j < n16; j += VL) {
+                v16 sj = dot16(qh, kt + (size_t)j * dkp, dkp);
+                memcpy(s + j, &sj, sizeof(sj));
+            }
+            softmax_accumulate(s, n, m + h, l + h, acc + (size_t)h * dvp, vrows, vstep, dvp);
+        }
+    }
+}
+
+/* q [n_seqs, n_groups, nq, dk] fp32 (pre-scaled) -> out [n_seqs, n_groups, nq, dv] fp32.
+ * tables [n_seqs, table_stride] int64 block ids; ctx_lens [n_seqs] int64.
+ * k_base/v_base: the storage; row r of group g starts at r * stride + g * group_stride.
+ * k_scale/v_scale: per-row fp32 scales for int8 storage, else NULL. */
+int mlakit_paged_decode(int n_seqs, int n_groups, int nq, int dk, int dv, const float *q, const void *k_base,
+                        const void *v_base, const float *k_scale, const float *v_scale, int dtype, int64_t k_stride,
+                        int64_t v_stride, int64_t group_stride, const int64_t *tables, int64_t table_stride,
+                        const int64_t *ctx_lens, int block_size, int n_splits, int n_threads, float *out) {
+    int same_row = (k_base == v_base) && group_stride == 0 && k_stride == v_stride;
+    int64_t n_items = (int64_t)n_seqs * n_groups * n_splits;
+    int dkp = ROUND16(dk), dvp = ROUND16(dv);
+    size_t part = (size_t)nq * dvp;
+    float *acc = (float *)malloc(sizeof(float) * part * n_items);
+    float *ms = (float *)malloc(sizeof(float) * nq * n_items);
+    float *ls = (float *)malloc(sizeof(float) * nq * n_items);
+    if (!acc || !ms || !ls) {
+        free(acc);
+        free(ms);
+        free(ls);
+        return 1;
+    }
+    int failed = 0;
+#pragma omp parallel num_threads(n_threads)
+    {
+        float *kt = (float *)malloc(sizeof(float) * TILE * dkp);
+        float *vt = (float *)malloc(sizeof(float) * TILE * dvp);
+        float *sc = (float *)malloc(sizeof(float) * TILE * nq);
+        float *qp = (float *)calloc((size_t)nq * dkp, sizeof(float));
+        void *qb = NULL;
+#ifdef HAVE_DPBF16
+        int nchunk = (dk + 31) / 32;
+        if (dtype == BF16) qb = aligned_alloc(64, sizeof(__m512bh) * (size_t)nq * nchunk);
+#endif
+        if (!kt || !vt || !sc || !qp || (dtype == BF16 && HAVE_DPBF16_FLAG && !qb)) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t item = 0; item < n_items; item++) {
+                int64_t split = item % n_splits;
+                int64_t sg = item / n_splits;
+                int64_t g = sg % n_groups;
+                int64_t seq = sg / n_groups;
+                int64_t len = ctx_lens[seq];
+                int64_t chunk = (len + n_splits - 1) / n_splits;
+                int64_t p0 = split * chunk, p1 = p0 + chunk < len ? p0 + chunk : len;
+                for (int h = 0; h < nq; h++) memcpy(qp + (size_t)h * dkp, q + ((size_t)sg * nq + h) * dk, sizeof(float) * dk);
+#ifdef HAVE_DPBF16
+                if (qb) { /* q as bf16 pairs, zero past dk */
+                    __m512bh *out = (__m512bh *)qb;
+                    for (int h = 0; h < nq; h++)
+                        for (int c = 0; c < nchunk; c++) {
+                            float tmp[32] = {0};
+                            int w = dk - c * 32 < 32 ? dk - c * 32 : 32;
+                            memcpy(tmp, qp + (size_t)h * dkp + c * 32, sizeof(float) * w);
+                            out[h * nchunk + c] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(tmp + 16), _mm512_loadu_ps(tmp));
+                        }
+                }
+#endif
+                attend_range(qp, nq, dk, dv, k_base, v_base, k_scale, v_scale, dtype, k_stride,
+                             v_stride, g * group_stride, g * group_stride, same_row, tables + seq * table_stride,
+                             block_size, p0, p1, acc + (size_t)item * part, ms + (size_t)item * nq,
+                             ls + (size_t)item * nq, kt, vt, sc, qb);
+            }
+        }
+        free(kt);
+        free(vt);
+        free(sc);
+        free(qp);
+        free(qb);
+    }
+    if (!failed) {
+        /* merge the splits of each (sequence, group): weights exp(m_i - max_i m_i) */
+        for (int64_t sg = 0; sg < (int64_t)n_seqs * n_groups; sg++) {
+            for (int h = 0; h < nq; h++) {
+                float mx = -INFINITY;
+                for (int s = 0; s < n_splits; s++) {
+                    float mi = ms[(sg * n_splits + s) * nq + h];
+                    mx = mi > mx ? mi : mx;
+                }
+                float *o = out + ((size_t)sg * nq + h) * dv;
+                float total = 0.f;
+                for (int d = 0; d < dv; d++) o[d] = 0.f;
+                for (int s = 0; s < n_splits; s++) {
+                    int64_t item = sg * n_splits + s;
+                    float mi = ms[item * nq + h];
+                    if (mi == -INFINITY) continue; /* an empty split */
+                    float w = expf(mi - mx);
+                    total += w * ls[item * nq + h];
+                    const float *a = acc + (size_t)item * part + (size_t)h * dvp;
+                    for (int d = 0; d < dv; d++) o[d] += w * a[d];
+                }
+                float inv = total > 0.f ? 1.f / total : 0.f;
+                for (int d = 0; d < dv; d++) o[d] *= inv;
+            }
+        }
+    }
+    free(acc);
+    free(ms);
+    free(ls);
+    return failed ? 1 : 0;
+}
