@@ -27,6 +27,7 @@ class SamplingConfig:
     top_p: float | None = None
     seed: int | None = None
     stop_tokens: tuple[int, ...] = ()
+    logprobs: int | None = None  # engine: report the chosen token's log-probability and this many top ones
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
@@ -37,6 +38,10 @@ class SamplingConfig:
             raise MlakitError(f"SamplingConfig.top_k={self.top_k!r} is invalid: must be a positive integer or None")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise MlakitError(f"SamplingConfig.top_p={self.top_p!r} is invalid: must lie in (0, 1] or be None")
+        if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20):
+            raise MlakitError(
+                f"SamplingConfig.logprobs={self.logprobs!r} is invalid: must be an int in [0, 20] or None"
+            )
         object.__setattr__(self, "stop_tokens", tuple(int(t) for t in self.stop_tokens))
 
     def generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:

@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "eval",
     "tradeoff",
     "generate",
+    "serve",
     "export_hf",
     "bench",
     "train",

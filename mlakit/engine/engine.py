@@ -16,6 +16,7 @@ batch. A bad request (empty prompt, too long, invalid sampling values, ...) is r
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from collections.abc import Iterable, Iterator
@@ -66,6 +67,8 @@ class StreamEvent:
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "budget" | "error"
     error: str | None = None
+    logprob: float | None = None  # with SamplingConfig.logprobs: the token's log-probability
+    top_logprobs: tuple[tuple[int, float], ...] | None = None  # ... and the most likely tokens'
 
 
 @dataclass
@@ -239,9 +242,20 @@ class Engine:
             seq.num_cached += n
             if seq.num_cached == seq.num_tokens:  # the prompt is in: its last logits give a token
                 ready.append((seq, len(decode) + j))
-        for (seq, _), tok in zip(ready, self._sample(logits, ready)):
-            events.append(self._emit(seq, tok))
+        for (seq, row), tok in zip(ready, self._sample(logits, ready)):
+            event = self._emit(seq, tok)
+            if seq.sampling.logprobs is not None:
+                event = self._with_logprobs(event, logits[row], tok, seq.sampling.logprobs)
+            events.append(event)
         return events
+
+    @staticmethod
+    def _with_logprobs(event: StreamEvent, logits: torch.Tensor, tok: int, top: int) -> StreamEvent:
+        """``event`` with the model's log-probabilities (before temperature and filtering, as vLLM reports)."""
+        lp = logits.float().log_softmax(dim=-1)
+        best = lp.topk(top) if top else None
+        pairs = () if best is None else tuple(zip(best.indices.tolist(), best.values.tolist()))
+        return dataclasses.replace(event, logprob=float(lp[tok]), top_logprobs=pairs)
 
     def _sample(self, logits: torch.Tensor, ready: list[tuple[Sequence, int]]) -> list[int]:
         """Next tokens for ``ready`` sequences from their rows of ``logits``: one device sync for all greedy rows."""

@@ -63,9 +63,11 @@ class HFTokenizer:
 
     def encode_chat(self, text: str) -> list[int]:
         """``text`` as one user message, with the generation prompt appended."""
-        out = self.tok.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-        )
+        return self.encode_messages([{"role": "user", "content": text}])
+
+    def encode_messages(self, messages: list[dict[str, str]]) -> list[int]:
+        """A conversation (``[{"role": ..., "content": ...}]``) through the chat template, ready for the reply."""
+        out = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         if isinstance(out, dict) or hasattr(out, "keys"):
             out = out["input_ids"]
         return [int(t) for t in out]
