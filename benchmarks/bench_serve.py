@@ -29,6 +29,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,8 +45,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start(cmd: list[str], port: int, env: dict[str, str]) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+def start(cmd: list[str], port: int, env: dict[str, str], log: Path) -> subprocess.Popen[str]:
+    """Start a server (its output goes to ``log``: an unread pipe would fill and stall it) and wait until it answers."""
+    out = log.open("w")
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
     deadline = time.monotonic() + 900
     while True:
         try:
@@ -54,7 +57,7 @@ def start(cmd: list[str], port: int, env: dict[str, str]) -> subprocess.Popen[st
         except httpx.HTTPError:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"server failed to start: {cmd}\n{proc.stderr.read() if proc.stderr else ''}")
+            raise SystemExit(f"server failed to start: {cmd}\n{log.read_text()[-3000:]}")
         time.sleep(0.5)
 
 
@@ -128,6 +131,7 @@ def main() -> None:
     n_prompts = max(args.concurrency) * args.requests_per_client
     prompts = real_prompts(n_prompts, args.prompt_tokens, 16)["long"]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    logs = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     entry = "import sys; from mlakit.cli import main; sys.exit(main(sys.argv[1:]))"
     servers = {
         "mlakit, MLA 25% (healed)": str(mla_checkpoint()),
@@ -140,7 +144,7 @@ def main() -> None:
         cmd = [sys.executable, "-c", entry, "serve", "--model", model, *flags, "--served-model-name", "m"]
         cmd += ["--max-batch-size", "64"]
         print(f"starting {name}", file=sys.stderr, flush=True)
-        proc = start(cmd, port, env)
+        proc = start(cmd, port, env, logs / f"{name.split(',')[0]}-{len(results)}.log")
         try:
             results[name] = []
             for c in args.concurrency:
@@ -157,7 +161,13 @@ def main() -> None:
         cmd = [args.llama_python, "-m", "llama_cpp.server", "--model", str(gguf_path()), "--port", str(port),
                "--n_threads", str(args.threads), "--n_ctx", str(args.prompt_tokens + args.max_tokens + 64)]  # fmt: skip
         print("starting llama.cpp server", file=sys.stderr, flush=True)
-        proc = start(cmd, port, env)
+        proc = start(cmd, port, env, logs / "llama-cpp-server.log")
+        # its API takes text prompts only: the same windows as text (it re-tokenizes them alike)
+        from mlakit.engine.load import load_model
+
+        tok = load_model("smollm2-135m").tokenizer
+        assert tok is not None
+        texts = [tok.decode(p) for p in prompts]
         try:
             name = "llama.cpp server (reference)"
             results[name] = [
@@ -165,7 +175,7 @@ def main() -> None:
                     load(
                         f"http://127.0.0.1:{port}",
                         str(gguf_path()),
-                        prompts,
+                        texts,
                         c,
                         args.requests_per_client,
                         args.max_tokens,

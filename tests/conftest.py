@@ -34,3 +34,18 @@ def build(config: ModelConfig, seed: int = 0) -> Transformer:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(1234)
+
+
+def save_byte_tokenizer(directory: object, chat_template: str | None = None) -> None:
+    """Save a byte-level BPE tokenizer (no merges: one token per byte) beside a tiny checkpoint."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok)
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    fast.save_pretrained(str(directory))

@@ -276,6 +276,21 @@ def build_app(worker: EngineWorker, tokenizer: Any, config: ServeConfig, eos_ids
             if not finished:
                 worker.cancel(rid)
 
+    async def collect(events: AsyncIterator[StreamEvent]) -> tuple[list[StreamEvent], str, int]:
+        """A non-streamed request's events, its text and token count; its error as an APIError.
+
+        The engine refusing a request (e.g. a prompt larger than the whole cache budget) is the
+        client's error (400); a failed engine step is the server's (500).
+        """
+        got = [ev async for ev in events]
+        if not got:
+            raise APIError(499, "client closed the request")
+        if got[-1].error:
+            internal = got[-1].error.startswith("internal error")
+            kind = "internal_error" if internal else "invalid_request_error"
+            raise APIError(500 if internal else 400, got[-1].error, kind)
+        return got, "".join(ev.text for ev in got), sum(ev.token is not None for ev in got)
+
     def usage(prompt: list[int], n: int) -> dict[str, int]:
         return {"prompt_tokens": len(prompt), "completion_tokens": n, "total_tokens": len(prompt) + n}
 
@@ -397,13 +412,7 @@ def build_app(worker: EngineWorker, tokenizer: Any, config: ServeConfig, eos_ids
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(stream(), media_type="text/event-stream")
-        got = [ev async for ev in events]
-        if not got:
-            raise APIError(499, "client closed the request")
-        if got[-1].error:
-            raise APIError(500, got[-1].error, "internal_error")
-        text = "".join(ev.text for ev in got)
-        n = sum(ev.token is not None for ev in got)
+        got, text, n = await collect(events)
         message = {"role": "assistant", "content": text}
         choice = {"index": 0, "message": message, "finish_reason": finish(got[-1].finish_reason)}
         return JSONResponse({**head, "object": "chat.completion", "choices": [choice], "usage": usage(prompt, n)})

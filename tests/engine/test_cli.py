@@ -9,22 +9,15 @@ import pytest
 
 from mlakit import ModelConfig
 from mlakit.cli import main
-from tests.conftest import build
+from tests.conftest import build, save_byte_tokenizer
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("transformers")
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     d = tmp_path_factory.mktemp("tiny-mla")
     build(ModelConfig.from_preset("tiny-mla")).save_pretrained(d)
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(d)
+    save_byte_tokenizer(d)
     return d
 
 

@@ -28,7 +28,7 @@ from mlakit.engine.load import load_model
 from mlakit.generate import SamplingConfig
 from mlakit.serve.app import ServeConfig, build_app
 from mlakit.serve.worker import EngineWorker
-from tests.conftest import build
+from tests.conftest import build, save_byte_tokenizer
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
@@ -39,18 +39,9 @@ KEY = "sk-test"
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     d = tmp_path_factory.mktemp("tiny-mla-serve")
     build(ModelConfig.from_preset("tiny-mla")).save_pretrained(d)
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok)
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(d)
+    save_byte_tokenizer(d, CHAT_TEMPLATE)
     return d
 
 
