@@ -62,7 +62,15 @@ def default_model() -> Path:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    import uvicorn
+
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        raise MlakitError(
+            f"mlakit serve needs the serve extra ({e.name} is missing): pip install 'mlakit[serve]'"
+        ) from e
 
     from mlakit.engine import Engine
     from mlakit.engine.load import load_model

@@ -56,10 +56,12 @@ def test_cached_absorbed_decode_matches_forward(smollm2) -> None:  # type: ignor
 
 
 def test_complex_rope_mixing_beats_real(smollm2) -> None:  # type: ignore[no-untyped-def]
-    # measured x1.49 vs x1.84 at 50% cache (docs/conversion.md)
+    # with 16 rotary pairs it was x1.49 vs x1.84 at 50% cache (docs/conversion.md); with the pairs chosen
+    # from the context (24 for SmolLM2 at 4096, the default since 2026-11-29) the gap narrows: measured
+    # perplexity 26.61 (complex) vs 28.65 (real) on these windows
     cx = _ppl(smollm2, kv_fraction=0.5, rope="decoupled")
     re = _ppl(smollm2, kv_fraction=0.5, rope="decoupled", rope_mixing="real")
-    assert cx < 0.9 * re
+    assert cx < 0.95 * re
 
 
 def test_sequential_beats_independent_layers(smollm2) -> None:  # type: ignore[no-untyped-def]
