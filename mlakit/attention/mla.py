@@ -327,6 +327,36 @@ class MultiHeadLatentAttention(nn.Module):
         o_latent = torch.matmul(probs, kv[..., :r])  # [B, T*H, r]
         return self._expand_output(o_latent.view(b, t, h, r), q_nope.dtype)  # [B, T, H, d_v]
 
+    def prefill_absorbed(self, t: int, s: int) -> bool:
+        """Whether a prefill chunk of ``t`` queries over ``s`` cached tokens costs fewer multiply-adds absorbed.
+
+        Naive: decompress all ``s`` latents (``s r H (d_nope + d_v)``), then attend per head
+        (``t s H (d_qk + d_v)``). Absorbed: attend in latent space (``t s H (2r + d_rope)``) plus the
+        per-query absorption (``t H r (d_nope + d_v)``). With a small latent (conversions) absorbed
+        wins for any chunk; with DeepSeek's r = 512 only for short chunks over long contexts.
+        """
+        c = self.config
+        h, r = self.num_heads, c.kv_lora_rank
+        naive = s * r * h * (c.qk_nope_head_dim + c.v_head_dim) + t * s * h * (c.qk_head_dim + c.v_head_dim)
+        absorbed = t * s * h * (2 * r + c.qk_rope_head_dim) + t * h * r * (c.qk_nope_head_dim + c.v_head_dim)
+        return absorbed < naive
+
+    def _prefill_absorbed(
+        self, q_nope: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """A prefill chunk in latent space: ``q [T, H, d]`` over ``kv [S, r + d_rope]`` -> ``[T, H, d_v]``.
+
+        Multi-query attention with one shared key/value "head" ``[c_kv | k_rope]``, as fused SDPA
+        (the value is the whole row; its first ``r`` outputs are ``o_latent``).
+        """
+        t, h, _ = q_nope.shape
+        s, w = kv.shape
+        q_joint = self._absorb_query(q_nope, q_rope)  # [T, H, r + d_rope], scaled, in the absorbed weights' dtype
+        kv = kv.to(q_joint.dtype).view(1, 1, s, w).expand(1, h, s, w)  # [1, H, S, W], a view
+        o = F.scaled_dot_product_attention(q_joint.transpose(0, 1).unsqueeze(0), kv, kv, attn_mask=mask, scale=1.0)
+        o_latent = o[0, :, :, : self.config.kv_lora_rank].transpose(0, 1)  # [T, H, r]
+        return self._expand_output(o_latent, dtype)
+
     def _forward_paged(
         self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, path: AttentionPath
     ) -> torch.Tensor:
@@ -348,12 +378,15 @@ class MultiHeadLatentAttention(nn.Module):
             mask = position_mask(pos[:nd].unsqueeze(1), k_pos)  # [nd, 1, 1, S]
             o = self._attend_naive(q_nope[:nd].unsqueeze(1), q_rope[:nd].unsqueeze(1), kv, k_pos, mask, False)
             parts.append(o[:, 0])  # [nd, H, d_v]
-        for i in range(nd, meta.num_seqs):  # prefill chunks: compute-friendly, one sequence each
+        for i in range(nd, meta.num_seqs):  # prefill chunks, one sequence each
             a, b = meta.query_start[i], meta.query_start[i + 1]
             kv = meta.backend.gather(rows, meta, i, i + 1, x.dtype)  # [1, S_i, r + d_rope]
             k_pos = torch.arange(kv.shape[1], device=x.device)
             mask = position_mask(pos[a:b].unsqueeze(0), k_pos)  # [1, 1, T_i, S_i]
-            o = self._attend_naive(q_nope[a:b].unsqueeze(0), q_rope[a:b].unsqueeze(0), kv, k_pos, mask, False)
-            parts.append(o[0])  # [T_i, H, d_v]
+            if path == "absorbed" and self.prefill_absorbed(b - a, kv.shape[1]):
+                o = self._prefill_absorbed(q_nope[a:b], q_rope[a:b], kv[0], mask, x.dtype)
+            else:
+                o = self._attend_naive(q_nope[a:b].unsqueeze(0), q_rope[a:b].unsqueeze(0), kv, k_pos, mask, False)[0]
+            parts.append(o)  # [T_i, H, d_v]
         o = parts[0] if len(parts) == 1 else torch.cat(parts)  # [N, H, d_v]
         return self.w_o(o.reshape(1, n, -1))

@@ -191,3 +191,27 @@ def test_packed_step_equals_uncached_forward(case: str, backend: str, storage: s
         got = step([1, 1, 1, 11, 4], [9, 4, 17, 11, 6], [0, 1, 2, 3, 4], 3)
         want = torch.stack([model(torch.tensor([s]))[0, -1] for s in seqs])
     assert (got - want).abs().max().item() <= CACHE_TOL[storage] * max(1.0, want.abs().max().item())
+
+
+@pytest.mark.parametrize("absorbed", [True, False])
+@pytest.mark.parametrize("storage", ["fp32", "int8"])
+def test_prefill_absorbed_and_naive_equal_the_forward(absorbed: bool, storage: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Chunked prefill in latent space (absorbed) and decompressed (naive) both equal the uncached forward."""
+    from mlakit.attention.mla import MultiHeadLatentAttention
+
+    monkeypatch.setattr(MultiHeadLatentAttention, "prefill_absorbed", lambda self, t, s: absorbed)
+    model = model_for("tiny-mla")
+    cache = PagedCache.allocate(model.config, 10**7, BLOCK, STORAGE[storage])
+    seq = torch.randint(0, model.config.vocab_size, (23,), generator=torch.Generator().manual_seed(3)).tolist()
+    table = cache.pool.allocate(6)
+    backend = get_backend("cpu")
+    runtime = RuntimeConfig(decode_path="absorbed")
+    with torch.inference_mode():
+        got = []
+        for start, end in ((0, 9), (9, 23)):  # the second chunk starts at position 9
+            meta = AttentionMetadata.build(cache, backend, [end - start], [end], [table], 0)
+            ids, pos = torch.tensor([seq[start:end]]), torch.arange(start, end).unsqueeze(0)
+            got.append(model(ids, pos, runtime=runtime, attn_metadata=meta)[0])
+        want = model(torch.tensor([seq]))[0]
+    assert (got[0] - want[8]).abs().max().item() <= CACHE_TOL[storage] * max(1.0, want.abs().max().item())
+    assert (got[1] - want[22]).abs().max().item() <= CACHE_TOL[storage] * max(1.0, want.abs().max().item())
