@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -116,6 +117,28 @@ async def load(
     }
 
 
+def engine_worker(model: str, prompt_file: str, max_tokens: int, threads: int) -> None:
+    """The engine alone on the first prompt (the server's concurrency-1 request, without HTTP): JSON to stdout."""
+    import torch
+
+    from mlakit.engine import Engine, EngineConfig, Request
+    from mlakit.engine.load import load_model
+    from mlakit.generate import SamplingConfig
+
+    torch.set_num_threads(threads)
+    loaded = load_model(model, weights="auto")
+    engine = Engine(loaded.model, EngineConfig(kv_memory="256MiB"), tokenizer=loaded.tokenizer)
+    prompt = json.loads(Path(prompt_file).read_text())[0]
+    engine.generate([Request(prompt[:32], SamplingConfig(max_new_tokens=4))])  # warm-up, as the server's first request
+    times = []
+    t0 = time.monotonic()
+    for ev in engine.stream([Request(prompt, SamplingConfig(max_new_tokens=max_tokens))]):
+        if ev.token is not None:
+            times.append(time.monotonic())
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    print(json.dumps({"ttft": times[0] - t0, "itl_p50": statistics.median(gaps), "tokens": len(times)}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
@@ -126,7 +149,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--llama-python", default=None, help="interpreter with llama-cpp-python[server] (reference row)")
     ap.add_argument("--out", default="benchmarks/results/serve.json")
+    ap.add_argument("--engine-worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--prompt-file", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.engine_worker:
+        engine_worker(args.engine_worker, args.prompt_file, args.max_tokens, args.threads)
+        return
     t_start = time.time()
     n_prompts = max(args.concurrency) * args.requests_per_client
     prompts = real_prompts(n_prompts, args.prompt_tokens, 16)["long"]
@@ -138,7 +166,18 @@ def main() -> None:
         "mlakit, original GQA": "smollm2-135m",
     }
     results: dict[str, list[dict]] = {}
+    baselines: dict[str, dict] = {}
+    prompt_file = logs / "prompts.json"
+    prompt_file.write_text(json.dumps(prompts))
     for name, model in servers.items():
+        # the engine alone, same weights and threads, the first prompt: what the server adds at concurrency 1
+        base_cmd = [sys.executable, __file__, "--engine-worker", model, "--prompt-file", str(prompt_file)]
+        base_cmd += ["--max-tokens", str(args.max_tokens), "--threads", str(args.threads)]
+        done = subprocess.run(base_cmd, capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            raise SystemExit(f"engine baseline failed: {done.stderr[-2000:]}")
+        baselines[name] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(name, "engine alone", baselines[name], file=sys.stderr, flush=True)
         port = free_port()
         flags = ["--port", str(port), "--kv-memory", args.kv_memory, "--threads", str(args.threads)]
         cmd = [sys.executable, "-c", entry, "serve", "--model", model, *flags, "--served-model-name", "m"]
@@ -194,6 +233,7 @@ def main() -> None:
         "command": "python " + " ".join(sys.argv),
         "settings": vars(args),
         "results": results,
+        "engine_alone": baselines,
         "wall_s": time.time() - t_start,
     }
     out = Path(args.out)
@@ -215,6 +255,22 @@ def main() -> None:
                 f"{f(r['ttft_p50'])} / {f(r['ttft_p99'])} | {f(r['itl_p50'], 1e3, 0)} / {f(r['itl_p99'], 1e3, 0)} | "
                 f"{r['failed']} |"
             )
+    lines += [
+        "",
+        "Concurrency 1, the engine alone (same weights, threads and first prompt, no HTTP) against the server:",
+        "",
+    ]
+    lines += ["| model | engine TTFT (s) | server TTFT (s) | engine ITL p50 (ms) | server ITL p50 (ms) | server adds |"]
+    lines += ["|---|---:|---:|---:|---:|---:|"]
+    for name, b in baselines.items():
+        r = results[name][0] if results[name] and results[name][0]["concurrency"] == 1 else None
+        if r is None or r["itl_p50"] is None:
+            continue
+        added = 100 * (r["itl_p50"] / b["itl_p50"] - 1)
+        lines.append(
+            f"| {name} | {b['ttft']:.2f} | {r['ttft_p50']:.2f} | {b['itl_p50'] * 1e3:.1f} | {r['itl_p50'] * 1e3:.1f} | "
+            f"{added:+.1f}% per token |"
+        )
     md = "\n".join(lines)
     out.with_suffix(".md").write_text(md + f"\n\nWall time: {res['wall_s']:.0f} s\n")
     print(md)

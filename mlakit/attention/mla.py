@@ -349,7 +349,7 @@ class MultiHeadLatentAttention(nn.Module):
         Multi-query attention with one shared key/value "head" ``[c_kv | k_rope]``, as fused SDPA
         (the value is the whole row; its first ``r`` outputs are ``o_latent``).
         """
-        t, h, _ = q_nope.shape
+        h = q_nope.shape[1]
         s, w = kv.shape
         q_joint = self._absorb_query(q_nope, q_rope)  # [T, H, r + d_rope], scaled, in the absorbed weights' dtype
         kv = kv.to(q_joint.dtype).view(1, 1, s, w).expand(1, h, s, w)  # [1, H, S, W], a view
