@@ -23,7 +23,8 @@ def register(sub: Any) -> None:
         "--model it serves the embedded SmolLM2-135M converted to MLA at 50%% of the cache in the absorbable "
         "form and healed (made on first use, a few minutes, and cached). Binds to 127.0.0.1 unless --host says "
         "otherwise. SIGTERM stops admitting, lets running requests finish for --grace seconds, then exits 0. "
-        "Without --threads the engine uses all cores but one (the HTTP side needs one).",
+        "--threads: all cores (the default) for throughput under load; all but one for the lowest latency "
+        "at low load.",
         epilog="example: mlakit serve --model runs/smol-mla50-healed --port 8000 --kv-memory 2GiB --api-key sk-local",
     )
     p.add_argument("--model", default=None, help="checkpoint directory, HF dir, .gguf or alias (default: see above)")
@@ -79,11 +80,10 @@ def run(args: argparse.Namespace) -> int:
     from mlakit.serve.worker import EngineWorker
     from mlakit.units import parse_bytes
 
-    # leave a core to the HTTP side: with every core in the engine's OpenMP team, each wake-up of the
-    # event loop stalls a whole decode step (measured on 2 cores: +60-70% per token; with one core
-    # left free, +2%; BENCHMARKS.md "Serving")
-    threads = args.threads or max(1, (os.cpu_count() or 2) - 1)
-    torch.set_num_threads(threads)
+    if args.threads:
+        # all cores (torch's default) give the most throughput under load; one core left to the HTTP
+        # side gives the lowest latency per token at low load (BENCHMARKS.md "Serving")
+        torch.set_num_threads(args.threads)
     if args.max_queue < 0 or args.max_batch_size <= 0 or args.grace < 0:
         raise MlakitError("--max-queue and --grace must be >= 0, --max-batch-size > 0")
     model_path = args.model or str(default_model())
