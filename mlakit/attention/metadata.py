@@ -123,6 +123,11 @@ class AttentionMetadata:
         """``[num_decodes]`` context lengths of the decode sequences."""
         return self.context_lens[: self.num_decodes]
 
+    def decode_tables(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """What a decode kernel reads: ``(block_tables [B_d, M], context_lens [B_d], longest context)``."""
+        nd = self.num_decodes
+        return self.block_tables[:nd], self.decode_context_lens, max(self.context_lens_host[:nd])
+
     def runs(self, i: int) -> list[tuple[int, int]]:
         """Sequence ``i``'s cached tokens as ``(first_slot, length)`` runs of consecutive slots."""
         if i not in self._runs:

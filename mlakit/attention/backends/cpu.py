@@ -116,9 +116,7 @@ class Backend:
                 q_joint.unsqueeze(1),  # [B, 1, H, r + d_rope]: one group, all heads share the row
                 rows,
                 rows,
-                meta.block_tables[:nd],
-                meta.decode_context_lens,
-                max(meta.context_lens_host[:nd]),
+                *meta.decode_tables(),
                 meta.block_size,
                 kv_lora_rank,
                 0,
@@ -135,9 +133,7 @@ class Backend:
                 q.view(b, num_kv_heads, h // num_kv_heads, d),  # [B, G, H/G, D]
                 k_rows,
                 v_rows,
-                meta.block_tables[:b],
-                meta.decode_context_lens,
-                max(meta.context_lens_host[:b]),
+                *meta.decode_tables(),
                 meta.block_size,
                 d,
                 d,

@@ -164,13 +164,4 @@ class Backend(TorchBackend):
     def latent_decode(
         self, q_joint: torch.Tensor, rows: PagedRows, meta: AttentionMetadata, kv_lora_rank: int
     ) -> torch.Tensor:
-        nd = meta.num_decodes
-        return mla_decode_paged(
-            q_joint.contiguous(),
-            rows,
-            meta.block_tables[:nd],
-            meta.decode_context_lens,
-            max(meta.context_lens_host[:nd]),
-            meta.block_size,
-            kv_lora_rank,
-        )
+        return mla_decode_paged(q_joint.contiguous(), rows, *meta.decode_tables(), meta.block_size, kv_lora_rank)
