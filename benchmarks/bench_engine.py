@@ -314,7 +314,7 @@ def main() -> None:
         ],
     }
     from mlakit.engine.load import load_model
-    from mlakit.quant import cpu_flags
+    from mlakit.native import cpu_flags
 
     tok = load_model("smollm2-135m").tokenizer
     samples = {

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mlakit.paged import PagedCache, block_runs
+from mlakit.paged import PagedCache, block_runs, token_slots
 
 if TYPE_CHECKING:
     from mlakit.attention.backends import AttentionBackend
@@ -89,7 +89,7 @@ class AttentionMetadata:
         for q, n, table in zip(query_lens, context_lens, tables):
             if len(table) * bs < n or q > n or q <= 0:
                 raise ValueError(f"a sequence of {n} tokens ({q} new) does not fit its {len(table)}-block table")
-            slots.extend(table[p // bs] * bs + p % bs for p in range(n - q, n))
+            slots.extend(token_slots(table, n - q, q, bs))
             starts.append(starts[-1] + q)
         width = max(len(t) for t in tables)
         padded = [list(t) + [t[0]] * (width - len(t)) for t in tables]
@@ -109,10 +109,6 @@ class AttentionMetadata:
     @property
     def num_seqs(self) -> int:
         return len(self.context_lens_host)
-
-    @property
-    def num_tokens(self) -> int:
-        return self.query_start[-1]
 
     @property
     def block_size(self) -> int:

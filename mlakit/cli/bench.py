@@ -74,14 +74,9 @@ def run(args: argparse.Namespace) -> int:
     prefill = None
     if args.prefill_len:
         prefill = prefill_throughput(model, cfg, min(args.prefill_len, model.config.max_seq_len - 1))
-    dtype = model.embed.weight.dtype
-    cache_dtype = (
-        "int8"
-        if cfg.cache_dtype == "int8"
-        else {"fp32": torch.float32, "bf16": torch.bfloat16}.get(cfg.cache_dtype, dtype)
-    )
+    cache_dtype = cfg.cache_storage(model.embed.weight.dtype)
     capacity = admitted_sequences(model.config, cfg.kv_bytes, args.capacity_len, cfg.block_size, cache_dtype)
-    from mlakit.quant import cpu_flags
+    from mlakit.native import cpu_flags
 
     result = {
         "model": args.model or args.preset,

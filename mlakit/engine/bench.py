@@ -76,15 +76,7 @@ class DecodeResult:
 
 def _filled_engine(model: Transformer, config: EngineConfig, batch: int, context: int, room: int, seed: int = 0):
     """An engine whose cache holds ``batch`` sequences of ``context`` random tokens each (+ ``room`` slots)."""
-    per_block = PagedCache.block_bytes(
-        model.config,
-        config.block_size,
-        "int8"
-        if config.cache_dtype == "int8"
-        else model.embed.weight.dtype
-        if config.cache_dtype == "auto"
-        else {"fp32": torch.float32, "bf16": torch.bfloat16}[config.cache_dtype],
-    )
+    per_block = PagedCache.block_bytes(model.config, config.block_size, config.cache_storage(model.embed.weight.dtype))
     blocks = math.ceil((context + room) / config.block_size)
     from dataclasses import replace
 
@@ -147,7 +139,7 @@ def prefill_throughput(model: Transformer, config: EngineConfig, length: int, se
     """
     from dataclasses import replace
 
-    per_block = PagedCache.block_bytes(model.config, config.block_size, torch.float32)
+    per_block = PagedCache.block_bytes(model.config, config.block_size, config.cache_storage(model.embed.weight.dtype))
     engine = Engine(model, replace(config, kv_memory=per_block * (math.ceil((length + 1) / config.block_size) + 1)))
     prompt = torch.randint(0, model.config.vocab_size, (length,), generator=torch.Generator().manual_seed(seed))
     sampling = SamplingConfig(max_new_tokens=1)

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, TypeAlias
 
+import torch
+
 from mlakit.errors import MlakitError
 from mlakit.units import parse_bytes
 
@@ -64,6 +66,13 @@ class EngineConfig:
 
         if self.attention_backend not in BACKEND_NAMES:
             raise _fail("attention_backend", self.attention_backend, f"must be one of {', '.join(BACKEND_NAMES)}")
+
+    def cache_storage(self, model_dtype: torch.dtype) -> torch.dtype | str:
+        """What the paged cache stores for a model computing in ``model_dtype``: a dtype or ``"int8"``."""
+        if self.cache_dtype == "auto":
+            return model_dtype
+        storage: dict[str, torch.dtype | str] = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": "int8"}
+        return storage[self.cache_dtype]
 
     @property
     def kv_bytes(self) -> int:

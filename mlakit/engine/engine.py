@@ -84,13 +84,6 @@ class RequestOutput:
     num_preemptions: int = 0
 
 
-def _resolve_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype | str:
-    if name == "auto":
-        return model_dtype
-    names: dict[str, torch.dtype | str] = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": "int8"}
-    return names[name]
-
-
 class Engine:
     """Serves many requests at once from one model over a paged KV/latent cache of fixed bytes.
 
@@ -116,9 +109,7 @@ class Engine:
         runtime = RuntimeConfig(decode_path=c.decode_path)
         absorb = model.attention_path(runtime, decode=True) == "absorbed"
         backend = get_backend(c.attention_backend, device)
-        self.cache = PagedCache.allocate(
-            mc, c.kv_bytes, c.block_size, _resolve_cache_dtype(c.cache_dtype, dtype), device
-        )
+        self.cache = PagedCache.allocate(mc, c.kv_bytes, c.block_size, c.cache_storage(dtype), device)
         self.runner = ModelRunner(model, self.cache, backend, runtime)
         self.scheduler = Scheduler(self.cache.pool, c.block_size, c.max_batch_size, c.prefill_chunk, mc.max_seq_len)
         self._seqs: dict[str, Sequence] = {}

@@ -45,10 +45,6 @@ class ModelRunner:
         self.device = model.embed.weight.device
         model.attention_path(runtime, decode=True)  # raises now for absorbed on a full-RoPE model
 
-    @property
-    def block_size(self) -> int:
-        return self.cache.block_size
-
     @torch.inference_mode()
     def execute(
         self,

@@ -17,10 +17,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from mlakit.engine import Engine, StreamEvent
@@ -38,7 +37,6 @@ class _Pending:
     stop_strings: tuple[str, ...]
     queue: asyncio.Queue[StreamEvent]
     loop: asyncio.AbstractEventLoop
-    submitted: float = field(default_factory=time.monotonic)
 
 
 class EngineWorker:
@@ -46,13 +44,11 @@ class EngineWorker:
 
     Args:
         make_engine: builds the engine (called once at start and again after a failed step).
-        on_event: optional hook ``(request_id, event, pending_info)`` for metrics, run on the loop thread.
     """
 
-    def __init__(self, make_engine: Callable[[], Engine], on_event: Callable[..., None] | None = None) -> None:
+    def __init__(self, make_engine: Callable[[], Engine]) -> None:
         self._make_engine = make_engine
         self.engine = make_engine()
-        self._on_event = on_event
         self._commands: deque[tuple[str, Any]] = deque()
         self._live: dict[str, _Pending] = {}
         self._cond = threading.Condition()
@@ -100,11 +96,6 @@ class EngineWorker:
     # -- the loop thread ---------------------------------------------------------------------
 
     def _deliver(self, pending: _Pending, event: StreamEvent) -> None:
-        if self._on_event is not None:
-            try:
-                self._on_event(pending, event)
-            except Exception:  # metrics must never break serving
-                logger.exception("metrics hook failed")
         pending.loop.call_soon_threadsafe(pending.queue.put_nowait, event)
         if event.finished:
             self._live.pop(pending.request_id, None)
