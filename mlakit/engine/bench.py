@@ -143,7 +143,7 @@ def prefill_throughput(model: Transformer, config: EngineConfig, length: int, se
     engine = Engine(model, replace(config, kv_memory=per_block * (math.ceil((length + 1) / config.block_size) + 1)))
     prompt = torch.randint(0, model.config.vocab_size, (length,), generator=torch.Generator().manual_seed(seed))
     sampling = SamplingConfig(max_new_tokens=1)
-    engine.generate([prompt[:16].tolist()])  # warm-up
+    engine.generate([Request(prompt[:16].tolist(), SamplingConfig(max_new_tokens=2))])  # warm-up, within the budget
     t0 = time.perf_counter()
     engine.generate([Request(prompt.tolist(), sampling)])
     dt = time.perf_counter() - t0
