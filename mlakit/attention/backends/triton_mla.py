@@ -164,4 +164,10 @@ class Backend(TorchBackend):
     def latent_decode(
         self, q_joint: torch.Tensor, rows: PagedRows, meta: AttentionMetadata, kv_lora_rank: int
     ) -> torch.Tensor:
-        return mla_decode_paged(q_joint.contiguous(), rows, *meta.decode_tables(), meta.block_size, kv_lora_rank)
+        # bf16/fp16 rows take a query of their own dtype: the products then run on the tensor cores,
+        # where an fp32 query (the absorbed weights' default) forces exact fp32 products. The CPU
+        # kernel rounds the query the same way for bf16 rows.
+        low = rows.data.dtype in (torch.bfloat16, torch.float16)
+        q = q_joint.to(rows.data.dtype) if low else q_joint
+        o_latent = mla_decode_paged(q.contiguous(), rows, *meta.decode_tables(), meta.block_size, kv_lora_rank)
+        return o_latent.to(q_joint.dtype)
