@@ -106,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
         "threads": torch.get_num_threads(),
         "weights": weights,
         "engine": {
-            k: getattr(cfg, k) for k in ("kv_memory", "block_size", "cache_dtype", "decode_path", "attention_backend")
+            k: getattr(cfg, k)
+            for k in ("kv_memory", "block_size", "cache_dtype", "decode_path", "attention_backend", "cuda_graphs")
         },
         "decode": points,
         "prefill": prefill,

@@ -81,7 +81,11 @@ def _filled_engine(model: Transformer, config: EngineConfig, batch: int, context
     blocks = math.ceil((context + room) / config.block_size)
     from dataclasses import replace
 
-    engine = Engine(model, replace(config, kv_memory=per_block * blocks * batch))
+    # one block more than the sequences need: a CUDA engine keeps a scratch block for graph padding
+    engine = Engine(
+        model,
+        replace(config, kv_memory=per_block * (blocks * batch + 1), max_batch_size=max(batch, config.max_batch_size)),
+    )
     device = engine.cache.layers[0][0].data.device
     g = torch.Generator(device).manual_seed(seed)  # filled where the cache lives: GBs of randn on a GPU
     for rows in engine.cache.layers:
@@ -152,7 +156,8 @@ def prefill_throughput(model: Transformer, config: EngineConfig, length: int, se
     from dataclasses import replace
 
     per_block = PagedCache.block_bytes(model.config, config.block_size, config.cache_storage(model.embed.weight.dtype))
-    engine = Engine(model, replace(config, kv_memory=per_block * (math.ceil((length + 1) / config.block_size) + 1)))
+    blocks = math.ceil((length + 1) / config.block_size) + 2  # + the warm-up's slack + a CUDA scratch block
+    engine = Engine(model, replace(config, kv_memory=per_block * blocks))
     prompt = torch.randint(0, model.config.vocab_size, (length,), generator=torch.Generator().manual_seed(seed))
     sampling = SamplingConfig(max_new_tokens=1)
     engine.generate([Request(prompt[:16].tolist(), SamplingConfig(max_new_tokens=2))])  # warm-up, within the budget

@@ -39,6 +39,9 @@ class EngineConfig:
             prompts are split into chunks and run in the same model call as the decodes).
         attention_backend: ``"auto"`` (``cpu`` on CPU, ``triton`` on CUDA), ``"torch"`` (the
             reference), ``"cpu"`` or ``"triton"``; see :mod:`mlakit.attention.backends`.
+        cuda_graphs: capture decode-only steps as CUDA graphs where they can be (a CUDA model,
+            absorbed MLA decode, the ``triton`` backend; :mod:`mlakit.engine.graphs`); elsewhere,
+            or when a capture fails (logged), steps run eagerly. Ignored on CPU.
     """
 
     kv_memory: int | str = "1GiB"
@@ -48,6 +51,7 @@ class EngineConfig:
     max_batch_size: int = 32
     prefill_chunk: int = 512
     attention_backend: str = "auto"
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         try:

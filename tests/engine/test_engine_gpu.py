@@ -65,3 +65,45 @@ def test_bf16_engine_on_cuda_runs_within_tolerance(backend: str) -> None:
     got += [engine.runner.decode([seq[p]], [p], [table])[0] for p in range(16, 20)]
     err = (torch.stack(got).float() - full[15:20]).abs().max() / (full.max() - full.min())
     assert err < TOLERANCES[torch.bfloat16]
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton")
+@pytest.mark.parametrize("cache_dtype", ["auto", "bf16"])
+def test_cuda_graph_decode_equals_eager(cache_dtype: str) -> None:
+    """Captured decode steps (padded batches, any context) give the eager steps' tokens; ragged
+    batches that shrink as requests finish replay smaller graphs."""
+    model = tiny("tiny-mla").cuda()
+    prompts = [*PROMPTS, list(range(60)), [7] * 33]
+    sampling = [SamplingConfig(max_new_tokens=n) for n in (12, 3, 20, 7, 16, 9, 25)]
+    outs = {}
+    for graphs in (False, True):
+        config = EngineConfig(
+            kv_memory="1MiB", block_size=4, max_batch_size=6, cache_dtype=cache_dtype, cuda_graphs=graphs
+        )
+        engine = Engine(model, config)
+        outs[graphs] = [o.tokens for o in engine.generate([Request(p, s) for p, s in zip(prompts, sampling)])]
+        assert (engine.runner.graphs is not None) == graphs
+        assert engine.cache.pool.num_free == engine.cache.num_blocks
+        assert engine.cache.nbytes <= config.kv_bytes
+    assert outs[True] == outs[False]
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton")
+def test_cuda_graph_logits_equal_the_full_forward() -> None:
+    model = tiny("tiny-mla").cuda()
+    engine = Engine(model, EngineConfig(kv_memory="1MiB", block_size=4, max_batch_size=3))
+    seq = [int(t) for t in torch.randint(0, 256, (30,))]
+    with torch.no_grad():
+        full = model(torch.tensor([seq], device="cuda"))[0]  # [T, vocab]
+    table = [9, 3, 4, 0, 7, 11, 1, 2]
+    engine.runner.prefill(seq[:20], 0, table)
+    for p in range(20, 30):
+        got = engine.runner.decode([seq[p]], [p], [table])[0]
+        assert (got - full[p]).abs().max() < TOLERANCES[torch.float32] * 10
+    assert engine.runner.graphs is not None and engine.runner.graphs.sizes == [1, 2, 3]
+
+
+def test_baseline_attention_decodes_eagerly_on_cuda() -> None:
+    engine = Engine(tiny("tiny-gqa").cuda(), EngineConfig(kv_memory="1MiB", block_size=4))
+    engine.generate([Request(PROMPTS[0], SamplingConfig(max_new_tokens=3))])
+    assert engine.runner.graphs is None
