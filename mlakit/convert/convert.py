@@ -126,7 +126,7 @@ class ConversionConfig:
         if self.method not in ("pca", "svd"):
             raise bad("method", "must be 'pca' or 'svd'")
         if self.rope == "decoupled" and self.rope_dims is not None and (self.rope_dims <= 0 or self.rope_dims % 2):
-            raise bad("rope_dims", "must be a positive even number")
+            raise bad("rope_dims", "must be a positive even number (RoPE rotates pairs of dims)")
         if self.context_length is not None and (not isinstance(self.context_length, int) or self.context_length < 2):
             raise bad("context_length", "must be an integer >= 2 (tokens), or None for the source's context")
         if self.allocation not in ("uniform", "greedy"):
@@ -158,6 +158,29 @@ class ConversionConfig:
         return default_rope_dims(
             per_layer, head_dim, rope_theta=rope_theta, context_length=self.context_length or source_context
         )
+
+    def check_source(self, hf_config: Any) -> None:
+        """Refuse shapes the source cannot give, before any calibration: a rotary key wider than
+        the source's head, or a latent wider than its K+V (a cheap check; the exact bound, with
+        biases, is :func:`plan_ranks`'s).
+
+        Raises: MlakitError naming the field, the value and the source's limit.
+        """
+        _, g, d = _source_dims(hf_config)
+        if self.rope == "decoupled" and self.rope_dims is not None and self.rope_dims > d:
+            raise MlakitError(
+                f"ConversionConfig.rope_dims={self.rope_dims} is larger than the source's head_dim {d}: the rotary "
+                f"key keeps at most every frequency pair of one head (an even number <= {d}); to serve a wider "
+                "rotary key (DeepSeek's 64), export with `mlakit export-hf --pad-to 576`, which adds zero pairs"
+            )
+        limit = min(2 * g * d, hf_config.hidden_size + 1)
+        for r in self.ranks or ():
+            if r > limit:
+                raise MlakitError(
+                    f"ConversionConfig.ranks: kv_lora_rank {r} is larger than the source can fill ({limit}: K+V "
+                    f"width {2 * g * d}, input width {hf_config.hidden_size}); a wider cache for an engine "
+                    "(512 + 64 for vLLM/FlashMLA) comes from `mlakit export-hf --pad-to 576`, exactly"
+                )
 
     def resolved_sequential(self) -> bool:
         """``sequential``, or its measured default for the rope kind (see the class docstring)."""
@@ -314,13 +337,12 @@ def plan_ranks(cal: Calibrated, config: ConversionConfig) -> tuple[int, ...]:
     _, g, d = _source_dims(cal.loaded.model.config)
     n_layers = len(cal.weights)
     max_rank = _max_rank(cal)
+    config.check_source(cal.loaded.model.config)
     if config.ranks is not None:
         return check_ranks(config.ranks, n_layers, max_rank)
     rope_dims = config.resolved_rope_dims(
         d, g, source_rope_theta(cal.loaded.model.config), _source_context(cal.loaded.model.config)
     )
-    if rope_dims > d:
-        raise MlakitError(f"rope_dims={rope_dims} exceeds the head dim {d}")
     total = latent_budget(config.kv_fraction, original_per_layer=2 * g * d, num_layers=n_layers, rope_dims=rope_dims)
     wide = config.keep_first_wide
     if wide:

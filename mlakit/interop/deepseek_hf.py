@@ -89,6 +89,9 @@ from safetensors.torch import save_file
 
 from mlakit.config import MLAConfig, ModelConfig, RopeScaling
 from mlakit.errors import MlakitError
+from mlakit.interop.card import README, export_readme
+from mlakit.interop.engines import CacheShape, check_targets, fits
+from mlakit.interop.pad import CacheCost, Padding, cache_bytes, plan_padding
 from mlakit.io import read_config_json
 from mlakit.model import CONFIG_FILE, FORMAT, Transformer
 from mlakit.rope import interleaved_to_halves
@@ -201,14 +204,27 @@ class LayerLatent:
 
 @dataclass(frozen=True)
 class ExportPlan:
-    """Everything export decides before writing: the HF config and each layer's latent mapping."""
+    """Everything export decides before writing: the HF config, each layer's latent mapping and
+    the padding of the cached shapes (``padding.kv_lora_rank == kv_lora_rank``)."""
 
     config: ModelConfig
     kv_lora_rank: int
     attention_bias: bool
     layers: tuple[LayerLatent, ...]
     rms_norm_eps: float
+    padding: Padding
     notes: tuple[str, ...] = ()
+
+    def cache_shape(self, dtype: str) -> CacheShape:
+        """What engines must cache for this export, stored as ``dtype`` (``fp32``/``bf16``/``fp16``)."""
+        att = _mla(self.config)
+        return CacheShape(
+            kv_lora_rank=self.kv_lora_rank,
+            qk_rope_head_dim=self.padding.qk_rope_head_dim,
+            qk_nope_head_dim=att.qk_nope_head_dim,
+            dtype=dtype,
+            attention_bias=self.attention_bias,
+        )
 
     @property
     def error_bound(self) -> float:
@@ -227,6 +243,8 @@ class ExportReport:
     measured_rel_error: float = 0.0
     error_bound: float = 0.0
     metadata: dict[str, Any] = field(default_factory=dict)
+    engines: tuple[tuple[str, str | None], ...] = ()  # (engine name, why it cannot load it or None)
+    cache: CacheCost | None = None
 
 
 def _mla(config: ModelConfig) -> MLAConfig:
@@ -245,14 +263,16 @@ def _mla(config: ModelConfig) -> MLAConfig:
     return att
 
 
-def plan_export(model: Transformer, allow_bias: bool = False) -> ExportPlan:
+def plan_export(model: Transformer, allow_bias: bool = False, pad_to: int | None = None) -> ExportPlan:
     """Decide the exported ``kv_lora_rank``, ``rms_norm_eps`` and each layer's latent mapping.
 
     See the module docstring for the two latent mappings (normed: padding compensation; linear:
-    epsilon-dominated RMSNorm).
+    epsilon-dominated RMSNorm), and :mod:`mlakit.interop.pad` for ``pad_to`` (the cached width
+    ``kv_lora_rank + qk_rope_head_dim`` to widen to exactly, e.g. 576).
 
-    Raises: MlakitError when the model cannot be written in the DeepSeek-V3 format, or has
-    non-zero attention biases (vLLM/SGLang ignore them) without ``allow_bias``.
+    Raises: MlakitError when the model cannot be written in the DeepSeek-V3 format, has
+    non-zero attention biases (vLLM/SGLang ignore them) without ``allow_bias``, or ``pad_to`` is
+    smaller than the model's cached width.
     """
     config = model.config
     att = _mla(config)
@@ -278,7 +298,8 @@ def plan_export(model: Transformer, allow_bias: bool = False) -> ExportPlan:
         )
     if att.attention_bias and not biased:
         notes.append("attention_bias=True but every attention bias is zero: written without biases")
-    big_r = max(ranks)
+    padding = plan_padding(att, max(ranks), pad_to)
+    big_r = padding.kv_lora_rank
     eps = HF_LATENT_NORM_EPS if linear else att.rms_norm_eps
     if linear and att.rms_norm_eps != eps:
         q_norm = ", q_a_layernorm" if att.q_lora_rank is not None else ""
@@ -307,16 +328,23 @@ def plan_export(model: Transformer, allow_bias: bool = False) -> ExportPlan:
             norm = torch.zeros(big_r, dtype=g.dtype)
             norm[:r] = g if r == big_r else (g.double() / s).to(g.dtype)
             layers.append(LayerLatent(r, s, norm))
-    if any(r != big_r for r in ranks):
-        how = "zero rows, exact for a linear latent" if linear else "norm-compensated, exact"
-        notes.append(f"per-layer latent ranks {ranks} padded to kv_lora_rank={big_r} ({how})")
+    how = "zero rows, exact for a linear latent" if linear else "norm-compensated, exact"
+    if any(r != padding.source_kv_lora_rank for r in ranks):
+        notes.append(f"per-layer latent ranks {ranks} padded to kv_lora_rank={padding.source_kv_lora_rank} ({how})")
+    if padding.pads:
+        notes.append(
+            f"pad_to={pad_to}: kv_lora_rank {padding.source_kv_lora_rank} -> {big_r} ({how}), qk_rope_head_dim "
+            f"{padding.source_qk_rope_head_dim} -> {padding.qk_rope_head_dim} (zero rotary pairs, rope_theta "
+            f"{padding.source_rope_theta:g} -> {padding.rope_theta:g} keeps every frequency), query x "
+            f"{padding.query_scale:.6g} for the softmax scale of the wider head"
+        )
     if linear:
         bound = max(lay.error_bound for lay in layers)
         notes.append(
             f"kv_norm=False written as an epsilon-dominated kv_a_layernorm (latent rows x 2^k, eps {eps:g}): "
             f"relative error <= {bound:.1e} per token, no biases"
         )
-    return ExportPlan(config, big_r, bool(biased), tuple(layers), eps, tuple(notes))
+    return ExportPlan(config, big_r, bool(biased), tuple(layers), eps, padding, tuple(notes))
 
 
 def _nonzero_biases(state: dict[str, torch.Tensor], num_layers: int) -> list[str]:
@@ -375,15 +403,15 @@ def hf_config(plan: ExportPlan, dtype: torch.dtype) -> dict[str, Any]:
         "q_lora_rank": att.q_lora_rank,
         "kv_lora_rank": plan.kv_lora_rank,
         "qk_nope_head_dim": att.qk_nope_head_dim,
-        "qk_rope_head_dim": att.qk_rope_head_dim,
+        "qk_rope_head_dim": plan.padding.qk_rope_head_dim,
         "v_head_dim": att.v_head_dim,
-        "head_dim": att.qk_rope_head_dim,
+        "head_dim": plan.padding.qk_rope_head_dim,
         "hidden_act": "silu",
         "max_position_embeddings": config.max_seq_len,
         "rms_norm_eps": plan.rms_norm_eps,
         "attention_bias": plan.attention_bias,
         "attention_dropout": 0.0,
-        "rope_theta": att.rope_theta,
+        "rope_theta": plan.padding.rope_theta,
         "rope_scaling": None,
         "rope_interleave": True,
         # dense everywhere: every layer index is below first_k_dense_replace, so no reader
@@ -422,9 +450,9 @@ def hf_config(plan: ExportPlan, dtype: torch.dtype) -> dict[str, Any]:
             "mscale_all_dim": rs.mscale_all_dim,
         }
         d["rope_scaling"] = {"type": "yarn", **yarn}  # transformers 4.x, vLLM, SGLang, DeepSeek
-        d["rope_parameters"] = {"rope_type": "yarn", "rope_theta": att.rope_theta, **yarn}  # transformers >= 5
+        d["rope_parameters"] = {"rope_type": "yarn", "rope_theta": plan.padding.rope_theta, **yarn}  # transformers >= 5
     else:
-        d["rope_parameters"] = {"rope_type": "default", "rope_theta": att.rope_theta}
+        d["rope_parameters"] = {"rope_type": "default", "rope_theta": plan.padding.rope_theta}
     return d
 
 
@@ -438,7 +466,8 @@ class _Exporter:
         att = _mla(plan.config)
         self.plan, self.dtype = plan, dtype
         self.h, self.dn, self.dr, self.dv = att.num_heads, att.qk_nope_head_dim, att.qk_rope_head_dim, att.v_head_dim
-        self.to_il = _rope_to_interleaved(self.dr)
+        self.pad = plan.padding
+        self.to_il = _rope_to_interleaved(self.pad.qk_rope_head_dim)
         self.state = model.state_dict()
 
     def entries(self) -> list[Entry]:
@@ -481,9 +510,13 @@ class _Exporter:
         return self.state[prefix + mp.mlakit[0].removesuffix(".bias") + ".weight"].shape[0]
 
     def _query_rows(self, w: torch.Tensor) -> torch.Tensor:
-        h, dn, dr = self.h, self.dn, self.dr
+        """Each head's ``[nope ; rope]`` rows, rope rows padded (zero pairs) and interleaved, all rows
+        times ``query_scale`` (the wider head's softmax scale)."""
+        h, dn, dr, width = self.h, self.dn, self.dr, self.pad.qk_rope_head_dim
         w = w.view(h, dn + dr, -1)  # [H, d_n + d_r, in]
-        return torch.cat((w[:, :dn], w[:, dn:][:, self.to_il]), dim=1).reshape(h * (dn + dr), -1)
+        rope = self.pad.pad_rope_rows(w[:, dn:].transpose(0, 1)).transpose(0, 1)  # [H, d_r', in]
+        out = torch.cat((w[:, :dn], rope[:, self.to_il]), dim=1).reshape(h * (dn + width), -1)
+        return out if self.pad.query_scale == 1 else out.double() * self.pad.query_scale
 
     def _latent_and_rope_key(self, mp: Mapping, prefix: str, lay: LayerLatent) -> torch.Tensor:
         """Rows ``[row_scale * w_dkv ; 0 (padding) ; w_kr interleaved]`` (weight or bias)."""
@@ -492,13 +525,14 @@ class _Exporter:
         is_bias = mp.hf.endswith(".bias")
         ref = self.state[prefix + "attn.w_dkv.weight"]
         exact = lay.row_scale == 1
+        width = self.pad.qk_rope_head_dim
         out = torch.zeros(
-            (big_r + self.dr, *(() if is_bias else ref.shape[1:])), dtype=ref.dtype if exact else torch.float64
+            (big_r + width, *(() if is_bias else ref.shape[1:])), dtype=ref.dtype if exact else torch.float64
         )
         if dkv is not None:
             out[:r] = dkv if exact else dkv.double() * lay.row_scale
         if kr is not None:
-            out[big_r:] = kr[self.to_il]
+            out[big_r:] = self.pad.pad_rope_rows(kr)[self.to_il]
         return out
 
     def _per_head_kv(self, prefix: str, lay: LayerLatent) -> torch.Tensor:
@@ -639,6 +673,8 @@ def export_hf(
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     dtype: DTypeName | None = None,
     allow_bias: bool = False,
+    pad_to: int | None = None,
+    targets: tuple[str, ...] = (),
     tokenizer_dir: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     progress: bool | None = None,
@@ -655,28 +691,39 @@ def export_hf(
         dtype: ``fp32``/``bf16``/``fp16``; default the model's parameter dtype.
         allow_bias: permit ``attention_bias: true``, needed when an attention bias is non-zero
             (e.g. a model converted from Qwen2); transformers honours it, vLLM/SGLang do not.
+        pad_to: widen the cached ``kv_lora_rank + qk_rope_head_dim`` to this many values exactly
+            (576 = 512 + 64 for FlashMLA and vLLM's CPU backend; see :mod:`mlakit.interop.pad`).
+        targets: engines the export must load in (:data:`mlakit.interop.engines.TARGETS`, e.g.
+            ``("vllm",)``); checked before anything is written.
         tokenizer_dir: where to copy tokenizer files from.
         overwrite: replace an existing ``out``.
         progress: tqdm bar over the tensors as shards are written (``None``: only on a terminal).
 
-    Returns: an :class:`ExportReport`.
+    Returns: an :class:`ExportReport` (with which engines load it and what the cache costs).
     Raises: MlakitError for models the format cannot express (baseline attention, full-RoPE MLA,
         non-zero biases without ``allow_bias``), a ``dtype`` that cannot hold a linear latent's
-        scaled rows (fp16), an existing ``out`` without ``overwrite``, or a bad source.
+        scaled rows (fp16), a ``pad_to`` below the model's cached width, a target the shapes
+        cannot meet, an existing ``out`` without ``overwrite``, or a bad source.
     """
+    source_values = None  # the source's cached values per token, when a conversion record says
     if isinstance(source, Transformer):
         model = source
     else:
         model = Transformer.from_pretrained(source)
         tokenizer_dir = tokenizer_dir if tokenizer_dir is not None else source
+        record = read_config_json(source, CONFIG_FILE, "an mlakit checkpoint").get("conversion")
+        if isinstance(record, dict):
+            source_values = record.get("source_cache_elements_per_token")
     if max_shard_size <= 0:
         raise MlakitError(f"max_shard_size={max_shard_size} must be a positive byte count")
     if dtype is not None and dtype not in _DTYPES:
         raise MlakitError(f"dtype={dtype!r} is invalid: choose one of {', '.join(_DTYPES)}")
-    plan = plan_export(model, allow_bias=allow_bias)
+    plan = plan_export(model, allow_bias=allow_bias, pad_to=pad_to)
     torch_dtype = _DTYPES[dtype] if dtype is not None else model.embed.weight.dtype
     if torch_dtype not in _HF_DTYPE_NAMES:
         raise MlakitError(f"model dtype {torch_dtype} cannot be exported: pass dtype='fp32', 'bf16' or 'fp16'")
+    shape = plan.cache_shape(next(k for k, v in _DTYPES.items() if v == torch_dtype))
+    check_targets(shape, targets)
     _check_latent_dtype(model, plan, torch_dtype)
     for note in plan.notes:
         log.warning("export-hf: %s", note)
@@ -703,6 +750,19 @@ def export_hf(
     if plan.error_bound or measured:
         meta["latent_rel_error_bound"] = plan.error_bound
         meta["latent_rel_error_measured_fp32"] = measured
+    pad = plan.padding
+    if pad.pads:
+        meta["padding"] = {
+            "pad_to": pad_to,
+            "source_kv_lora_rank": pad.source_kv_lora_rank,
+            "source_qk_rope_head_dim": pad.source_qk_rope_head_dim,
+            "source_rope_theta": pad.source_rope_theta,
+            "query_scale": pad.query_scale,
+        }
+    cost = cache_bytes(meta["source_kv_lora_ranks"], pad, torch_dtype.itemsize, source_values)
+    meta["cache"] = cost.to_dict()
+    engines = tuple((e.name, why) for e, why in fits(shape))
+    meta["engines"] = {name: why or "loads" for name, why in engines}
     config = hf_config(plan, torch_dtype)
     config["mlakit_export"] = meta
     out = Path(out)
@@ -718,11 +778,15 @@ def export_hf(
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         files = [*shards, *([HF_INDEX] if len(shards) > 1 else []), CONFIG_FILE]
         files += _copy_side_files(tokenizer_dir, tmp, model.config)
-        return files, total
+        readme = export_readme(model.config.name or out.name, shape, pad, cost, plan.notes, model.config.num_layers)
+        (tmp / README).write_text(readme)
+        return [*files, README], total
 
     files, total = _atomic_dir(out, overwrite, write)
     log.info("export-hf: wrote %s (%d files, %d bytes)", out, len(files), total)
-    return ExportReport(out, tuple(files), total, plan.kv_lora_rank, plan.notes, measured, plan.error_bound, meta)
+    return ExportReport(
+        out, tuple(files), total, plan.kv_lora_rank, plan.notes, measured, plan.error_bound, meta, engines, cost
+    )
 
 
 def _tensor_bytes(directory: Path, shards: list[str]) -> int:
