@@ -8,7 +8,6 @@ stored tensors, so no random init is wasted.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from mlakit.attention.mla import AttentionPath
 from mlakit.cache import KVCache, LatentCache, ModelCache
 from mlakit.config import CacheDType, MLAConfig, ModelConfig, RuntimeConfig
 from mlakit.errors import MlakitError
-from mlakit.io import atomic_write, read_config_json
+from mlakit.io import read_config_json, write_file, write_json
 from mlakit.layers import RMSNorm, SwiGLU
 
 CONFIG_FILE = "config.json"
@@ -186,8 +185,8 @@ class Transformer(nn.Module):
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
         header = {"format": FORMAT, "config": self.config.to_dict(), **(metadata or {})}
-        atomic_write(out / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
-        atomic_write(out / CONFIG_FILE, lambda p: p.write_text(json.dumps(header, indent=2)))
+        write_file(out / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
+        write_json(out / CONFIG_FILE, header)
         return out
 
     @classmethod

@@ -10,9 +10,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +17,7 @@ from typing import Any
 import torch
 
 from mlakit.errors import MlakitError
-from mlakit.io import cache_dir
+from mlakit.io import cache_dir, write_dir
 
 logger = logging.getLogger(__name__)
 
@@ -126,15 +123,12 @@ def _gguf_to_hf_dir(gguf: Path) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except Exception as e:
         raise MlakitError(f"{gguf}: cannot load as a causal LM: {e}") from e
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         _save_plain(model, tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, out) if not out.exists() else shutil.rmtree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_dir(out, write, overwrite=True)  # another process may have filled the cache meanwhile: same bytes
     return out
 
 

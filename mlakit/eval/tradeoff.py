@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
-import json
 import logging
 import os
 import platform
@@ -287,10 +286,10 @@ def run_tradeoff(
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        from mlakit.io import atomic_write
+        from mlakit.io import write_file, write_json
 
-        atomic_write(out / "tradeoff.json", lambda p: p.write_text(json.dumps(result, indent=2)))
-        atomic_write(out / "tradeoff.png", lambda p: plot_tradeoff(result, p))
+        write_json(out / "tradeoff.json", result)
+        write_file(out / "tradeoff.png", lambda p: plot_tradeoff(result, p))
     return result
 
 

@@ -76,7 +76,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -89,7 +88,7 @@ from safetensors.torch import save_file
 
 from mlakit.config import MLAConfig, ModelConfig, RopeScaling
 from mlakit.errors import MlakitError
-from mlakit.io import read_config_json
+from mlakit.io import move_file, read_config_json, write_dir
 from mlakit.model import CONFIG_FILE, FORMAT, Transformer
 from mlakit.rope import interleaved_to_halves
 
@@ -627,7 +626,7 @@ def _write_shards(entries: list[Entry], directory: Path, max_shard_size: int, pr
     weight_map: dict[str, str] = {}
     for k, names in enumerate(groups):
         fname = HF_WEIGHTS if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
-        os.replace(directory / f"shard-{k}.partial", directory / fname)
+        move_file(directory / f"shard-{k}.partial", directory / fname)
         weight_map.update(dict.fromkeys(names, fname))
     return weight_map
 
@@ -720,7 +719,7 @@ def export_hf(
         files += _copy_side_files(tokenizer_dir, tmp, model.config)
         return files, total
 
-    files, total = _atomic_dir(out, overwrite, write)
+    files, total = write_dir(out, write, overwrite=overwrite)
     log.info("export-hf: wrote %s (%d files, %d bytes)", out, len(files), total)
     return ExportReport(out, tuple(files), total, plan.kv_lora_rank, plan.notes, measured, plan.error_bound, meta)
 
@@ -748,28 +747,6 @@ def _copy_side_files(src: str | os.PathLike[str] | None, dst: Path, config: Mode
         (dst / GENERATION_CONFIG).write_text(json.dumps(gen, indent=2))
         copied.append(GENERATION_CONFIG)
     return copied
-
-
-def _atomic_dir(out: Path, overwrite: bool, write: Callable[[Path], Any]) -> Any:
-    """Run ``write(tmp)`` on a temporary sibling of ``out`` and rename it to ``out`` when it succeeds."""
-    if out.exists() and not overwrite:
-        if not out.is_dir() or any(out.iterdir()):
-            raise MlakitError(f"{out} already exists: choose another directory or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
-        result = write(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / "d")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return result
 
 
 # -- import -------------------------------------------------------------------------------------
@@ -1110,5 +1087,5 @@ def import_hf(
                 if f.is_file():
                     shutil.copy2(f, tmp / f.name)
 
-    _atomic_dir(Path(out), overwrite, write)
+    write_dir(Path(out), write, overwrite=overwrite)
     return Path(out)

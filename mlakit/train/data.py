@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,6 +24,7 @@ import numpy as np
 import torch
 
 from mlakit.errors import MlakitError
+from mlakit.io import read_json_object, write_file, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -139,21 +138,6 @@ def read_text_files(paths: Sequence[str | os.PathLike[str]]) -> list[tuple[str, 
     return docs
 
 
-def _atomic_bytes(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; these are ordinary output files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def build_token_file(
     documents: Iterable[tuple[str, str]], tokenizer: Tokenizer, path: str | os.PathLike[str], *, separator: str = "\n\n"
 ) -> TokenDataset:
@@ -174,10 +158,10 @@ def build_token_file(
     meta_path = out.with_name(out.name + ".json")
     if out.is_file() and meta_path.is_file():
         try:
-            if json.loads(meta_path.read_text()).get("fingerprint") == fingerprint:
+            if read_json_object(meta_path).get("fingerprint") == fingerprint:
                 return TokenDataset(out)
-        except (json.JSONDecodeError, MlakitError):
-            pass  # rebuild below
+        except MlakitError:
+            pass  # a damaged sidecar: rebuild below
     ids: list[int] = []
     for _, text in docs:
         if text.strip():
@@ -186,7 +170,7 @@ def build_token_file(
         raise MlakitError("the corpus is empty: tokenization produced no tokens")
     dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
     arr = np.asarray(ids, dtype=dtype)
-    _atomic_bytes(out, lambda f: f.write(arr.tobytes()))
+    write_file(out, arr.tofile)
     meta = {
         "tokens": len(arr),
         "dtype": np.dtype(dtype).name,
@@ -195,7 +179,7 @@ def build_token_file(
         "fingerprint": fingerprint,
         "documents": len(docs),
     }
-    _atomic_bytes(meta_path, lambda f: f.write(json.dumps(meta, indent=2).encode()))
+    write_json(meta_path, meta)
     logger.info("tokenized %d documents into %d tokens at %s", len(docs), len(arr), out)
     return TokenDataset(out)
 
@@ -217,10 +201,10 @@ class TokenDataset:
         meta_path = self.path.with_name(self.path.name + ".json")
         if not self.path.is_file() or not meta_path.is_file():
             raise MlakitError(f"{self.path}: token file or its .json sidecar is missing")
+        self.meta: dict[str, Any] = read_json_object(meta_path, what="a token file's sidecar")
         try:
-            self.meta: dict[str, Any] = json.loads(meta_path.read_text())
             self.tokens: np.ndarray = np.memmap(self.path, dtype=np.dtype(self.meta["dtype"]), mode="r")
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError) as e:
             raise MlakitError(f"{self.path}: unreadable token file: {e}") from e
         if len(self.tokens) != self.meta["tokens"]:
             raise MlakitError(f"{self.path}: holds {len(self.tokens)} tokens, its sidecar says {self.meta['tokens']}")

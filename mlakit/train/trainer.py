@@ -28,7 +28,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -46,6 +45,7 @@ from torch.nn.parallel import DistributedDataParallel
 from mlakit.attention import MultiHeadLatentAttention
 from mlakit.config import ModelConfig
 from mlakit.errors import MlakitError
+from mlakit.io import read_json_lines, write_dir, write_text
 from mlakit.model import WEIGHTS_FILE, Transformer
 from mlakit.train.data import TokenDataset, epoch_order
 
@@ -465,17 +465,14 @@ class Trainer:
             pointer = root / LATEST
             current = pointer.read_text().strip() if pointer.is_file() else None
             if current != name:  # re-saving the step we resumed from would only risk it
-                tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
-                try:
+
+                def write(tmp: Path) -> None:
                     self.model.save_pretrained(tmp, metadata={"train_step": self.step})
                     torch.save(self._state(), tmp / STATE_FILE)
-                    if final.exists():  # left by a run that died before moving `latest`
-                        shutil.rmtree(final)
-                    os.replace(tmp, final)
-                    write_text_atomic(pointer, name)
-                except BaseException:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    raise
+
+                # overwrite: a `final` already there was left by a run that died before moving `latest`
+                write_dir(final, write, overwrite=True)
+                write_text(pointer, name)
                 self._prune(keep=name)
         if self.dist.world_size > 1:
             dist.barrier()
@@ -519,12 +516,8 @@ class Trainer:
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
         if self.dist.is_main and self.metrics_path.is_file():
-            kept = [
-                line
-                for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= self.step
-            ]
-            write_text_atomic(self.metrics_path, "".join(line + "\n" for line in kept))
+            kept = [row for row in read_json_lines(self.metrics_path) if row.get("step", 0) <= self.step]
+            write_text(self.metrics_path, "".join(json.dumps(row) + "\n" for row in kept))
         logger.info("resumed from %s at step %d", path, self.step)
         return True
 
@@ -548,17 +541,3 @@ class Trainer:
 
 def _as_tuple(x: Any) -> Any:
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; these are ordinary output files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
