@@ -22,7 +22,7 @@ from mlakit.attention.mla import AttentionPath
 from mlakit.cache import KVCache, LatentCache, ModelCache
 from mlakit.config import CacheDType, MLAConfig, ModelConfig, RuntimeConfig
 from mlakit.errors import MlakitError
-from mlakit.io import read_config_json, write_file, write_json
+from mlakit.io import read_config_json, read_json, write_file, write_json
 from mlakit.layers import RMSNorm, SwiGLU
 
 CONFIG_FILE = "config.json"
@@ -205,20 +205,59 @@ class Transformer(nn.Module):
             state = load_file(str(path), device=str(device))
         except Exception as e:  # safetensors raises several types for damaged files
             raise MlakitError(f"cannot read {path}: {e}") from e
+        return cls.from_state_dict(config, state, source=str(path), dtype=dtype, device=device)
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        config: ModelConfig,
+        state: dict[str, torch.Tensor],
+        *,
+        source: str,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+    ) -> Transformer:
+        """The one way a model is built from stored tensors: on ``meta``, tensors assigned, head tied.
+
+        Building on the meta device allocates nothing, so no random initialisation is wasted; the
+        tensors in ``state`` become the parameters (no copy). A tied head may be absent from
+        ``state``. The RoPE tables (buffers, not weights) are computed on ``device``.
+
+        Raises: MlakitError naming ``source`` when ``state`` does not match ``config``.
+        """
+        state = fill_tied_head(config, dict(state))
         with torch.device("meta"):
             model = cls(config)
-        if config.tie_word_embeddings:
-            state.setdefault("lm_head.weight", state.get("embed.weight", torch.empty(0)))
         try:
             model.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as e:
-            raise MlakitError(f"weights in {path} do not match its config: {e}") from e
+            raise MlakitError(f"weights in {source} do not match its config: {e}") from e
         if config.tie_word_embeddings:
             model.lm_head.weight = model.embed.weight
         model.rotary.reset_tables(device)
         if dtype is not None:
             model.to(dtype)
         return model.eval()
+
+
+def fill_tied_head(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with ``lm_head.weight`` set to the embedding where the config ties them (checkpoints omit it)."""
+    if config.tie_word_embeddings and "embed.weight" in state:
+        state.setdefault("lm_head.weight", state["embed.weight"])
+    return state
+
+
+def is_mlakit_checkpoint(directory: str | os.PathLike[str]) -> bool:
+    """Whether ``directory`` holds an mlakit ``config.json`` (False without one).
+
+    Raises: MlakitError when ``config.json`` exists but is not valid JSON (it names the file), so a
+    damaged checkpoint is reported as damaged rather than as "some other format".
+    """
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        return False
+    header = read_json(path)
+    return isinstance(header, dict) and header.get("format") == FORMAT
 
 
 def load_config(directory: str | os.PathLike[str]) -> ModelConfig:

@@ -423,13 +423,7 @@ def convert_calibrated(cal: Calibrated, config: ConversionConfig, *, progress: b
         if run is not None:
             run.advance(i, st, has_bias)
     state = _model_state(hf, layer_states, has_bias)
-    with torch.device("meta"):
-        model = Transformer(mc)
-    model.load_state_dict(state, strict=True, assign=True)
-    if mc.tie_word_embeddings:
-        model.lm_head.weight = model.embed.weight
-    model.rotary.reset_tables("cpu")
-    model.eval()
+    model = Transformer.from_state_dict(mc, state, source=f"the conversion of {cal.loaded.source}")
     original = 2 * g * d * len(ranks)
     cached = sum(ranks) + dr * len(ranks)
     record = {

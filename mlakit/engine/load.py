@@ -9,7 +9,6 @@ with the original weights (no conversion to MLA).
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,8 @@ import torch
 
 from mlakit.config import AttentionConfig, ModelConfig
 from mlakit.errors import MlakitError
-from mlakit.model import CONFIG_FILE, FORMAT, Transformer
+from mlakit.io import read_config_json
+from mlakit.model import CONFIG_FILE, Transformer, is_mlakit_checkpoint
 from mlakit.quant import prepare_weights
 
 logger = logging.getLogger(__name__)
@@ -93,14 +93,6 @@ def load_tokenizer(directory: str | Path) -> HFTokenizer | None:
         return None
 
 
-def _is_mlakit_dir(d: Path) -> bool:
-    try:
-        header = json.loads((d / CONFIG_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return isinstance(header, dict) and header.get("format") == FORMAT
-
-
 def llama_config(hf: dict[str, Any], max_seq_len: int | None = None) -> ModelConfig:
     """An mlakit MHA/GQA config equal to a Hugging Face Llama-family ``config.json``.
 
@@ -144,7 +136,7 @@ def llama_to_transformer(
     from safetensors.torch import load_file
 
     d = Path(directory)
-    config = llama_config(json.loads((d / CONFIG_FILE).read_text()), max_seq_len)
+    config = llama_config(read_config_json(d, CONFIG_FILE, "a Hugging Face checkpoint"), max_seq_len)
     files = sorted(d.glob("*.safetensors"))
     if not files:
         raise MlakitError(f"{d} has no *.safetensors weights")
@@ -159,20 +151,9 @@ def llama_to_transformer(
     for src, dst in LLAMA_TO_MLAKIT.items():
         if "{i}" not in src and src in hf_state:
             state[dst] = hf_state[src]
-    if config.tie_word_embeddings or "lm_head.weight" not in state:
-        state["lm_head.weight"] = state["embed.weight"]
-    with torch.device("meta"):
-        model = Transformer(config)
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as e:
-        raise MlakitError(f"{d}: weights do not match a Llama model of its config: {e}") from e
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.embed.weight
-    model.rotary.reset_tables("cpu")
-    if dtype is not None:
-        model.to(dtype)
-    return model.eval()
+    if "lm_head.weight" not in state and "embed.weight" in state:
+        state["lm_head.weight"] = state["embed.weight"]  # Llama checkpoints that tie omit the head
+    return Transformer.from_state_dict(config, state, source=f"{d} (as a Llama model)", dtype=dtype)
 
 
 @dataclass
@@ -198,7 +179,7 @@ def load_model(spec: str, weights: str = "fp32", device: str | torch.device = "c
 
 def _load(spec: str) -> LoadedForInference:
     p = Path(spec).expanduser()
-    if p.is_dir() and _is_mlakit_dir(p):
+    if p.is_dir() and is_mlakit_checkpoint(p):
         return LoadedForInference(Transformer.from_pretrained(p), load_tokenizer(p), p)
     if p.is_dir() and not (p / CONFIG_FILE).is_file() and not list(p.glob("*.gguf")):
         raise MlakitError(f"{spec} is not a checkpoint: no {CONFIG_FILE} (expected config.json + model.safetensors)")

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,6 +10,7 @@ import torch
 from mlakit.cache import resolve_dtype
 from mlakit.errors import MlakitError
 from mlakit.eval.metrics import LogitsFn, as_logits_fn
+from mlakit.model import Transformer, is_mlakit_checkpoint
 
 
 @dataclass(frozen=True)
@@ -41,16 +40,6 @@ class ScoredModel:
         return self.kv_elements_per_token * torch.tensor([], dtype=resolve_dtype(cache_dtype)).element_size()
 
 
-def is_mlakit_checkpoint(path: str) -> bool:
-    p = Path(path) / "config.json"
-    if not p.is_file():
-        return False
-    try:
-        return json.loads(p.read_text()).get("format") == "mlakit"
-    except (json.JSONDecodeError, AttributeError):
-        return False
-
-
 def _tokenizer(path: str) -> Any:
     from transformers import AutoTokenizer
 
@@ -67,8 +56,6 @@ def open_model(spec: str) -> ScoredModel:
         MlakitError: missing files, unsupported architecture.
     """
     if is_mlakit_checkpoint(spec):
-        from mlakit.model import Transformer
-
         model = Transformer.from_pretrained(spec)
         return ScoredModel(
             logits=as_logits_fn(model),

@@ -88,8 +88,8 @@ from safetensors.torch import save_file
 
 from mlakit.config import MLAConfig, ModelConfig, RopeScaling
 from mlakit.errors import MlakitError
-from mlakit.io import move_file, read_config_json, write_dir
-from mlakit.model import CONFIG_FILE, FORMAT, Transformer
+from mlakit.io import move_file, read_config_json, read_json, read_json_object, write_dir
+from mlakit.model import CONFIG_FILE, FORMAT, Transformer, fill_tied_head
 from mlakit.rope import interleaved_to_halves
 
 log = logging.getLogger(__name__)
@@ -897,10 +897,9 @@ class _Checkpoint:
         self.directory = directory
         index = directory / HF_INDEX
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise MlakitError(f"{index} is not a valid safetensors index: {e}") from e
+            weight_map = read_json_object(index, what="a safetensors index").get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise MlakitError(f"{index} is not a valid safetensors index: no weight_map of tensor -> file")
             files = sorted(set(weight_map.values()))
         elif (directory / HF_WEIGHTS).is_file():
             files = [HF_WEIGHTS]
@@ -1019,10 +1018,9 @@ def load_hf(
     with torch.device("meta"):
         model = Transformer(config)
     expected = dict(model.state_dict())
-    if config.tie_word_embeddings and "lm_head.weight" not in state and "embed.weight" in state:
-        state["lm_head.weight"] = state["embed.weight"]
+    state = fill_tied_head(config, state)
     for name, p in expected.items():
-        if name not in state and name.endswith("attn.w_q.bias"):
+        if name not in state and name.endswith("attn.w_q.bias") and "embed.weight" in state:
             state[name] = torch.zeros(p.shape, dtype=state["embed.weight"].dtype)  # q_proj has no bias in the format
     missing = [k for k in expected if k not in state]
     if missing:
@@ -1036,21 +1034,15 @@ def load_hf(
     if extra_layers:
         log.warning("import-hf: ignoring layers %s (multi-token-prediction modules)", sorted(extra_layers))
     state = {k: v.to(device) for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.embed.weight
-    model.rotary.reset_tables(device)
-    if dtype is not None:
-        model.to(dtype)
-    return model.eval()
+    return Transformer.from_state_dict(config, state, source=str(d), dtype=dtype, device=device)
 
 
 def is_hf_checkpoint(directory: str | os.PathLike[str]) -> bool:
     """Whether ``directory`` holds a Hugging Face (not mlakit) ``config.json``."""
-    try:
-        cfg = json.loads((Path(directory) / CONFIG_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
         return False
+    cfg = read_json(path)  # a malformed config.json is an error naming it, not "some other format"
     return isinstance(cfg, dict) and cfg.get("format") != FORMAT and "model_type" in cfg
 
 

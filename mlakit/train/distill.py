@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from mlakit.errors import MlakitError
 from mlakit.eval.corpus import Corpus, default_corpus, files_corpus, token_windows
 from mlakit.io import write_dir, write_json
-from mlakit.model import Transformer
+from mlakit.model import Transformer, is_mlakit_checkpoint
 from mlakit.train.trainer import adamw, cosine_lr
 
 logger = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ def distill(
     """
     from tqdm.auto import tqdm
 
-    from mlakit.eval.models import ScoredModel, is_mlakit_checkpoint, open_model
+    from mlakit.eval.models import ScoredModel, open_model
     from mlakit.eval.run import evaluate_models
 
     c = config or DistillConfig()

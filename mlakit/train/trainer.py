@@ -46,7 +46,7 @@ from mlakit.attention import MultiHeadLatentAttention
 from mlakit.config import ModelConfig
 from mlakit.errors import MlakitError
 from mlakit.io import read_json_lines, write_dir, write_text
-from mlakit.model import WEIGHTS_FILE, Transformer
+from mlakit.model import WEIGHTS_FILE, Transformer, fill_tied_head
 from mlakit.train.data import TokenDataset, epoch_order
 
 logger = logging.getLogger(__name__)
@@ -502,9 +502,12 @@ class Trainer:
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise MlakitError(f"{path}: not an mlakit training checkpoint")
         self._check_compatible(path, state)
-        weights = load_file(str(path / WEIGHTS_FILE), device=str(self.dist.device))
-        if self.model_config.tie_word_embeddings:
-            weights.setdefault("lm_head.weight", weights["embed.weight"])
+        try:
+            weights = fill_tied_head(
+                self.model_config, load_file(str(path / WEIGHTS_FILE), device=str(self.dist.device))
+            )
+        except Exception as e:  # safetensors raises several types for damaged files
+            raise MlakitError(f"{path}: cannot read {WEIGHTS_FILE}: {e}") from e
         try:
             self.model.load_state_dict(weights, strict=True)
             self.optimizer.load_state_dict(state["optimizer"])
