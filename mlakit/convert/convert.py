@@ -39,9 +39,9 @@ from mlakit.convert.load import LoadedModel, load_hf_model
 from mlakit.convert.ranks import Allocation, check_ranks, greedy_ranks, latent_budget, uniform_ranks
 from mlakit.convert.rope import decouple_rope, decoupled_rope_theta, rope_pairs_for_context
 from mlakit.errors import MlakitError
-from mlakit.eval.corpus import Corpus, default_corpus, token_windows
 from mlakit.io import write_dir, write_json
 from mlakit.model import Transformer
+from mlakit.text.corpus import Corpus, default_corpus, token_windows
 
 logger = logging.getLogger(__name__)
 

@@ -21,6 +21,7 @@ from mlakit.errors import MlakitError
 from mlakit.io import read_config_json
 from mlakit.model import CONFIG_FILE, Transformer, is_mlakit_checkpoint
 from mlakit.quant import prepare_weights
+from mlakit.text.tokenizer import HFTokenizer, saved_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -42,55 +43,6 @@ LLAMA_TO_MLAKIT: dict[str, str] = {
     "model.layers.{i}.mlp.up_proj.weight": "layers.{i}.mlp.w_up.weight",
     "model.layers.{i}.mlp.down_proj.weight": "layers.{i}.mlp.w_down.weight",
 }
-
-
-class HFTokenizer:
-    """Adapter over a ``transformers`` tokenizer: ``encode``/``decode`` and the chat template."""
-
-    def __init__(self, tok: Any) -> None:
-        self.tok = tok
-
-    @property
-    def has_chat_template(self) -> bool:
-        return bool(getattr(self.tok, "chat_template", None))
-
-    @property
-    def eos_token_id(self) -> int | None:
-        return getattr(self.tok, "eos_token_id", None)
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.tok.encode(text, add_special_tokens=False))
-
-    def encode_chat(self, text: str) -> list[int]:
-        """``text`` as one user message, with the generation prompt appended."""
-        return self.encode_messages([{"role": "user", "content": text}])
-
-    def encode_messages(self, messages: list[dict[str, str]]) -> list[int]:
-        """A conversation (``[{"role": ..., "content": ...}]``) through the chat template, ready for the reply."""
-        out = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(out, dict) or hasattr(out, "keys"):
-            out = out["input_ids"]
-        return [int(t) for t in out]
-
-    def decode(self, ids: list[int]) -> str:
-        return str(self.tok.decode(ids, skip_special_tokens=True))
-
-
-def load_tokenizer(directory: str | Path) -> HFTokenizer | None:
-    """The tokenizer saved in ``directory`` (``tokenizer.json`` ...), or ``None`` when there is none."""
-    d = Path(directory)
-    if not (d / "tokenizer.json").is_file() and not (d / "tokenizer_config.json").is_file():
-        return None
-    try:
-        from transformers import AutoTokenizer
-    except ImportError:  # pragma: no cover - transformers is an optional dependency
-        logger.warning("transformers is not installed: no tokenizer")
-        return None
-    try:
-        return HFTokenizer(AutoTokenizer.from_pretrained(str(d)))
-    except (OSError, ValueError, TypeError) as e:
-        logger.warning("%s: cannot load the tokenizer (%s)", d, e)
-        return None
 
 
 def llama_config(hf: dict[str, Any], max_seq_len: int | None = None) -> ModelConfig:
@@ -180,7 +132,7 @@ def load_model(spec: str, weights: str = "fp32", device: str | torch.device = "c
 def _load(spec: str) -> LoadedForInference:
     p = Path(spec).expanduser()
     if p.is_dir() and is_mlakit_checkpoint(p):
-        return LoadedForInference(Transformer.from_pretrained(p), load_tokenizer(p), p)
+        return LoadedForInference(Transformer.from_pretrained(p), saved_tokenizer(p), p)
     if p.is_dir() and not (p / CONFIG_FILE).is_file() and not list(p.glob("*.gguf")):
         raise MlakitError(f"{spec} is not a checkpoint: no {CONFIG_FILE} (expected config.json + model.safetensors)")
     from mlakit.convert.load import resolve_model_path
@@ -190,4 +142,4 @@ def _load(spec: str) -> LoadedForInference:
         raise MlakitError(f"{spec}: not a local checkpoint (downloads are not supported here)")
     path = Path(path)
     model = llama_to_transformer(path)
-    return LoadedForInference(model, load_tokenizer(path), path)
+    return LoadedForInference(model, saved_tokenizer(path), path)

@@ -26,10 +26,10 @@ import torch
 from mlakit.convert.convert import ConversionConfig, calibrate, convert_calibrated
 from mlakit.convert.heal import HealConfig, heal, heal_windows
 from mlakit.errors import MlakitError
-from mlakit.eval.corpus import Corpus, default_corpus, files_corpus, genre_windows
 from mlakit.eval.metrics import greedy_agreement
 from mlakit.eval.models import ScoredModel, from_hf
 from mlakit.eval.run import DEFAULT_LENGTHS, check_lengths, evaluate_models
+from mlakit.text.corpus import Corpus, default_corpus, files_corpus, genre_windows
 
 logger = logging.getLogger(__name__)
 

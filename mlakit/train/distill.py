@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from mlakit.errors import MlakitError
-from mlakit.eval.corpus import Corpus, default_corpus, files_corpus, token_windows
 from mlakit.io import write_dir, write_json
 from mlakit.model import Transformer, is_mlakit_checkpoint
+from mlakit.text.corpus import Corpus, default_corpus, files_corpus, token_windows
 from mlakit.train.trainer import adamw, cosine_lr
 
 logger = logging.getLogger(__name__)

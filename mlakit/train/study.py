@@ -25,7 +25,8 @@ from typing import Any
 from mlakit.config import AttentionKind
 from mlakit.errors import MlakitError
 from mlakit.io import read_json_object, write_file, write_json, write_text
-from mlakit.train.data import ByteTokenizer, TokenDataset, Tokenizer, build_token_file
+from mlakit.text.tokenizer import ByteTokenizer, Tokenizer
+from mlakit.train.data import TokenDataset, build_token_file
 from mlakit.train.presets import TRAIN_SIZES, training_config
 from mlakit.train.trainer import TrainConfig, Trainer
 
@@ -121,9 +122,9 @@ def run_study(
     """Train every variant and return one row per variant (also kept in ``OUT/study.json``).
 
     ``train_docs``/``eval_docs`` default to the two sides of the built-in corpus's python-docs
-    genre (:func:`mlakit.eval.corpus.genre_corpora`); the tokenizer defaults to bytes.
+    genre (:func:`mlakit.text.corpus.genre_corpora`); the tokenizer defaults to bytes.
     """
-    from mlakit.eval.corpus import default_corpus, genre_corpora
+    from mlakit.text.corpus import default_corpus, genre_corpora
 
     def python_docs(split: Any) -> Any:
         # the published study runs on one genre (python3-doc), not the whole mix
