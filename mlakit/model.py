@@ -20,7 +20,8 @@ from mlakit.attention import GroupedQueryAttention, MultiHeadLatentAttention, Ro
 from mlakit.attention.metadata import AttentionMetadata
 from mlakit.attention.mla import AttentionPath
 from mlakit.cache import KVCache, LatentCache, ModelCache
-from mlakit.config import CacheDType, MLAConfig, ModelConfig, RuntimeConfig
+from mlakit.config import MLAConfig, ModelConfig, RuntimeConfig
+from mlakit.dtypes import FloatName
 from mlakit.errors import MlakitError
 from mlakit.io import read_config_json, read_json, write_file, write_json
 from mlakit.layers import RMSNorm, SwiGLU
@@ -93,7 +94,7 @@ class Transformer(nn.Module):
     # -- running -----------------------------------------------------------------------------------
 
     def new_cache(
-        self, batch_size: int, max_seq_len: int | None = None, dtype: CacheDType | torch.dtype = "fp32"
+        self, batch_size: int, max_seq_len: int | None = None, dtype: FloatName | torch.dtype = "fp32"
     ) -> ModelCache:
         """A preallocated cache for ``batch_size`` sequences of up to ``max_seq_len`` tokens."""
         return ModelCache.allocate(self.config, batch_size, max_seq_len, dtype, self.embed.weight.device)

@@ -5,9 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from mlakit.cache import resolve_dtype
+from mlakit import dtypes
 from mlakit.errors import MlakitError
 from mlakit.eval.metrics import LogitsFn, as_logits_fn
 from mlakit.model import Transformer, is_mlakit_checkpoint
@@ -37,7 +35,7 @@ class ScoredModel:
     max_seq_len: int | None = None
 
     def kv_bytes_per_token(self, cache_dtype: str = "bf16") -> int:
-        return self.kv_elements_per_token * torch.tensor([], dtype=resolve_dtype(cache_dtype)).element_size()
+        return self.kv_elements_per_token * dtypes.float_dtype(cache_dtype, "cache dtype").itemsize
 
 
 def _tokenizer(path: str) -> Any:

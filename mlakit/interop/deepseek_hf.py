@@ -86,7 +86,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from mlakit import dtypes
 from mlakit.config import MLAConfig, ModelConfig, RopeScaling
+from mlakit.dtypes import FLOAT_DTYPES, FloatName
 from mlakit.errors import MlakitError
 from mlakit.io import move_file, read_config_json, read_json, read_json_object, write_dir
 from mlakit.model import CONFIG_FILE, FORMAT, Transformer, fill_tied_head
@@ -121,9 +123,7 @@ TOKENIZER_PATTERNS = (
     "chat_template.json",
 )
 
-DTypeName = Literal["fp32", "bf16", "fp16"]
-_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+DTypeName = FloatName
 
 # -- the mapping table --------------------------------------------------------------------------
 
@@ -407,8 +407,8 @@ def hf_config(plan: ExportPlan, dtype: torch.dtype) -> dict[str, Any]:
         "eos_token_id": config.eos_token_id,
         "pad_token_id": None,
         "use_cache": True,
-        "torch_dtype": _HF_DTYPE_NAMES[dtype],
-        "dtype": _HF_DTYPE_NAMES[dtype],
+        "torch_dtype": dtypes.hf_name(dtype),
+        "dtype": dtypes.hf_name(dtype),
     }
     rs = att.rope_scaling
     if rs is not None:
@@ -670,11 +670,11 @@ def export_hf(
         tokenizer_dir = tokenizer_dir if tokenizer_dir is not None else source
     if max_shard_size <= 0:
         raise MlakitError(f"max_shard_size={max_shard_size} must be a positive byte count")
-    if dtype is not None and dtype not in _DTYPES:
-        raise MlakitError(f"dtype={dtype!r} is invalid: choose one of {', '.join(_DTYPES)}")
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise MlakitError(f"dtype={dtype!r} is invalid: choose one of {', '.join(FLOAT_DTYPES)}")
     plan = plan_export(model, allow_bias=allow_bias)
-    torch_dtype = _DTYPES[dtype] if dtype is not None else model.embed.weight.dtype
-    if torch_dtype not in _HF_DTYPE_NAMES:
+    torch_dtype = FLOAT_DTYPES[dtype] if dtype is not None else model.embed.weight.dtype
+    if torch_dtype not in FLOAT_DTYPES.values():
         raise MlakitError(f"model dtype {torch_dtype} cannot be exported: pass dtype='fp32', 'bf16' or 'fp16'")
     _check_latent_dtype(model, plan, torch_dtype)
     for note in plan.notes:
@@ -1067,9 +1067,9 @@ def import_hf(
     Tokenizer files travel along. Written as a temporary sibling and renamed at the end.
     Raises: MlakitError as :func:`load_hf`, or when ``out`` exists without ``overwrite``.
     """
-    if dtype is not None and dtype not in _DTYPES:
-        raise MlakitError(f"dtype={dtype!r} is invalid: choose one of {', '.join(_DTYPES)}")
-    model = load_hf(source, _DTYPES[dtype] if dtype else None)
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise MlakitError(f"dtype={dtype!r} is invalid: choose one of {', '.join(FLOAT_DTYPES)}")
+    model = load_hf(source, FLOAT_DTYPES[dtype] if dtype else None)
     meta = {"imported_from": {"format": "deepseek-hf", "path": str(Path(source).resolve())}}
 
     def write(tmp: Path) -> None:
