@@ -31,6 +31,7 @@ import functools
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -105,20 +106,23 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _stale_siblings(path: Path, suffix: str) -> Iterator[Path]:
-    """Temporary siblings of ``path`` with ``suffix`` left by processes that no longer run."""
-    prefix = f".{path.name}."
+# .NAME.<pid>.<mkstemp's random part>.partial|.old
+_TEMP = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.(?P<rand>[^.]+)(?P<kind>\.partial|\.old)")
+
+
+def _litter(directory: Path, name: str | None = None) -> Iterator[tuple[Path, str, str]]:
+    """``(path, NAME, kind)`` of temporaries in ``directory`` left by processes that no longer run."""
     try:
-        entries = list(path.parent.iterdir())
+        entries = list(directory.iterdir())
     except OSError:
         return
     for p in entries:
-        name = p.name
-        if not (name.startswith(prefix) and name.endswith(suffix)):
+        m = _TEMP.fullmatch(p.name)
+        if m is None or (name is not None and m["name"] != name):
             continue
-        pid_part = name[len(prefix) :].split(".", 1)[0]
-        if pid_part.isdigit() and int(pid_part) != os.getpid() and not _pid_alive(int(pid_part)):
-            yield p
+        pid = int(m["pid"])
+        if pid != os.getpid() and not _pid_alive(pid):
+            yield p, m["name"], m["kind"]
 
 
 def _remove(path: Path) -> None:
@@ -128,15 +132,24 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _recover(out: Path) -> None:
-    """Put back a directory moved aside by a writer that died before renaming the new one in; drop litter."""
-    for aside in _stale_siblings(out, _OLD):
-        if not out.exists() and (aside / "d").exists():
-            os.replace(aside / "d", out)
-            logger.warning("%s: restored the previous version left aside by an interrupted write", out)
-        _remove(aside)
-    for partial in _stale_siblings(out, _PARTIAL):
-        _remove(partial)
+def _clear(directory: Path, name: str | None = None) -> None:
+    """Put back directories moved aside by writers that died before renaming the new one in; drop the rest."""
+    found = sorted(_litter(directory, name), key=lambda t: t[2] != _OLD)  # restore asides first
+    for path, original, kind in found:
+        target = directory / original
+        if kind == _OLD and not target.exists() and (path / "d").exists():
+            os.replace(path / "d", target)
+            logger.warning("%s: restored the previous version left aside by an interrupted write", target)
+        _remove(path)
+
+
+def sweep(directory: str | os.PathLike[str]) -> None:
+    """Clear what killed writers left in ``directory`` (every name; :func:`write_dir` clears its own).
+
+    For directories whose writes are not all repeated, e.g. a checkpoint folder whose old
+    checkpoints were being deleted (:func:`remove_dir`) when the process died.
+    """
+    _clear(Path(directory))
 
 
 @functools.cache
@@ -174,8 +187,7 @@ def write_file(path: str | os.PathLike[str], write: Callable[[Path], T]) -> T:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in _stale_siblings(path, _PARTIAL):
-        _remove(stale)
+    _clear(path.parent, path.name)
     fd, name = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=_PARTIAL, dir=path.parent)
     os.close(fd)
     tmp = Path(name)
@@ -234,7 +246,7 @@ def write_dir(
         MlakitError: ``out`` exists without ``overwrite``, is a file, or its parent is not writable.
     """
     out = Path(out)
-    _recover(out)
+    _clear(out.parent, out.name)
     if out.exists() and not out.is_dir():
         raise MlakitError(f"{out} exists and is not a directory")
     if out.exists() and not overwrite and any(out.iterdir()):
@@ -262,6 +274,21 @@ def write_dir(
         raise
     _fsync_path(out.parent)
     return result
+
+
+def remove_dir(path: str | os.PathLike[str]) -> None:
+    """Delete a directory so that it vanishes at once: renamed to a temporary sibling, then removed.
+
+    A process killed while deleting leaves a ``.partial`` sibling (cleared by the next write of the
+    same name), never a half-deleted directory under the real name.
+    """
+    path = Path(path)
+    if not path.exists():
+        return
+    doomed = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=_PARTIAL, dir=path.parent))
+    os.replace(path, doomed / "d")
+    _fsync_path(path.parent)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -302,17 +329,25 @@ def read_json_object(path: str | os.PathLike[str], *, what: str = "a JSON object
     return data
 
 
-def read_json_lines(path: str | os.PathLike[str]) -> list[Any]:
-    """The JSON values of a JSON-lines file, one per non-empty line (a bad line names file and line)."""
+def read_json_lines(path: str | os.PathLike[str], *, torn_tail: bool = False) -> list[Any]:
+    """The JSON values of a JSON-lines file, one per non-empty line (a bad line names file and line).
+
+    ``torn_tail``: an appended log may end in a line cut short by a crash (no newline after it);
+    drop that one instead of failing.
+    """
     p = Path(path)
     with _json_errors(p):
-        text = p.read_bytes().decode("utf-8")
+        text = p.read_bytes().decode("utf-8", errors="replace" if torn_tail else "strict")
+    lines = text.split("\n")
     rows = []
-    for i, line in enumerate(text.splitlines(), 1):
+    for i, line in enumerate(lines, 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
+                if torn_tail and i == len(lines):  # the last line, not newline-terminated
+                    logger.warning("%s: dropping a torn last line (an interrupted append)", p)
+                    continue
                 raise MlakitError(f"{p} line {i} is not valid JSON: {e.msg} at column {e.colno}") from e
     return rows
 

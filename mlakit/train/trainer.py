@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -45,7 +44,7 @@ from torch.nn.parallel import DistributedDataParallel
 from mlakit.attention import MultiHeadLatentAttention
 from mlakit.config import ModelConfig
 from mlakit.errors import MlakitError
-from mlakit.io import read_json_lines, write_dir, write_text
+from mlakit.io import read_json_lines, remove_dir, sweep, write_dir, write_text
 from mlakit.model import WEIGHTS_FILE, Transformer, fill_tied_head
 from mlakit.train.data import TokenDataset, epoch_order
 
@@ -404,6 +403,7 @@ class Trainer:
         tokens_per_step = c.batch_size * c.seq_len
         from tqdm.auto import tqdm
 
+        self._trim_metrics()
         bar = tqdm(total=c.max_steps, initial=self.step, disable=not (self.progress and self.dist.is_main), unit="step")
         start = time.perf_counter()
         first = self.step
@@ -429,6 +429,16 @@ class Trainer:
         elapsed = time.perf_counter() - start
         rate = (self.step - first) * tokens_per_step / max(elapsed, 1e-9)
         return TrainResult(tuple(losses), tuple(evals), self.step, rate, self.latest_checkpoint())
+
+    def _trim_metrics(self) -> None:
+        """Drop metrics past the current step: a killed run logged steps that this run will redo
+        (all of them when no checkpoint was reached), and its last line may be torn."""
+        if not self.dist.is_main or not self.metrics_path.is_file():
+            return
+        rows = read_json_lines(self.metrics_path, torn_tail=True)
+        kept = [row for row in rows if row.get("step", 0) <= self.step]
+        if len(kept) != len(rows) or not self.metrics_path.read_bytes().endswith(b"\n"):
+            write_text(self.metrics_path, "".join(json.dumps(row) + "\n" for row in kept))
 
     def _log(self, record: dict[str, Any]) -> None:
         if not self.dist.is_main:
@@ -462,6 +472,7 @@ class Trainer:
         if self.dist.is_main:
             root = self.checkpoint_root
             root.mkdir(parents=True, exist_ok=True)
+            sweep(root)  # a killed run may have been deleting an old checkpoint
             pointer = root / LATEST
             current = pointer.read_text().strip() if pointer.is_file() else None
             if current != name:  # re-saving the step we resumed from would only risk it
@@ -482,7 +493,7 @@ class Trainer:
         done = sorted(p for p in self.checkpoint_root.glob("step-*") if p.is_dir())
         for p in done[: max(0, len(done) - self.config.keep_checkpoints)]:
             if p.name != keep:
-                shutil.rmtree(p, ignore_errors=True)
+                remove_dir(p)
 
     def resume(self, checkpoint: str | os.PathLike[str] | None = None) -> bool:
         """Continue from ``checkpoint`` (default: ``latest`` in the output directory).
@@ -518,9 +529,6 @@ class Trainer:
         random.setstate(_as_tuple(state["rng"]["python"]))
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
-        if self.dist.is_main and self.metrics_path.is_file():
-            kept = [row for row in read_json_lines(self.metrics_path) if row.get("step", 0) <= self.step]
-            write_text(self.metrics_path, "".join(json.dumps(row) + "\n" for row in kept))
         logger.info("resumed from %s at step %d", path, self.step)
         return True
 
