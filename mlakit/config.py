@@ -20,6 +20,7 @@ import torch
 
 from mlakit import dtypes
 from mlakit.dtypes import StorageName
+from mlakit.errors import MlakitError
 from mlakit.errors import invalid as _fail
 
 AttentionKind: TypeAlias = Literal["mla", "mha", "gqa", "mqa"]
@@ -29,11 +30,14 @@ CacheDType: TypeAlias = StorageName
 
 ATTENTION_KINDS: tuple[str, ...] = ("mla", "mha", "gqa", "mqa")
 DECODE_PATHS: tuple[str, ...] = ("auto", "naive", "absorbed")
+MAX_SEQ_LEN = 2**24  # 16M positions: 100x DeepSeek-V3's context; beyond, a config is damaged, not long
 
 
 def _positive(owner: str, name: str, value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise _fail(owner, name, value, "must be a positive integer")
+    if value >= 2**31:  # tensor dimensions: beyond this a config is damaged, and torch overflows
+        raise _fail(owner, name, value, "must be below 2**31")
 
 
 @dataclass(frozen=True)
@@ -203,6 +207,8 @@ class ModelConfig:
         o = "ModelConfig"
         for n in ("vocab_size", "num_layers", "intermediate_size", "max_seq_len"):
             _positive(o, n, getattr(self, n))
+        if self.max_seq_len > MAX_SEQ_LEN:  # the RoPE tables hold max_seq_len rows, allocated up front
+            raise _fail(o, "max_seq_len", self.max_seq_len, f"must be at most {MAX_SEQ_LEN:,} positions")
         if not isinstance(self.attention, (MLAConfig, AttentionConfig)):
             raise _fail(o, "attention", type(self.attention).__name__, "must be MLAConfig or AttentionConfig")
         if self.kv_lora_ranks is not None:
@@ -246,7 +252,7 @@ class ModelConfig:
     def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
         """A named preset (``ModelConfig.presets()``); keyword overrides replace top-level fields."""
         if name not in _PRESETS:
-            raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(_PRESETS)}")
+            raise MlakitError(f"unknown preset {name!r}: choose one of {', '.join(_PRESETS)}")
         cfg = cls.from_dict({**_PRESETS[name], "name": name})
         return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
@@ -261,6 +267,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        if not isinstance(d, dict):
+            raise MlakitError(f"not a valid mlakit model config: a JSON object is needed, not {type(d).__name__}")
         d = dict(d)
         try:
             att = dict(d.pop("attention"))
@@ -272,8 +280,10 @@ class ModelConfig:
             )
             ranks = d.pop("kv_lora_ranks", None)
             return cls(**d, attention=attention, kv_lora_ranks=tuple(ranks) if ranks is not None else None)
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"not a valid mlakit model config: {e}") from e
+        except MlakitError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise MlakitError(f"not a valid mlakit model config: {e}") from e
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)

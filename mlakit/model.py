@@ -9,6 +9,8 @@ stored tensors, so no random init is wasted.
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from mlakit.layers import RMSNorm, SwiGLU
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "mlakit"
+_LAYER_NAME = re.compile(r"layers\.(\d+)\.")
 
 
 class Block(nn.Module):
@@ -139,6 +142,10 @@ class Transformer(nn.Module):
             kv_len = top
         elif cache is not None:
             raise MlakitError("positions are required with a cache: pass where each token goes [B, T]")
+        elif tokens.shape[1] > self.config.max_seq_len:
+            raise MlakitError(
+                f"{tokens.shape[1]} tokens exceed the model's context (max_seq_len={self.config.max_seq_len})"
+            )
         if cache is not None and cache.batch_size != tokens.shape[0]:
             raise MlakitError(f"cache holds {cache.batch_size} sequences but tokens has batch {tokens.shape[0]}")
         path = self.attention_path(runtime, decode=cache is not None and tokens.shape[1] == 1)
@@ -227,8 +234,18 @@ class Transformer(nn.Module):
         Raises: MlakitError naming ``source`` when ``state`` does not match ``config``.
         """
         state = fill_tied_head(config, dict(state))
-        with torch.device("meta"):
-            model = cls(config)
+        kinds = {t.dtype for t in state.values()}
+        if len(kinds) > 1 or any(not dt.is_floating_point for dt in kinds):
+            names = ", ".join(sorted(str(dt).removeprefix("torch.") for dt in kinds))
+            raise MlakitError(
+                f"weights in {source} mix dtypes or are not floating point ({names}): a damaged checkpoint"
+            )
+        check_layer_count(config, state, source)
+        try:
+            with torch.device("meta"):
+                model = cls(config)
+        except (RuntimeError, TypeError, ValueError, OverflowError) as e:  # dimensions torch cannot hold
+            raise MlakitError(f"{source}: cannot build a model of its config: {e}") from e
         try:
             model.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as e:
@@ -246,6 +263,19 @@ def fill_tied_head(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[
     if config.tie_word_embeddings and "embed.weight" in state:
         state.setdefault("lm_head.weight", state["embed.weight"])
     return state
+
+
+def check_layer_count(config: ModelConfig, names: Iterable[str], source: str) -> None:
+    """Raise MlakitError unless the ``layers.{i}.`` tensors cover exactly layers ``0..num_layers-1``.
+
+    Checked before the model is built: a damaged config claiming millions of layers would
+    otherwise spend minutes building them.
+    """
+    found = {int(m.group(1)) for n in names if (m := _LAYER_NAME.match(n))}
+    if found != set(range(config.num_layers)):
+        raise MlakitError(
+            f"weights in {source} hold {len(found)} layers; its config says num_layers={config.num_layers}"
+        )
 
 
 def is_mlakit_checkpoint(directory: str | os.PathLike[str]) -> bool:

@@ -19,7 +19,7 @@ import torch
 from mlakit.config import AttentionConfig, ModelConfig
 from mlakit.errors import MlakitError
 from mlakit.io import read_config_json
-from mlakit.model import CONFIG_FILE, Transformer, is_mlakit_checkpoint
+from mlakit.model import CONFIG_FILE, Transformer, check_layer_count, is_mlakit_checkpoint
 from mlakit.quant import prepare_weights
 from mlakit.text.tokenizer import HFTokenizer, saved_tokenizer
 
@@ -45,37 +45,45 @@ LLAMA_TO_MLAKIT: dict[str, str] = {
 }
 
 
-def llama_config(hf: dict[str, Any], max_seq_len: int | None = None) -> ModelConfig:
+def llama_config(hf: dict[str, Any], max_seq_len: int | None = None, source: str = "config.json") -> ModelConfig:
     """An mlakit MHA/GQA config equal to a Hugging Face Llama-family ``config.json``.
 
     ``max_seq_len`` overrides ``max_position_embeddings`` (the size of the RoPE tables).
+
+    Raises: MlakitError naming ``source`` for a missing key or a value of the wrong type or range.
     """
-    heads = hf["num_attention_heads"]
-    rope = hf.get("rope_parameters") or {}
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-    if rope.get("rope_type", "default") != "default" or hf.get("rope_scaling"):
-        raise MlakitError("only plain RoPE Llama models can be loaded for inference (no rope scaling)")
-    att = AttentionConfig(
-        hidden_size=hf["hidden_size"],
-        num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-        rope_theta=float(theta),
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        qkv_bias=bool(hf.get("attention_bias", False)) or hf.get("model_type") == "qwen2",
-    )
-    eos = hf.get("eos_token_id")
-    return ModelConfig(
-        vocab_size=hf["vocab_size"],
-        num_layers=hf["num_hidden_layers"],
-        intermediate_size=hf["intermediate_size"],
-        attention=att,
-        max_seq_len=max_seq_len or hf.get("max_position_embeddings", 4096),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_id=eos[0] if isinstance(eos, list) else eos,
-        name=hf.get("_name_or_path", "") or hf.get("model_type", ""),
-    )
+    try:
+        heads = hf["num_attention_heads"]
+        rope = hf.get("rope_parameters") or {}
+        theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        if rope.get("rope_type", "default") != "default" or hf.get("rope_scaling"):
+            raise MlakitError("only plain RoPE Llama models can be loaded for inference (no rope scaling)")
+        att = AttentionConfig(
+            hidden_size=hf["hidden_size"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rope_theta=float(theta),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            qkv_bias=bool(hf.get("attention_bias", False)) or hf.get("model_type") == "qwen2",
+        )
+        eos = hf.get("eos_token_id")
+        return ModelConfig(
+            vocab_size=hf["vocab_size"],
+            num_layers=hf["num_hidden_layers"],
+            intermediate_size=hf["intermediate_size"],
+            attention=att,
+            max_seq_len=max_seq_len or hf.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=eos[0] if isinstance(eos, list) else eos,
+            name=hf.get("_name_or_path", "") or hf.get("model_type", ""),
+        )
+    except MlakitError as e:  # a config field out of range: the message names the field
+        raise MlakitError(f"{source}: {e}") from e
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, ZeroDivisionError, OverflowError) as e:
+        what = f"no {e}" if isinstance(e, KeyError) else str(e)
+        raise MlakitError(f"{source}: not a valid Llama-family config: {what}") from e
 
 
 def llama_to_transformer(
@@ -88,13 +96,19 @@ def llama_to_transformer(
     from safetensors.torch import load_file
 
     d = Path(directory)
-    config = llama_config(read_config_json(d, CONFIG_FILE, "a Hugging Face checkpoint"), max_seq_len)
+    config = llama_config(
+        read_config_json(d, CONFIG_FILE, "a Hugging Face checkpoint"), max_seq_len, str(d / CONFIG_FILE)
+    )
     files = sorted(d.glob("*.safetensors"))
     if not files:
         raise MlakitError(f"{d} has no *.safetensors weights")
     hf_state: dict[str, torch.Tensor] = {}
     for f in files:
-        hf_state.update(load_file(str(f)))
+        try:
+            hf_state.update(load_file(str(f)))
+        except Exception as e:  # safetensors raises several types for damaged files
+            raise MlakitError(f"cannot read {f}: {e}") from e
+    check_layer_count(config, (n.removeprefix("model.") for n in hf_state), str(d))
     state = {}
     for i in range(config.num_layers):
         for src, dst in LLAMA_TO_MLAKIT.items():

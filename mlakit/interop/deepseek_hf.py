@@ -776,12 +776,10 @@ def _moe_layer(cfg: dict[str, Any]) -> int | None:
     n_layers = int(cfg["num_hidden_layers"])
     if not cfg.get("n_routed_experts"):
         return None
-    first = int(cfg.get("first_k_dense_replace") or 0)
-    freq = int(cfg.get("moe_layer_freq") or 1)
-    for i in range(first, n_layers):
-        if i % freq == 0:
-            return i
-    return None
+    first = max(0, int(cfg.get("first_k_dense_replace") or 0))
+    freq = max(1, int(cfg.get("moe_layer_freq") or 1))
+    i = -(-first // freq) * freq  # the first multiple of freq at or after first
+    return i if i < n_layers else None
 
 
 def _rope_scaling(cfg: dict[str, Any], where: str) -> tuple[float, RopeScaling | None]:
@@ -827,8 +825,17 @@ def model_config_from_hf(cfg: dict[str, Any], where: str = CONFIG_FILE) -> tuple
     """``(ModelConfig, rope_interleave)`` for a dense DeepSeek-V2/V3 ``config.json`` dict.
 
     Raises: MlakitError for another model type, missing fields, MoE layers, quantised weights or
-    unsupported settings, naming the field.
+    unsupported settings, naming the field (and values of the wrong type, naming the file).
     """
+    try:
+        return _model_config_from_hf(cfg, where)
+    except MlakitError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, OverflowError) as e:
+        raise MlakitError(f"{where}: not a valid DeepSeek-V2/V3 config: {e}") from e
+
+
+def _model_config_from_hf(cfg: dict[str, Any], where: str) -> tuple[ModelConfig, bool]:
     if cfg.get("model_type") not in MODEL_TYPES:
         raise MlakitError(
             f"{where}: model_type {cfg.get('model_type')!r} is not a DeepSeek-V2/V3 checkpoint "
