@@ -63,7 +63,7 @@ def mla_checkpoint() -> Path:
 def real_prompts(n_long: int, long_len: int, short_len: int) -> dict:
     """Token ids of real text from mlakit's evaluation split (genre mix), SmolLM2's tokenizer."""
     from mlakit.engine.load import load_model
-    from mlakit.eval.corpus import default_corpus, token_windows
+    from mlakit.text.corpus import default_corpus, token_windows
 
     tok = load_model("smollm2-135m").tokenizer
     assert tok is not None

@@ -23,9 +23,9 @@ import torch
 
 from mlakit.convert import ConversionConfig, HealConfig, calibrate, convert_calibrated, heal, load_hf_model
 from mlakit.convert.heal import heal_windows
-from mlakit.eval.corpus import genre_corpora, token_windows
 from mlakit.eval.metrics import as_logits_fn, evaluate
 from mlakit.eval.tradeoff import Memo
+from mlakit.text.corpus import genre_corpora, token_windows
 
 
 def main() -> None:

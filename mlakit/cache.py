@@ -15,20 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from mlakit.config import AttentionConfig, CacheDType, LayerAttention, MLAConfig, ModelConfig
-
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_dtype(dtype: CacheDType | torch.dtype | str) -> torch.dtype:
-    """``'fp32' | 'bf16' | 'fp16'`` (or a torch dtype among those) -> ``torch.dtype``."""
-    if isinstance(dtype, torch.dtype):
-        if dtype not in DTYPES.values():
-            raise ValueError(f"cache dtype {dtype} is not supported: use one of {', '.join(DTYPES)}")
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"cache dtype {dtype!r} is not supported: use one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+from mlakit import dtypes
+from mlakit.config import AttentionConfig, LayerAttention, MLAConfig, ModelConfig
+from mlakit.dtypes import FloatName
+from mlakit.errors import MlakitError
 
 
 def _batch_index(positions: torch.Tensor) -> torch.Tensor:
@@ -140,7 +130,7 @@ class ModelCache:
         config: ModelConfig,
         batch_size: int,
         max_seq_len: int | None = None,
-        dtype: CacheDType | torch.dtype = "fp32",
+        dtype: FloatName | torch.dtype = "fp32",
         device: torch.device | str | None = None,
     ) -> ModelCache:
         if batch_size <= 0:
@@ -148,7 +138,12 @@ class ModelCache:
         s = config.max_seq_len if max_seq_len is None else max_seq_len
         if not 0 < s <= config.max_seq_len:
             raise ValueError(f"max_seq_len={s} is invalid: must lie in [1, {config.max_seq_len}] for this model")
-        dt = resolve_dtype(dtype)
+        if dtype == dtypes.INT8:
+            raise MlakitError(
+                "cache_dtype='int8' needs the engine's paged cache (mlakit.engine); "
+                f"a contiguous cache holds {', '.join(dtypes.FLOAT_DTYPES)}"
+            )
+        dt = dtypes.float_dtype(dtype, "cache dtype")
         layers = [layer_cache(config.layer_attention(i), batch_size, s, dt, device) for i in range(config.num_layers)]
         return cls(layers=layers, batch_size=batch_size, max_seq_len=s, dtype=dt)
 

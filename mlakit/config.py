@@ -16,21 +16,28 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
 
+import torch
+
+from mlakit import dtypes
+from mlakit.dtypes import StorageName
+from mlakit.errors import MlakitError
+from mlakit.errors import invalid as _fail
+
 AttentionKind: TypeAlias = Literal["mla", "mha", "gqa", "mqa"]
 RopeMode: TypeAlias = Literal["decoupled", "full"]
 DecodePath: TypeAlias = Literal["auto", "naive", "absorbed"]
-CacheDType: TypeAlias = Literal["fp32", "bf16", "fp16"]
+CacheDType: TypeAlias = StorageName
 
 ATTENTION_KINDS: tuple[str, ...] = ("mla", "mha", "gqa", "mqa")
-
-
-def _fail(owner: str, name: str, value: object, allowed: str) -> ValueError:
-    return ValueError(f"{owner}.{name}={value!r} is invalid: {allowed}")
+DECODE_PATHS: tuple[str, ...] = ("auto", "naive", "absorbed")
+MAX_SEQ_LEN = 2**24  # 16M positions: 100x DeepSeek-V3's context; beyond, a config is damaged, not long
 
 
 def _positive(owner: str, name: str, value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise _fail(owner, name, value, "must be a positive integer")
+    if value >= 2**31:  # tensor dimensions: beyond this a config is damaged, and torch overflows
+        raise _fail(owner, name, value, "must be below 2**31")
 
 
 @dataclass(frozen=True)
@@ -200,6 +207,8 @@ class ModelConfig:
         o = "ModelConfig"
         for n in ("vocab_size", "num_layers", "intermediate_size", "max_seq_len"):
             _positive(o, n, getattr(self, n))
+        if self.max_seq_len > MAX_SEQ_LEN:  # the RoPE tables hold max_seq_len rows, allocated up front
+            raise _fail(o, "max_seq_len", self.max_seq_len, f"must be at most {MAX_SEQ_LEN:,} positions")
         if not isinstance(self.attention, (MLAConfig, AttentionConfig)):
             raise _fail(o, "attention", type(self.attention).__name__, "must be MLAConfig or AttentionConfig")
         if self.kv_lora_ranks is not None:
@@ -243,8 +252,8 @@ class ModelConfig:
     def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
         """A named preset (``ModelConfig.presets()``); keyword overrides replace top-level fields."""
         if name not in _PRESETS:
-            raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(_PRESETS)}")
-        cfg = _PRESETS[name]()
+            raise MlakitError(f"unknown preset {name!r}: choose one of {', '.join(_PRESETS)}")
+        cfg = cls.from_dict({**_PRESETS[name], "name": name})
         return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
     def to_dict(self) -> dict[str, Any]:
@@ -258,6 +267,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        if not isinstance(d, dict):
+            raise MlakitError(f"not a valid mlakit model config: a JSON object is needed, not {type(d).__name__}")
         d = dict(d)
         try:
             att = dict(d.pop("attention"))
@@ -269,8 +280,10 @@ class ModelConfig:
             )
             ranks = d.pop("kv_lora_ranks", None)
             return cls(**d, attention=attention, kv_lora_ranks=tuple(ranks) if ranks is not None else None)
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"not a valid mlakit model config: {e}") from e
+        except MlakitError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise MlakitError(f"not a valid mlakit model config: {e}") from e
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -278,156 +291,130 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    """How to run a model, independent of its weights.
+    """How to run a model, independent of its weights: the one definition of decode path and cache dtype.
 
     ``decode_path``: ``'absorbed'`` folds ``W_UK`` into the query and ``W_UV`` after attention and
     never materialises per-head K/V; ``'naive'`` decompresses the cached latent; ``'auto'`` picks
     absorbed where the layer allows it (``rope_mode='decoupled'``). Prefill always uses the
     compute-friendly naive path (materialise K/V for the chunk, fused SDPA).
+
+    ``cache_dtype``: a name from :mod:`mlakit.dtypes` — ``'fp32'``, ``'bf16'``, ``'fp16'``,
+    ``'auto'`` (the model's dtype) or ``'int8'`` (per-token scales; only the engine's paged cache
+    quantizes). The engine's :class:`~mlakit.engine.EngineConfig` extends this class.
     """
 
     decode_path: DecodePath = "auto"
     cache_dtype: CacheDType = "fp32"
 
     def __post_init__(self) -> None:
-        if self.decode_path not in ("auto", "naive", "absorbed"):
-            raise _fail("RuntimeConfig", "decode_path", self.decode_path, "must be 'auto', 'naive' or 'absorbed'")
-        if self.cache_dtype not in ("fp32", "bf16", "fp16"):
-            raise _fail("RuntimeConfig", "cache_dtype", self.cache_dtype, "must be 'fp32', 'bf16' or 'fp16'")
+        owner = type(self).__name__
+        if self.decode_path not in DECODE_PATHS:
+            raise _fail(owner, "decode_path", self.decode_path, f"must be one of {', '.join(DECODE_PATHS)}")
+        if self.cache_dtype not in dtypes.STORAGE_NAMES:
+            raise _fail(owner, "cache_dtype", self.cache_dtype, f"must be one of {', '.join(dtypes.STORAGE_NAMES)}")
+
+    def cache_storage(self, model_dtype: torch.dtype) -> torch.dtype | str:
+        """What the cache stores for a model computing in ``model_dtype``: a dtype or ``'int8'``."""
+        return dtypes.storage(self.cache_dtype, model_dtype)
 
 
 # -- presets -----------------------------------------------------------------------------------
-# DeepSeek dims as published in their config.json files (attention and dense-layer dims; MoE
-# layers are represented by their dense intermediate size, which does not affect attention or KV).
+# Presets are data in the shape of a checkpoint's config (ModelConfig.to_dict), so a preset reads
+# like the config.json it stands for. DeepSeek dims as published in their config.json files
+# (attention and dense-layer dims; MoE layers are represented by their dense intermediate size,
+# which does not affect attention or KV).
 
+_DEEPSEEK_MLA: dict[str, Any] = {
+    "kind": "mla",
+    "kv_lora_rank": 512,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "rope_theta": 10000.0,
+}
+_DEEPSEEK_YARN: dict[str, Any] = {"factor": 40.0, "original_max_position_embeddings": 4096}
+_DEEPSEEK_V2_YARN = {**_DEEPSEEK_YARN, "mscale": 0.707, "mscale_all_dim": 0.707}
+_DEEPSEEK_V2_LM: dict[str, Any] = {
+    "vocab_size": 102400,
+    "max_seq_len": 163840,
+    "bos_token_id": 100000,
+    "eos_token_id": 100001,
+}
+_TINY_LM: dict[str, Any] = {"vocab_size": 256, "num_layers": 2, "intermediate_size": 128, "max_seq_len": 256}
+_TINY_MLA: dict[str, Any] = {
+    "kind": "mla",
+    "hidden_size": 64,
+    "num_heads": 4,
+    "kv_lora_rank": 32,
+    "qk_nope_head_dim": 16,
+    "qk_rope_head_dim": 8,
+    "v_head_dim": 16,
+}
+_TINY_BASELINE: dict[str, Any] = {"kind": "baseline", "hidden_size": 64, "num_heads": 4, "head_dim": 16}
 
-def _deepseek_v2() -> ModelConfig:
-    yarn = RopeScaling(factor=40.0, original_max_position_embeddings=4096, mscale=0.707, mscale_all_dim=0.707)
-    att = MLAConfig(
-        hidden_size=5120,
-        num_heads=128,
-        q_lora_rank=1536,
-        kv_lora_rank=512,
-        qk_nope_head_dim=128,
-        qk_rope_head_dim=64,
-        v_head_dim=128,
-        rope_theta=10000.0,
-        rope_scaling=yarn,
-    )
-    return ModelConfig(
-        vocab_size=102400,
-        num_layers=60,
-        intermediate_size=12288,
-        attention=att,
-        max_seq_len=163840,
-        bos_token_id=100000,
-        eos_token_id=100001,
-        name="deepseek-v2",
-    )
-
-
-def _deepseek_v2_lite() -> ModelConfig:
-    yarn = RopeScaling(factor=40.0, original_max_position_embeddings=4096, mscale=0.707, mscale_all_dim=0.707)
-    att = MLAConfig(
-        hidden_size=2048,
-        num_heads=16,
-        q_lora_rank=None,
-        kv_lora_rank=512,
-        qk_nope_head_dim=128,
-        qk_rope_head_dim=64,
-        v_head_dim=128,
-        rope_theta=10000.0,
-        rope_scaling=yarn,
-    )
-    return ModelConfig(
-        vocab_size=102400,
-        num_layers=27,
-        intermediate_size=10944,
-        attention=att,
-        max_seq_len=163840,
-        bos_token_id=100000,
-        eos_token_id=100001,
-        name="deepseek-v2-lite",
-    )
-
-
-def _deepseek_v3() -> ModelConfig:
-    yarn = RopeScaling(factor=40.0, original_max_position_embeddings=4096, mscale=1.0, mscale_all_dim=1.0)
-    att = MLAConfig(
-        hidden_size=7168,
-        num_heads=128,
-        q_lora_rank=1536,
-        kv_lora_rank=512,
-        qk_nope_head_dim=128,
-        qk_rope_head_dim=64,
-        v_head_dim=128,
-        rope_theta=10000.0,
-        rope_scaling=yarn,
-    )
-    return ModelConfig(
-        vocab_size=129280,
-        num_layers=61,
-        intermediate_size=18432,
-        attention=att,
-        max_seq_len=163840,
-        bos_token_id=0,
-        eos_token_id=1,
-        name="deepseek-v3",
-    )
-
-
-def _smollm2_135m() -> ModelConfig:
-    att = AttentionConfig(
-        hidden_size=576, num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0, rms_norm_eps=1e-5
-    )
-    return ModelConfig(
-        vocab_size=49152,
-        num_layers=30,
-        intermediate_size=1536,
-        attention=att,
-        max_seq_len=8192,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        name="smollm2-135m",
-    )
-
-
-def _tiny_mla(q_lora_rank: int | None) -> ModelConfig:
-    att = MLAConfig(
-        hidden_size=64,
-        num_heads=4,
-        q_lora_rank=q_lora_rank,
-        kv_lora_rank=32,
-        qk_nope_head_dim=16,
-        qk_rope_head_dim=8,
-        v_head_dim=16,
-    )
-    return ModelConfig(
-        vocab_size=256,
-        num_layers=2,
-        intermediate_size=128,
-        attention=att,
-        max_seq_len=256,
-        name="tiny-mla" if q_lora_rank else "tiny-mla-noq",
-    )
-
-
-def _tiny_baseline(num_kv_heads: int, name: str) -> ModelConfig:
-    att = AttentionConfig(hidden_size=64, num_heads=4, num_kv_heads=num_kv_heads, head_dim=16)
-    return ModelConfig(vocab_size=256, num_layers=2, intermediate_size=128, attention=att, max_seq_len=256, name=name)
-
-
-_PRESETS = {
-    "deepseek-v2": _deepseek_v2,
-    "deepseek-v2-lite": _deepseek_v2_lite,
-    "deepseek-v3": _deepseek_v3,
-    "smollm2-135m": _smollm2_135m,
-    "tiny-mla": lambda: _tiny_mla(48),
-    "tiny-mla-noq": lambda: _tiny_mla(None),
-    "tiny-mha": lambda: _tiny_baseline(4, "tiny-mha"),
-    "tiny-gqa": lambda: _tiny_baseline(2, "tiny-gqa"),
-    "tiny-mqa": lambda: _tiny_baseline(1, "tiny-mqa"),
+_PRESETS: dict[str, dict[str, Any]] = {
+    "deepseek-v2": {
+        **_DEEPSEEK_V2_LM,
+        "num_layers": 60,
+        "intermediate_size": 12288,
+        "attention": {
+            **_DEEPSEEK_MLA,
+            "hidden_size": 5120,
+            "num_heads": 128,
+            "q_lora_rank": 1536,
+            "rope_scaling": _DEEPSEEK_V2_YARN,
+        },
+    },
+    "deepseek-v2-lite": {
+        **_DEEPSEEK_V2_LM,
+        "num_layers": 27,
+        "intermediate_size": 10944,
+        "attention": {
+            **_DEEPSEEK_MLA,
+            "hidden_size": 2048,
+            "num_heads": 16,
+            "q_lora_rank": None,
+            "rope_scaling": _DEEPSEEK_V2_YARN,
+        },
+    },
+    "deepseek-v3": {
+        "vocab_size": 129280,
+        "num_layers": 61,
+        "intermediate_size": 18432,
+        "max_seq_len": 163840,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "attention": {
+            **_DEEPSEEK_MLA,
+            "hidden_size": 7168,
+            "num_heads": 128,
+            "q_lora_rank": 1536,
+            "rope_scaling": {**_DEEPSEEK_YARN, "mscale": 1.0, "mscale_all_dim": 1.0},
+        },
+    },
+    "smollm2-135m": {
+        "vocab_size": 49152,
+        "num_layers": 30,
+        "intermediate_size": 1536,
+        "max_seq_len": 8192,
+        "tie_word_embeddings": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "attention": {
+            "kind": "baseline",
+            "hidden_size": 576,
+            "num_heads": 9,
+            "num_kv_heads": 3,
+            "head_dim": 64,
+            "rope_theta": 100000.0,
+            "rms_norm_eps": 1e-5,
+        },
+    },
+    "tiny-mla": {**_TINY_LM, "attention": {**_TINY_MLA, "q_lora_rank": 48}},
+    "tiny-mla-noq": {**_TINY_LM, "attention": {**_TINY_MLA, "q_lora_rank": None}},
+    "tiny-mha": {**_TINY_LM, "attention": {**_TINY_BASELINE, "num_kv_heads": 4}},
+    "tiny-gqa": {**_TINY_LM, "attention": {**_TINY_BASELINE, "num_kv_heads": 2}},
+    "tiny-mqa": {**_TINY_LM, "attention": {**_TINY_BASELINE, "num_kv_heads": 1}},
 }
 
 

@@ -104,7 +104,7 @@ def stream(
         raise MlakitError(f"prompt of {max(lengths)} tokens does not fit the context ({room} tokens)")
     device = model.embed.weight.device
     b, t = len(prompts), max(lengths)
-    cache = model.new_cache(b, capacity, runtime.cache_dtype)
+    cache = model.new_cache(b, capacity, runtime.cache_storage(model.embed.weight.dtype))  # type: ignore[arg-type]
     tokens = torch.zeros(b, t, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = torch.tensor(p, device=device)

@@ -15,8 +15,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from mlakit.cache import resolve_dtype
-from mlakit.config import AttentionConfig, CacheDType, MLAConfig, ModelConfig
+from mlakit import dtypes
+from mlakit.config import AttentionConfig, MLAConfig, ModelConfig
+from mlakit.dtypes import FloatName
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ def kv_report(
     config: ModelConfig,
     seq_len: int = 4096,
     batch: int = 1,
-    dtype: CacheDType = "bf16",
+    dtype: FloatName = "bf16",
     memory: int | None = None,
     gqa_groups: int | None = None,
 ) -> KVReport:
@@ -79,7 +80,7 @@ def kv_report(
     for name, v in (("seq_len", seq_len), ("batch", batch)):
         if v <= 0:
             raise ValueError(f"{name}={v} is invalid: must be a positive integer")
-    width = resolve_dtype(dtype).itemsize
+    width = dtypes.float_dtype(dtype, "cache dtype").itemsize
     att = config.attention
     layers = config.num_layers
     n_h = att.num_heads

@@ -8,8 +8,9 @@ stored tensors, so no random init is wasted.
 
 from __future__ import annotations
 
-import json
 import os
+import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +22,16 @@ from mlakit.attention import GroupedQueryAttention, MultiHeadLatentAttention, Ro
 from mlakit.attention.metadata import AttentionMetadata
 from mlakit.attention.mla import AttentionPath
 from mlakit.cache import KVCache, LatentCache, ModelCache
-from mlakit.config import CacheDType, MLAConfig, ModelConfig, RuntimeConfig
+from mlakit.config import MLAConfig, ModelConfig, RuntimeConfig
+from mlakit.dtypes import FloatName
 from mlakit.errors import MlakitError
-from mlakit.io import atomic_write, read_config_json
+from mlakit.io import read_config_json, read_json, write_file, write_json
 from mlakit.layers import RMSNorm, SwiGLU
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "mlakit"
+_LAYER_NAME = re.compile(r"layers\.(\d+)\.")
 
 
 class Block(nn.Module):
@@ -94,7 +97,7 @@ class Transformer(nn.Module):
     # -- running -----------------------------------------------------------------------------------
 
     def new_cache(
-        self, batch_size: int, max_seq_len: int | None = None, dtype: CacheDType | torch.dtype = "fp32"
+        self, batch_size: int, max_seq_len: int | None = None, dtype: FloatName | torch.dtype = "fp32"
     ) -> ModelCache:
         """A preallocated cache for ``batch_size`` sequences of up to ``max_seq_len`` tokens."""
         return ModelCache.allocate(self.config, batch_size, max_seq_len, dtype, self.embed.weight.device)
@@ -139,6 +142,10 @@ class Transformer(nn.Module):
             kv_len = top
         elif cache is not None:
             raise MlakitError("positions are required with a cache: pass where each token goes [B, T]")
+        elif tokens.shape[1] > self.config.max_seq_len:
+            raise MlakitError(
+                f"{tokens.shape[1]} tokens exceed the model's context (max_seq_len={self.config.max_seq_len})"
+            )
         if cache is not None and cache.batch_size != tokens.shape[0]:
             raise MlakitError(f"cache holds {cache.batch_size} sequences but tokens has batch {tokens.shape[0]}")
         path = self.attention_path(runtime, decode=cache is not None and tokens.shape[1] == 1)
@@ -186,8 +193,8 @@ class Transformer(nn.Module):
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
         header = {"format": FORMAT, "config": self.config.to_dict(), **(metadata or {})}
-        atomic_write(out / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
-        atomic_write(out / CONFIG_FILE, lambda p: p.write_text(json.dumps(header, indent=2)))
+        write_file(out / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
+        write_json(out / CONFIG_FILE, header)
         return out
 
     @classmethod
@@ -206,20 +213,82 @@ class Transformer(nn.Module):
             state = load_file(str(path), device=str(device))
         except Exception as e:  # safetensors raises several types for damaged files
             raise MlakitError(f"cannot read {path}: {e}") from e
-        with torch.device("meta"):
-            model = cls(config)
-        if config.tie_word_embeddings:
-            state.setdefault("lm_head.weight", state.get("embed.weight", torch.empty(0)))
+        return cls.from_state_dict(config, state, source=str(path), dtype=dtype, device=device)
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        config: ModelConfig,
+        state: dict[str, torch.Tensor],
+        *,
+        source: str,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+    ) -> Transformer:
+        """The one way a model is built from stored tensors: on ``meta``, tensors assigned, head tied.
+
+        Building on the meta device allocates nothing, so no random initialisation is wasted; the
+        tensors in ``state`` become the parameters (no copy). A tied head may be absent from
+        ``state``. The RoPE tables (buffers, not weights) are computed on ``device``.
+
+        Raises: MlakitError naming ``source`` when ``state`` does not match ``config``.
+        """
+        state = fill_tied_head(config, dict(state))
+        kinds = {t.dtype for t in state.values()}
+        if len(kinds) > 1 or any(not dt.is_floating_point for dt in kinds):
+            names = ", ".join(sorted(str(dt).removeprefix("torch.") for dt in kinds))
+            raise MlakitError(
+                f"weights in {source} mix dtypes or are not floating point ({names}): a damaged checkpoint"
+            )
+        check_layer_count(config, state, source)
+        try:
+            with torch.device("meta"):
+                model = cls(config)
+        except (RuntimeError, TypeError, ValueError, OverflowError) as e:  # dimensions torch cannot hold
+            raise MlakitError(f"{source}: cannot build a model of its config: {e}") from e
         try:
             model.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as e:
-            raise MlakitError(f"weights in {path} do not match its config: {e}") from e
+            raise MlakitError(f"weights in {source} do not match its config: {e}") from e
         if config.tie_word_embeddings:
             model.lm_head.weight = model.embed.weight
         model.rotary.reset_tables(device)
         if dtype is not None:
             model.to(dtype)
         return model.eval()
+
+
+def fill_tied_head(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with ``lm_head.weight`` set to the embedding where the config ties them (checkpoints omit it)."""
+    if config.tie_word_embeddings and "embed.weight" in state:
+        state.setdefault("lm_head.weight", state["embed.weight"])
+    return state
+
+
+def check_layer_count(config: ModelConfig, names: Iterable[str], source: str) -> None:
+    """Raise MlakitError unless the ``layers.{i}.`` tensors cover exactly layers ``0..num_layers-1``.
+
+    Checked before the model is built: a damaged config claiming millions of layers would
+    otherwise spend minutes building them.
+    """
+    found = {int(m.group(1)) for n in names if (m := _LAYER_NAME.match(n))}
+    if found != set(range(config.num_layers)):
+        raise MlakitError(
+            f"weights in {source} hold {len(found)} layers; its config says num_layers={config.num_layers}"
+        )
+
+
+def is_mlakit_checkpoint(directory: str | os.PathLike[str]) -> bool:
+    """Whether ``directory`` holds an mlakit ``config.json`` (False without one).
+
+    Raises: MlakitError when ``config.json`` exists but is not valid JSON (it names the file), so a
+    damaged checkpoint is reported as damaged rather than as "some other format".
+    """
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        return False
+    header = read_json(path)
+    return isinstance(header, dict) and header.get("format") == FORMAT
 
 
 def load_config(directory: str | os.PathLike[str]) -> ModelConfig:

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from mlakit.io import atomic_write, cache_dir
+from mlakit.io import cache_dir, write_file
 from mlakit.paged import PagedRows
 
 logger = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ def _build(target: Path, cc: str) -> None:
         if done.returncode != 0:
             raise OSError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-500:]}")
 
-    atomic_write(target, compile_to)
+    write_file(target, compile_to)
 
 
 @functools.lru_cache(maxsize=1)  # build and load once per process

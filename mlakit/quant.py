@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mlakit import dtypes
 from mlakit.errors import MlakitError
 from mlakit.native import INT8_GEMV_MAX_ROWS, NativeKernels, cpu_flags, load_native
 
@@ -63,10 +64,8 @@ def resolve_weight_format(
             name = "bf16"
         else:
             name = "int8" if has_bf16_arithmetic(flags) else "fp32"
-    if name == "fp32":
-        return name, torch.float32
-    if name == "bf16":
-        return name, torch.bfloat16
+    if name != dtypes.INT8:
+        return name, dtypes.float_dtype(name)
     # int8: activations in bf16 where the CPU has bf16 arithmetic (or on a GPU), else fp32
     return name, torch.bfloat16 if kind != "cpu" or has_bf16_arithmetic(flags) else torch.float32
 

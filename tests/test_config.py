@@ -75,3 +75,51 @@ def test_published_deepseek_dims() -> None:
     ) == (128, 1536, 512, 128, 64, 128)
     lite = ModelConfig.from_preset("deepseek-v2-lite").attention
     assert isinstance(lite, MLAConfig) and lite.q_lora_rank is None and lite.num_heads == 16
+
+
+def test_one_runtime_config_for_generate_and_engine() -> None:
+    """EngineConfig extends RuntimeConfig: one definition of decode path and cache dtype, one error type."""
+    import torch
+
+    from mlakit.engine import EngineConfig
+    from mlakit.errors import MlakitError
+
+    engine = EngineConfig(decode_path="naive", cache_dtype="int8")
+    assert isinstance(engine, RuntimeConfig)
+    assert engine.runtime == RuntimeConfig(decode_path="naive", cache_dtype="int8")
+    assert EngineConfig().cache_dtype == "auto" and RuntimeConfig().cache_dtype == "fp32"
+    for cls in (RuntimeConfig, EngineConfig):
+        with pytest.raises(MlakitError, match=rf"{cls.__name__}\.decode_path='fast' is invalid"):
+            cls(decode_path="fast")  # type: ignore[arg-type]
+        with pytest.raises(MlakitError, match=rf"{cls.__name__}\.cache_dtype='fp8' is invalid: must be one of auto"):
+            cls(cache_dtype="fp8")  # type: ignore[arg-type]
+    assert RuntimeConfig(cache_dtype="auto").cache_storage(torch.bfloat16) == torch.bfloat16
+    assert RuntimeConfig(cache_dtype="fp16").cache_storage(torch.float32) == torch.float16
+    assert EngineConfig(cache_dtype="int8").cache_storage(torch.float32) == "int8"
+
+
+def test_generate_refuses_an_int8_contiguous_cache() -> None:
+    from mlakit import SamplingConfig, Transformer, generate
+    from mlakit.errors import MlakitError
+
+    model = Transformer(ModelConfig.from_preset("tiny-mla")).eval()
+    with pytest.raises(MlakitError, match="int8' needs the engine's paged cache"):
+        generate(model, [[1, 2, 3]], SamplingConfig(max_new_tokens=2), RuntimeConfig(cache_dtype="int8"))
+
+
+def test_presets_are_config_data() -> None:
+    """Every preset is the config.json shape of a ModelConfig, named by its key."""
+    from mlakit.config import _PRESETS
+
+    for name, data in _PRESETS.items():
+        config = ModelConfig.from_preset(name)
+        assert config.name == name
+        assert config.to_dict() == ModelConfig.from_dict({**data, "name": name}).to_dict()
+
+
+def test_engine_cache_takes_what_its_kernels_read() -> None:
+    from mlakit.engine import EngineConfig
+    from mlakit.errors import MlakitError
+
+    with pytest.raises(MlakitError, match=r"EngineConfig\.cache_dtype='fp16' is invalid: the engine's paged cache"):
+        EngineConfig(cache_dtype="fp16")

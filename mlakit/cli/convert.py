@@ -157,7 +157,7 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from mlakit.convert import ConversionConfig, calibrate, convert_calibrated, load_hf_model, save_converted
     from mlakit.convert.heal import heal_recorded
-    from mlakit.eval.corpus import files_corpus
+    from mlakit.text.corpus import files_corpus
 
     if Path(args.out).exists() and not args.overwrite:
         raise MlakitError(f"--out {args.out} already exists; choose a new directory (or --overwrite)")

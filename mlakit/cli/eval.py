@@ -6,6 +6,8 @@ import argparse
 import json
 from typing import Any
 
+from mlakit.dtypes import FLOAT_DTYPES
+
 
 def register(sub: Any) -> None:
     p = sub.add_parser(
@@ -34,7 +36,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--cache-dtype",
-        choices=("fp32", "bf16", "fp16"),
+        choices=tuple(FLOAT_DTYPES),
         default="bf16",
         help="dtype for KV bytes per token (default bf16)",
     )

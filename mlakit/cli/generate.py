@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from mlakit.engine.config import ENGINE_CACHE_DTYPES
 from mlakit.errors import MlakitError
 
 
@@ -24,7 +25,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=16, help="tokens per cache block (default 16)")
     g.add_argument(
         "--cache-dtype",
-        choices=("auto", "fp32", "bf16", "int8"),
+        choices=ENGINE_CACHE_DTYPES,
         default="auto",
         help="cache storage; auto = the weights' dtype; int8 = per-token scales (default auto)",
     )

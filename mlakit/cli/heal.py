@@ -77,7 +77,7 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mlakit.convert.heal import heal_checkpoint
-    from mlakit.eval.corpus import files_corpus
+    from mlakit.text.corpus import files_corpus
 
     if Path(args.out).exists() and not args.overwrite:
         raise MlakitError(f"--out {args.out} already exists; choose a new directory (or --overwrite)")

@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,8 +39,9 @@ from mlakit.convert.load import LoadedModel, load_hf_model
 from mlakit.convert.ranks import Allocation, check_ranks, greedy_ranks, latent_budget, uniform_ranks
 from mlakit.convert.rope import decouple_rope, decoupled_rope_theta, rope_pairs_for_context
 from mlakit.errors import MlakitError
-from mlakit.eval.corpus import Corpus, default_corpus, token_windows
+from mlakit.io import write_dir, write_json
 from mlakit.model import Transformer
+from mlakit.text.corpus import Corpus, default_corpus, token_windows
 
 logger = logging.getLogger(__name__)
 
@@ -447,13 +445,7 @@ def convert_calibrated(cal: Calibrated, config: ConversionConfig, *, progress: b
         if run is not None:
             run.advance(i, st, has_bias)
     state = _model_state(hf, layer_states, has_bias)
-    with torch.device("meta"):
-        model = Transformer(mc)
-    model.load_state_dict(state, strict=True, assign=True)
-    if mc.tie_word_embeddings:
-        model.lm_head.weight = model.embed.weight
-    model.rotary.reset_tables("cpu")
-    model.eval()
+    model = Transformer.from_state_dict(mc, state, source=f"the conversion of {cal.loaded.source}")
     original = 2 * g * d * len(ranks)
     cached = sum(ranks) + dr * len(ranks)
     record = {
@@ -595,23 +587,14 @@ def save_converted(result: ConversionResult, out: str | os.PathLike[str], *, ove
     out = Path(out)
     if out.exists() and not overwrite:
         raise MlakitError(f"--out {out} already exists; choose a new directory")
-    parent = out.resolve().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
-    except OSError as e:
-        raise MlakitError(f"cannot write under {parent}: {e}") from e
-    try:
+
+    def write(tmp: Path) -> None:
         result.model.save_pretrained(tmp, metadata={"conversion": result.record})
         if result.tokenizer is not None:
             result.tokenizer.save_pretrained(tmp)
-        (tmp / RECORD_FILE).write_text(json.dumps(result.record, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json(tmp / RECORD_FILE, result.record)
+
+    write_dir(out.resolve(), write, overwrite=True)
     return out
 
 

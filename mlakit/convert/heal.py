@@ -42,8 +42,8 @@ import torch
 from mlakit.attention.common import position_mask
 from mlakit.attention.mla import MultiHeadLatentAttention
 from mlakit.errors import MlakitError
-from mlakit.eval.corpus import Corpus, default_corpus, token_windows
 from mlakit.model import Block, Transformer
+from mlakit.text.corpus import Corpus, default_corpus, token_windows
 
 logger = logging.getLogger(__name__)
 

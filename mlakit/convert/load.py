@@ -10,9 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import os
-import shutil
-import tempfile
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,7 @@ from typing import Any
 import torch
 
 from mlakit.errors import MlakitError
-from mlakit.io import cache_dir
+from mlakit.io import cache_dir, read_json_object, write_dir
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +79,8 @@ def _check_config(config: Any, source: str) -> None:
             f"model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     archs = getattr(config, "architectures", None) or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise MlakitError(f"{source}: config.json architectures={archs!r} is not a list of class names")
     if archs and not any(a.endswith("ForCausalLM") for a in archs):
         raise MlakitError(f"{source}: {archs} is not a causal language model")
 
@@ -107,6 +107,58 @@ def _save_plain(model: Any, out: Path) -> None:
     clean.save_pretrained(out)
 
 
+def _implied_weights(config: Any) -> int:
+    """A lower bound on the weights of any Llama-family model with ``config``: embedding, w_q, w_o, SwiGLU."""
+    try:
+        h, f = int(config.hidden_size), int(config.intermediate_size)
+        return int(config.vocab_size) * h + int(config.num_hidden_layers) * (2 * h * h + 3 * h * f)
+    except (AttributeError, TypeError, ValueError) as e:
+        raise MlakitError(f"{config.name_or_path}: config lacks a model dimension: {e}") from e
+
+
+def _check_weight_bytes(config: Any, directory: Path) -> None:
+    """Refuse a config whose dimensions need far more bytes than the directory's weight files hold.
+
+    ``transformers`` allocates and initialises the model its config describes before it reads the
+    weights: a damaged dimension would cost minutes or the machine's memory before the mismatch.
+    """
+    stored = sum(p.stat().st_size for p in directory.iterdir() if p.suffix in (".safetensors", ".bin"))
+    implied = _implied_weights(config)
+    if implied // 2 > stored + 10**6:  # half a byte per weight: even 4-bit files hold more
+        raise MlakitError(
+            f"{directory}: its config.json describes at least {implied:,} weights, more than its weight files "
+            f"({stored:,} bytes) can hold: a damaged config or missing weights"
+        )
+
+
+def _check_gguf_tensors(config: Any, gguf: Path) -> None:
+    """Refuse a header that disagrees with the tensors the file holds: layer count, size.
+
+    A damaged (bit-flipped) dimension would otherwise make ``transformers`` build and initialise a
+    model of that shape before it notices: seconds per missing layer, or the machine's memory for
+    a dimension grown by a power of two.
+    """
+    from gguf import GGUFReader
+
+    try:
+        tensors = GGUFReader(str(gguf)).tensors
+    except Exception as e:  # gguf raises many types for damaged files
+        raise MlakitError(f"{gguf}: cannot read as a GGUF model: {e}") from e
+    stored = sum(int(t.n_elements) for t in tensors)
+    layers = {int(m.group(1)) for t in tensors if (m := re.match(r"blk\.(\d+)\.", t.name))}
+    if len(layers) != config.num_hidden_layers:
+        raise MlakitError(
+            f"{gguf}: its header says {config.num_hidden_layers} layers, its tensors hold {len(layers)}: "
+            "damaged, or not a supported GGUF"
+        )
+    implied = _implied_weights(config)
+    if implied > 2 * stored + 10**6:
+        raise MlakitError(
+            f"{gguf}: its header describes a model of at least {implied:,} weights but the file holds {stored:,}: "
+            "damaged, or not a supported GGUF"
+        )
+
+
 def _gguf_to_hf_dir(gguf: Path) -> Path:
     """Dequantize a GGUF file once into an HF directory under the cache; return that directory."""
     out = _gguf_cache_path(gguf)
@@ -120,21 +172,19 @@ def _gguf_to_hf_dir(gguf: Path) -> Path:
     except Exception as e:  # transformers raises many types for a bad GGUF
         raise MlakitError(f"{gguf}: cannot read as a GGUF model: {e}") from e
     _check_config(config, str(gguf))
+    _check_gguf_tensors(config, gguf)
     logger.info("dequantizing %s (once; cached at %s)", gguf.name, out)
     try:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except Exception as e:
         raise MlakitError(f"{gguf}: cannot load as a causal LM: {e}") from e
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         _save_plain(model, tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, out) if not out.exists() else shutil.rmtree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_dir(out, write, overwrite=True)  # another process may have filled the cache meanwhile: same bytes
     return out
 
 
@@ -179,15 +229,24 @@ def load_hf_model(model: str, *, dtype: torch.dtype = torch.float32) -> LoadedMo
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(model)
+    if isinstance(path, Path):
+        read_json_object(path / "config.json", what="a Hugging Face model config")  # names a malformed file
     try:
         config = AutoConfig.from_pretrained(path)
-    except OSError as e:
+    except Exception as e:  # transformers raises many types for a bad config
         raise MlakitError(f"{model}: cannot read model config: {e}") from e
     _check_config(config, model)
+    if isinstance(path, Path):
+        _check_weight_bytes(config, path)
     try:
-        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except OSError as e:
+        hf, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+    except Exception as e:  # transformers raises many types for missing or mismatched weights
         raise MlakitError(f"{model}: cannot load weights: {e}") from e
+    # transformers only warns about these and initialises the gaps at random: refuse instead
+    gaps = {k: sorted(info.get(k) or ()) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(gaps.values()):
+        detail = "; ".join(f"{k.replace('_', ' ')}: {', '.join(map(str, v[:3]))}" for k, v in gaps.items() if v)
+        raise MlakitError(f"{model}: its weights do not match its config ({detail})")
     hf.eval()
     try:
         tok = AutoTokenizer.from_pretrained(path)

@@ -1,39 +1,37 @@
-"""The engine's runtime config: cache layout, memory budget, batching limits, decode path.
+"""The engine's runtime config: cache layout, memory budget, batching limits (+ decode path, cache dtype).
 
 Model properties live in :class:`mlakit.config.ModelConfig`; everything here is a choice about how
-to *run* a model and is passed explicitly to :class:`mlakit.engine.Engine`.
+to *run* a model and is passed explicitly to :class:`mlakit.engine.Engine`. The decode path and
+cache dtype are :class:`mlakit.config.RuntimeConfig`'s, which this class extends: one definition
+for ``mlakit.generate`` and the engine alike.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, TypeAlias
 
-import torch
-
-from mlakit.errors import MlakitError
+from mlakit.config import CacheDType, RuntimeConfig
+from mlakit.errors import invalid
 from mlakit.units import parse_bytes
 
-EngineCacheDType: TypeAlias = Literal["auto", "fp32", "bf16", "int8"]
-EngineDecodePath: TypeAlias = Literal["auto", "absorbed", "naive"]
+#: the names of :mod:`mlakit.dtypes` the paged cache stores (its native kernels read fp32, bf16, int8)
+ENGINE_CACHE_DTYPES: tuple[str, ...] = ("auto", "fp32", "bf16", "int8")
 
 
-def _fail(name: str, value: object, allowed: str) -> MlakitError:
-    return MlakitError(f"EngineConfig.{name}={value!r} is invalid: {allowed}")
-
-
-@dataclass(frozen=True)
-class EngineConfig:
+@dataclass(frozen=True, kw_only=True)
+class EngineConfig(RuntimeConfig):
     """How the engine runs a model.
 
     Attributes:
+        decode_path: as :class:`~mlakit.config.RuntimeConfig`: ``"auto"`` (absorbed where the model
+            allows it), ``"absorbed"`` or ``"naive"`` (decompress the cached latents; the only
+            option for ``rope_mode="full"``).
+        cache_dtype: as :class:`~mlakit.config.RuntimeConfig`, default ``"auto"`` (the model's
+            dtype); ``"int8"`` is symmetric, one fp32 scale per token per layer (MLA latents and
+            baseline K/V alike).
         kv_memory: bytes the paged cache may use in total (an int or a size such as ``"2GiB"``);
             the pool is allocated once, up front, and never grows.
         block_size: tokens per cache block (the paging granularity).
-        cache_dtype: ``"auto"`` (the model's dtype), ``"fp32"``, ``"bf16"`` or ``"int8"`` (symmetric,
-            one fp32 scale per token per layer; MLA latents and baseline K/V alike).
-        decode_path: ``"auto"`` (absorbed where the model allows it), ``"absorbed"`` or ``"naive"``
-            (decompress the cached latents; the only option for ``rope_mode="full"``).
         max_batch_size: most sequences running at once (decoding or prefilling).
         prefill_chunk: most prompt tokens prefilled per engine step, all sequences together (long
             prompts are split into chunks and run in the same model call as the decodes).
@@ -44,39 +42,37 @@ class EngineConfig:
             or when a capture fails (logged), steps run eagerly. Ignored on CPU.
     """
 
+    cache_dtype: CacheDType = "auto"
     kv_memory: int | str = "1GiB"
     block_size: int = 16
-    cache_dtype: EngineCacheDType = "auto"
-    decode_path: EngineDecodePath = "auto"
     max_batch_size: int = 32
     prefill_chunk: int = 512
     attention_backend: str = "auto"
     cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.cache_dtype not in ENGINE_CACHE_DTYPES:
+            allowed = f"the engine's paged cache holds one of {', '.join(ENGINE_CACHE_DTYPES)}"
+            raise invalid("EngineConfig", "cache_dtype", self.cache_dtype, allowed)
         try:
             object.__setattr__(self, "kv_memory", parse_bytes(self.kv_memory))
         except ValueError as e:
-            raise _fail("kv_memory", self.kv_memory, str(e)) from e
+            raise invalid("EngineConfig", "kv_memory", self.kv_memory, str(e)) from e
         for name in ("block_size", "max_batch_size", "prefill_chunk"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise _fail(name, v, "must be a positive integer")
-        if self.cache_dtype not in ("auto", "fp32", "bf16", "int8"):
-            raise _fail("cache_dtype", self.cache_dtype, "must be 'auto', 'fp32', 'bf16' or 'int8'")
-        if self.decode_path not in ("auto", "absorbed", "naive"):
-            raise _fail("decode_path", self.decode_path, "must be 'auto', 'absorbed' or 'naive'")
+                raise invalid("EngineConfig", name, v, "must be a positive integer")
         from mlakit.attention.backends import BACKEND_NAMES
 
         if self.attention_backend not in BACKEND_NAMES:
-            raise _fail("attention_backend", self.attention_backend, f"must be one of {', '.join(BACKEND_NAMES)}")
+            allowed = f"must be one of {', '.join(BACKEND_NAMES)}"
+            raise invalid("EngineConfig", "attention_backend", self.attention_backend, allowed)
 
-    def cache_storage(self, model_dtype: torch.dtype) -> torch.dtype | str:
-        """What the paged cache stores for a model computing in ``model_dtype``: a dtype or ``"int8"``."""
-        if self.cache_dtype == "auto":
-            return model_dtype
-        storage: dict[str, torch.dtype | str] = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": "int8"}
-        return storage[self.cache_dtype]
+    @property
+    def runtime(self) -> RuntimeConfig:
+        """The plain :class:`RuntimeConfig` part (what the model's forward reads)."""
+        return RuntimeConfig(decode_path=self.decode_path, cache_dtype=self.cache_dtype)
 
     @property
     def kv_bytes(self) -> int:

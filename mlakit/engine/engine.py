@@ -27,7 +27,7 @@ from typing import Protocol
 import torch
 
 from mlakit.attention.backends import get_backend
-from mlakit.config import MLAConfig, RuntimeConfig
+from mlakit.config import MLAConfig
 from mlakit.engine.config import EngineConfig
 from mlakit.engine.runner import ModelRunner
 from mlakit.engine.scheduler import Scheduler, Sequence, Status
@@ -106,7 +106,7 @@ class Engine:
         device = model.embed.weight.device
         att = mc.attention
         is_mla = isinstance(att, MLAConfig)
-        runtime = RuntimeConfig(decode_path=c.decode_path)
+        runtime = c.runtime
         absorb = model.attention_path(runtime, decode=True) == "absorbed"
         backend = get_backend(c.attention_backend, device)
         graphs = c.cuda_graphs and device.type == "cuda"  # padding rows of captured steps need a scratch block

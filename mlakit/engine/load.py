@@ -9,7 +9,6 @@ with the original weights (no conversion to MLA).
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +18,10 @@ import torch
 
 from mlakit.config import AttentionConfig, ModelConfig
 from mlakit.errors import MlakitError
-from mlakit.model import CONFIG_FILE, FORMAT, Transformer
+from mlakit.io import read_config_json
+from mlakit.model import CONFIG_FILE, Transformer, check_layer_count, is_mlakit_checkpoint
 from mlakit.quant import prepare_weights
+from mlakit.text.tokenizer import HFTokenizer, saved_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -44,94 +45,45 @@ LLAMA_TO_MLAKIT: dict[str, str] = {
 }
 
 
-class HFTokenizer:
-    """Adapter over a ``transformers`` tokenizer: ``encode``/``decode`` and the chat template."""
-
-    def __init__(self, tok: Any) -> None:
-        self.tok = tok
-
-    @property
-    def has_chat_template(self) -> bool:
-        return bool(getattr(self.tok, "chat_template", None))
-
-    @property
-    def eos_token_id(self) -> int | None:
-        return getattr(self.tok, "eos_token_id", None)
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.tok.encode(text, add_special_tokens=False))
-
-    def encode_chat(self, text: str) -> list[int]:
-        """``text`` as one user message, with the generation prompt appended."""
-        return self.encode_messages([{"role": "user", "content": text}])
-
-    def encode_messages(self, messages: list[dict[str, str]]) -> list[int]:
-        """A conversation (``[{"role": ..., "content": ...}]``) through the chat template, ready for the reply."""
-        out = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(out, dict) or hasattr(out, "keys"):
-            out = out["input_ids"]
-        return [int(t) for t in out]
-
-    def decode(self, ids: list[int]) -> str:
-        return str(self.tok.decode(ids, skip_special_tokens=True))
-
-
-def load_tokenizer(directory: str | Path) -> HFTokenizer | None:
-    """The tokenizer saved in ``directory`` (``tokenizer.json`` ...), or ``None`` when there is none."""
-    d = Path(directory)
-    if not (d / "tokenizer.json").is_file() and not (d / "tokenizer_config.json").is_file():
-        return None
-    try:
-        from transformers import AutoTokenizer
-    except ImportError:  # pragma: no cover - transformers is an optional dependency
-        logger.warning("transformers is not installed: no tokenizer")
-        return None
-    try:
-        return HFTokenizer(AutoTokenizer.from_pretrained(str(d)))
-    except (OSError, ValueError, TypeError) as e:
-        logger.warning("%s: cannot load the tokenizer (%s)", d, e)
-        return None
-
-
-def _is_mlakit_dir(d: Path) -> bool:
-    try:
-        header = json.loads((d / CONFIG_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return isinstance(header, dict) and header.get("format") == FORMAT
-
-
-def llama_config(hf: dict[str, Any], max_seq_len: int | None = None) -> ModelConfig:
+def llama_config(hf: dict[str, Any], max_seq_len: int | None = None, source: str = "config.json") -> ModelConfig:
     """An mlakit MHA/GQA config equal to a Hugging Face Llama-family ``config.json``.
 
     ``max_seq_len`` overrides ``max_position_embeddings`` (the size of the RoPE tables).
+
+    Raises: MlakitError naming ``source`` for a missing key or a value of the wrong type or range.
     """
-    heads = hf["num_attention_heads"]
-    rope = hf.get("rope_parameters") or {}
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-    if rope.get("rope_type", "default") != "default" or hf.get("rope_scaling"):
-        raise MlakitError("only plain RoPE Llama models can be loaded for inference (no rope scaling)")
-    att = AttentionConfig(
-        hidden_size=hf["hidden_size"],
-        num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-        rope_theta=float(theta),
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        qkv_bias=bool(hf.get("attention_bias", False)) or hf.get("model_type") == "qwen2",
-    )
-    eos = hf.get("eos_token_id")
-    return ModelConfig(
-        vocab_size=hf["vocab_size"],
-        num_layers=hf["num_hidden_layers"],
-        intermediate_size=hf["intermediate_size"],
-        attention=att,
-        max_seq_len=max_seq_len or hf.get("max_position_embeddings", 4096),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_id=eos[0] if isinstance(eos, list) else eos,
-        name=hf.get("_name_or_path", "") or hf.get("model_type", ""),
-    )
+    try:
+        heads = hf["num_attention_heads"]
+        rope = hf.get("rope_parameters") or {}
+        theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        if rope.get("rope_type", "default") != "default" or hf.get("rope_scaling"):
+            raise MlakitError("only plain RoPE Llama models can be loaded for inference (no rope scaling)")
+        att = AttentionConfig(
+            hidden_size=hf["hidden_size"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rope_theta=float(theta),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            qkv_bias=bool(hf.get("attention_bias", False)) or hf.get("model_type") == "qwen2",
+        )
+        eos = hf.get("eos_token_id")
+        return ModelConfig(
+            vocab_size=hf["vocab_size"],
+            num_layers=hf["num_hidden_layers"],
+            intermediate_size=hf["intermediate_size"],
+            attention=att,
+            max_seq_len=max_seq_len or hf.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=eos[0] if isinstance(eos, list) else eos,
+            name=hf.get("_name_or_path", "") or hf.get("model_type", ""),
+        )
+    except MlakitError as e:  # a config field out of range: the message names the field
+        raise MlakitError(f"{source}: {e}") from e
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, ZeroDivisionError, OverflowError) as e:
+        what = f"no {e}" if isinstance(e, KeyError) else str(e)
+        raise MlakitError(f"{source}: not a valid Llama-family config: {what}") from e
 
 
 def llama_to_transformer(
@@ -144,13 +96,19 @@ def llama_to_transformer(
     from safetensors.torch import load_file
 
     d = Path(directory)
-    config = llama_config(json.loads((d / CONFIG_FILE).read_text()), max_seq_len)
+    config = llama_config(
+        read_config_json(d, CONFIG_FILE, "a Hugging Face checkpoint"), max_seq_len, str(d / CONFIG_FILE)
+    )
     files = sorted(d.glob("*.safetensors"))
     if not files:
         raise MlakitError(f"{d} has no *.safetensors weights")
     hf_state: dict[str, torch.Tensor] = {}
     for f in files:
-        hf_state.update(load_file(str(f)))
+        try:
+            hf_state.update(load_file(str(f)))
+        except Exception as e:  # safetensors raises several types for damaged files
+            raise MlakitError(f"cannot read {f}: {e}") from e
+    check_layer_count(config, (n.removeprefix("model.") for n in hf_state), str(d))
     state = {}
     for i in range(config.num_layers):
         for src, dst in LLAMA_TO_MLAKIT.items():
@@ -159,20 +117,9 @@ def llama_to_transformer(
     for src, dst in LLAMA_TO_MLAKIT.items():
         if "{i}" not in src and src in hf_state:
             state[dst] = hf_state[src]
-    if config.tie_word_embeddings or "lm_head.weight" not in state:
-        state["lm_head.weight"] = state["embed.weight"]
-    with torch.device("meta"):
-        model = Transformer(config)
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as e:
-        raise MlakitError(f"{d}: weights do not match a Llama model of its config: {e}") from e
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.embed.weight
-    model.rotary.reset_tables("cpu")
-    if dtype is not None:
-        model.to(dtype)
-    return model.eval()
+    if "lm_head.weight" not in state and "embed.weight" in state:
+        state["lm_head.weight"] = state["embed.weight"]  # Llama checkpoints that tie omit the head
+    return Transformer.from_state_dict(config, state, source=f"{d} (as a Llama model)", dtype=dtype)
 
 
 @dataclass
@@ -198,8 +145,8 @@ def load_model(spec: str, weights: str = "fp32", device: str | torch.device = "c
 
 def _load(spec: str) -> LoadedForInference:
     p = Path(spec).expanduser()
-    if p.is_dir() and _is_mlakit_dir(p):
-        return LoadedForInference(Transformer.from_pretrained(p), load_tokenizer(p), p)
+    if p.is_dir() and is_mlakit_checkpoint(p):
+        return LoadedForInference(Transformer.from_pretrained(p), saved_tokenizer(p), p)
     if p.is_dir() and not (p / CONFIG_FILE).is_file() and not list(p.glob("*.gguf")):
         raise MlakitError(f"{spec} is not a checkpoint: no {CONFIG_FILE} (expected config.json + model.safetensors)")
     from mlakit.convert.load import resolve_model_path
@@ -209,4 +156,4 @@ def _load(spec: str) -> LoadedForInference:
         raise MlakitError(f"{spec}: not a local checkpoint (downloads are not supported here)")
     path = Path(path)
     model = llama_to_transformer(path)
-    return LoadedForInference(model, load_tokenizer(path), path)
+    return LoadedForInference(model, saved_tokenizer(path), path)

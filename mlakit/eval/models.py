@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import torch
-
-from mlakit.cache import resolve_dtype
+from mlakit import dtypes
 from mlakit.errors import MlakitError
 from mlakit.eval.metrics import LogitsFn, as_logits_fn
+from mlakit.model import Transformer, is_mlakit_checkpoint
 
 
 @dataclass(frozen=True)
@@ -38,17 +35,7 @@ class ScoredModel:
     max_seq_len: int | None = None
 
     def kv_bytes_per_token(self, cache_dtype: str = "bf16") -> int:
-        return self.kv_elements_per_token * torch.tensor([], dtype=resolve_dtype(cache_dtype)).element_size()
-
-
-def is_mlakit_checkpoint(path: str) -> bool:
-    p = Path(path) / "config.json"
-    if not p.is_file():
-        return False
-    try:
-        return json.loads(p.read_text()).get("format") == "mlakit"
-    except (json.JSONDecodeError, AttributeError):
-        return False
+        return self.kv_elements_per_token * dtypes.float_dtype(cache_dtype, "cache dtype").itemsize
 
 
 def _tokenizer(path: str) -> Any:
@@ -67,8 +54,6 @@ def open_model(spec: str) -> ScoredModel:
         MlakitError: missing files, unsupported architecture.
     """
     if is_mlakit_checkpoint(spec):
-        from mlakit.model import Transformer
-
         model = Transformer.from_pretrained(spec)
         return ScoredModel(
             logits=as_logits_fn(model),

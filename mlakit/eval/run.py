@@ -3,7 +3,7 @@ and per text genre, and KV bytes per token.
 
 Conversions to MLA can hold up on the 512-token windows everybody evaluates on and collapse at
 4096, and can hold up on the genre they were calibrated on and not on the next. So a result is a
-grid: for each length, for each genre of the corpus (:mod:`mlakit.eval.corpus`), the same
+grid: for each length, for each genre of the corpus (:mod:`mlakit.text.corpus`), the same
 windows scored by the model and its reference; ``overall`` pools all tokens of a length.
 """
 
@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from mlakit.errors import MlakitError
-from mlakit.eval.corpus import Corpus, default_corpus, files_corpus, genre_windows
 from mlakit.eval.metrics import EvalResult, evaluate, pool
 from mlakit.eval.models import ScoredModel, check_compatible, open_model
+from mlakit.text.corpus import Corpus, default_corpus, files_corpus, genre_windows
 
 logger = logging.getLogger(__name__)
 

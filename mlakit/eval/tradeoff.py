@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
-import json
 import logging
 import os
 import platform
@@ -27,10 +26,10 @@ import torch
 from mlakit.convert.convert import ConversionConfig, calibrate, convert_calibrated
 from mlakit.convert.heal import HealConfig, heal, heal_windows
 from mlakit.errors import MlakitError
-from mlakit.eval.corpus import Corpus, default_corpus, files_corpus, genre_windows
 from mlakit.eval.metrics import greedy_agreement
 from mlakit.eval.models import ScoredModel, from_hf
 from mlakit.eval.run import DEFAULT_LENGTHS, check_lengths, evaluate_models
+from mlakit.text.corpus import Corpus, default_corpus, files_corpus, genre_windows
 
 logger = logging.getLogger(__name__)
 
@@ -287,10 +286,10 @@ def run_tradeoff(
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        from mlakit.io import atomic_write
+        from mlakit.io import write_file, write_json
 
-        atomic_write(out / "tradeoff.json", lambda p: p.write_text(json.dumps(result, indent=2)))
-        atomic_write(out / "tradeoff.png", lambda p: plot_tradeoff(result, p))
+        write_json(out / "tradeoff.json", result)
+        write_file(out / "tradeoff.png", lambda p: plot_tradeoff(result, p))
     return result
 
 

@@ -76,7 +76,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -87,13 +86,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from mlakit import dtypes
 from mlakit.config import MLAConfig, ModelConfig, RopeScaling
+from mlakit.dtypes import FLOAT_DTYPES, FloatName
 from mlakit.errors import MlakitError
 from mlakit.interop.card import README, export_readme
 from mlakit.interop.engines import CacheShape, check_targets, fits
 from mlakit.interop.pad import CacheCost, Padding, cache_bytes, plan_padding
-from mlakit.io import read_config_json
-from mlakit.model import CONFIG_FILE, FORMAT, Transformer
+from mlakit.io import move_file, read_config_json, read_json, read_json_object, write_dir
+from mlakit.model import CONFIG_FILE, FORMAT, Transformer, fill_tied_head
 from mlakit.rope import interleaved_to_halves
 
 log = logging.getLogger(__name__)
@@ -125,9 +126,7 @@ TOKENIZER_PATTERNS = (
     "chat_template.json",
 )
 
-DTypeName = Literal["fp32", "bf16", "fp16"]
-_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+DTypeName = FloatName
 
 # -- the mapping table --------------------------------------------------------------------------
 
@@ -436,8 +435,8 @@ def hf_config(plan: ExportPlan, dtype: torch.dtype) -> dict[str, Any]:
         "eos_token_id": config.eos_token_id,
         "pad_token_id": None,
         "use_cache": True,
-        "torch_dtype": _HF_DTYPE_NAMES[dtype],
-        "dtype": _HF_DTYPE_NAMES[dtype],
+        "torch_dtype": dtypes.hf_name(dtype),
+        "dtype": dtypes.hf_name(dtype),
     }
     rs = att.rope_scaling
     if rs is not None:
@@ -661,7 +660,7 @@ def _write_shards(entries: list[Entry], directory: Path, max_shard_size: int, pr
     weight_map: dict[str, str] = {}
     for k, names in enumerate(groups):
         fname = HF_WEIGHTS if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
-        os.replace(directory / f"shard-{k}.partial", directory / fname)
+        move_file(directory / f"shard-{k}.partial", directory / fname)
         weight_map.update(dict.fromkeys(names, fname))
     return weight_map
 
@@ -716,13 +715,13 @@ def export_hf(
             source_values = record.get("source_cache_elements_per_token")
     if max_shard_size <= 0:
         raise MlakitError(f"max_shard_size={max_shard_size} must be a positive byte count")
-    if dtype is not None and dtype not in _DTYPES:
-        raise MlakitError(f"dtype={dtype!r} is invalid: choose one of {', '.join(_DTYPES)}")
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise MlakitError(f"dtype={dtype!r} is invalid: choose one of {', '.join(FLOAT_DTYPES)}")
     plan = plan_export(model, allow_bias=allow_bias, pad_to=pad_to)
-    torch_dtype = _DTYPES[dtype] if dtype is not None else model.embed.weight.dtype
-    if torch_dtype not in _HF_DTYPE_NAMES:
+    torch_dtype = FLOAT_DTYPES[dtype] if dtype is not None else model.embed.weight.dtype
+    if torch_dtype not in FLOAT_DTYPES.values():
         raise MlakitError(f"model dtype {torch_dtype} cannot be exported: pass dtype='fp32', 'bf16' or 'fp16'")
-    shape = plan.cache_shape(next(k for k, v in _DTYPES.items() if v == torch_dtype))
+    shape = plan.cache_shape(next(k for k, v in FLOAT_DTYPES.items() if v == torch_dtype))
     check_targets(shape, targets)
     _check_latent_dtype(model, plan, torch_dtype)
     for note in plan.notes:
@@ -782,7 +781,7 @@ def export_hf(
         (tmp / README).write_text(readme)
         return [*files, README], total
 
-    files, total = _atomic_dir(out, overwrite, write)
+    files, total = write_dir(out, write, overwrite=overwrite)
     log.info("export-hf: wrote %s (%d files, %d bytes)", out, len(files), total)
     return ExportReport(
         out, tuple(files), total, plan.kv_lora_rank, plan.notes, measured, plan.error_bound, meta, engines, cost
@@ -814,28 +813,6 @@ def _copy_side_files(src: str | os.PathLike[str] | None, dst: Path, config: Mode
     return copied
 
 
-def _atomic_dir(out: Path, overwrite: bool, write: Callable[[Path], Any]) -> Any:
-    """Run ``write(tmp)`` on a temporary sibling of ``out`` and rename it to ``out`` when it succeeds."""
-    if out.exists() and not overwrite:
-        if not out.is_dir() or any(out.iterdir()):
-            raise MlakitError(f"{out} already exists: choose another directory or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
-        result = write(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / "d")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return result
-
-
 # -- import -------------------------------------------------------------------------------------
 
 _REQUIRED = (
@@ -863,12 +840,10 @@ def _moe_layer(cfg: dict[str, Any]) -> int | None:
     n_layers = int(cfg["num_hidden_layers"])
     if not cfg.get("n_routed_experts"):
         return None
-    first = int(cfg.get("first_k_dense_replace") or 0)
-    freq = int(cfg.get("moe_layer_freq") or 1)
-    for i in range(first, n_layers):
-        if i % freq == 0:
-            return i
-    return None
+    first = max(0, int(cfg.get("first_k_dense_replace") or 0))
+    freq = max(1, int(cfg.get("moe_layer_freq") or 1))
+    i = -(-first // freq) * freq  # the first multiple of freq at or after first
+    return i if i < n_layers else None
 
 
 def _rope_scaling(cfg: dict[str, Any], where: str) -> tuple[float, RopeScaling | None]:
@@ -914,8 +889,17 @@ def model_config_from_hf(cfg: dict[str, Any], where: str = CONFIG_FILE) -> tuple
     """``(ModelConfig, rope_interleave)`` for a dense DeepSeek-V2/V3 ``config.json`` dict.
 
     Raises: MlakitError for another model type, missing fields, MoE layers, quantised weights or
-    unsupported settings, naming the field.
+    unsupported settings, naming the field (and values of the wrong type, naming the file).
     """
+    try:
+        return _model_config_from_hf(cfg, where)
+    except MlakitError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, OverflowError) as e:
+        raise MlakitError(f"{where}: not a valid DeepSeek-V2/V3 config: {e}") from e
+
+
+def _model_config_from_hf(cfg: dict[str, Any], where: str) -> tuple[ModelConfig, bool]:
     if cfg.get("model_type") not in MODEL_TYPES:
         raise MlakitError(
             f"{where}: model_type {cfg.get('model_type')!r} is not a DeepSeek-V2/V3 checkpoint "
@@ -984,10 +968,9 @@ class _Checkpoint:
         self.directory = directory
         index = directory / HF_INDEX
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise MlakitError(f"{index} is not a valid safetensors index: {e}") from e
+            weight_map = read_json_object(index, what="a safetensors index").get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise MlakitError(f"{index} is not a valid safetensors index: no weight_map of tensor -> file")
             files = sorted(set(weight_map.values()))
         elif (directory / HF_WEIGHTS).is_file():
             files = [HF_WEIGHTS]
@@ -1106,10 +1089,9 @@ def load_hf(
     with torch.device("meta"):
         model = Transformer(config)
     expected = dict(model.state_dict())
-    if config.tie_word_embeddings and "lm_head.weight" not in state and "embed.weight" in state:
-        state["lm_head.weight"] = state["embed.weight"]
+    state = fill_tied_head(config, state)
     for name, p in expected.items():
-        if name not in state and name.endswith("attn.w_q.bias"):
+        if name not in state and name.endswith("attn.w_q.bias") and "embed.weight" in state:
             state[name] = torch.zeros(p.shape, dtype=state["embed.weight"].dtype)  # q_proj has no bias in the format
     missing = [k for k in expected if k not in state]
     if missing:
@@ -1123,21 +1105,15 @@ def load_hf(
     if extra_layers:
         log.warning("import-hf: ignoring layers %s (multi-token-prediction modules)", sorted(extra_layers))
     state = {k: v.to(device) for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.embed.weight
-    model.rotary.reset_tables(device)
-    if dtype is not None:
-        model.to(dtype)
-    return model.eval()
+    return Transformer.from_state_dict(config, state, source=str(d), dtype=dtype, device=device)
 
 
 def is_hf_checkpoint(directory: str | os.PathLike[str]) -> bool:
     """Whether ``directory`` holds a Hugging Face (not mlakit) ``config.json``."""
-    try:
-        cfg = json.loads((Path(directory) / CONFIG_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
         return False
+    cfg = read_json(path)  # a malformed config.json is an error naming it, not "some other format"
     return isinstance(cfg, dict) and cfg.get("format") != FORMAT and "model_type" in cfg
 
 
@@ -1162,9 +1138,9 @@ def import_hf(
     Tokenizer files travel along. Written as a temporary sibling and renamed at the end.
     Raises: MlakitError as :func:`load_hf`, or when ``out`` exists without ``overwrite``.
     """
-    if dtype is not None and dtype not in _DTYPES:
-        raise MlakitError(f"dtype={dtype!r} is invalid: choose one of {', '.join(_DTYPES)}")
-    model = load_hf(source, _DTYPES[dtype] if dtype else None)
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise MlakitError(f"dtype={dtype!r} is invalid: choose one of {', '.join(FLOAT_DTYPES)}")
+    model = load_hf(source, FLOAT_DTYPES[dtype] if dtype else None)
     meta = {"imported_from": {"format": "deepseek-hf", "path": str(Path(source).resolve())}}
 
     def write(tmp: Path) -> None:
@@ -1174,5 +1150,5 @@ def import_hf(
                 if f.is_file():
                     shutil.copy2(f, tmp / f.name)
 
-    _atomic_dir(Path(out), overwrite, write)
+    write_dir(Path(out), write, overwrite=overwrite)
     return Path(out)

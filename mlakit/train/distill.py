@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from mlakit.errors import MlakitError
-from mlakit.eval.corpus import Corpus, default_corpus, files_corpus, token_windows
-from mlakit.model import Transformer
+from mlakit.io import write_dir, write_json
+from mlakit.model import Transformer, is_mlakit_checkpoint
+from mlakit.text.corpus import Corpus, default_corpus, files_corpus, token_windows
 from mlakit.train.trainer import adamw, cosine_lr
 
 logger = logging.getLogger(__name__)
@@ -170,7 +169,7 @@ def distill(
     """
     from tqdm.auto import tqdm
 
-    from mlakit.eval.models import ScoredModel, is_mlakit_checkpoint, open_model
+    from mlakit.eval.models import ScoredModel, open_model
     from mlakit.eval.run import evaluate_models
 
     c = config or DistillConfig()
@@ -268,18 +267,13 @@ def distill(
 
 def _save(model: Transformer, student: Path, out: Path, result: DistillResult, c: DistillConfig, teacher: str) -> None:
     """Write the distilled checkpoint (+ the student's tokenizer files, + distill.json) atomically."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        record = {"teacher": teacher, "student": str(student), "config": dataclasses.asdict(c)}
+    record = {"teacher": teacher, "student": str(student), "config": dataclasses.asdict(c)}
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp, metadata={"distillation": record})
         for name in TOKENIZER_FILES:
             if (student / name).is_file():
                 shutil.copy2(student / name, tmp / name)
-        (tmp / "distill.json").write_text(json.dumps(result.to_dict() | record, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json(tmp / "distill.json", result.to_dict() | record)
+
+    write_dir(out, write, overwrite=True)  # distill() refused an existing out without --overwrite

@@ -13,7 +13,6 @@ finished variants); :func:`write_report` turns them into a markdown table and a 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -25,9 +24,11 @@ from typing import Any
 
 from mlakit.config import AttentionKind
 from mlakit.errors import MlakitError
-from mlakit.train.data import ByteTokenizer, TokenDataset, Tokenizer, build_token_file
+from mlakit.io import read_json_object, write_file, write_json, write_text
+from mlakit.text.tokenizer import ByteTokenizer, Tokenizer
+from mlakit.train.data import TokenDataset, build_token_file
 from mlakit.train.presets import TRAIN_SIZES, training_config
-from mlakit.train.trainer import TrainConfig, Trainer, write_text_atomic
+from mlakit.train.trainer import TrainConfig, Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -121,9 +122,9 @@ def run_study(
     """Train every variant and return one row per variant (also kept in ``OUT/study.json``).
 
     ``train_docs``/``eval_docs`` default to the two sides of the built-in corpus's python-docs
-    genre (:func:`mlakit.eval.corpus.genre_corpora`); the tokenizer defaults to bytes.
+    genre (:func:`mlakit.text.corpus.genre_corpora`); the tokenizer defaults to bytes.
     """
-    from mlakit.eval.corpus import default_corpus, genre_corpora
+    from mlakit.text.corpus import default_corpus, genre_corpora
 
     def python_docs(split: Any) -> Any:
         # the published study runs on one genre (python3-doc), not the whole mix
@@ -138,7 +139,7 @@ def run_study(
     train = build_token_file(train_docs, tok, out / "train.bin")
     val = build_token_file(eval_docs, tok, out / "eval.bin")
     results_path = out / "study.json"
-    stored: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    stored: dict[str, Any] = read_json_object(results_path) if results_path.is_file() else {}
     if stored.get("key") != _key(config, train, val):
         stored = {"key": _key(config, train, val), "rows": {}}
     for spec in config.variants:
@@ -147,7 +148,7 @@ def run_study(
             logger.info("%s: already done, reusing", variant.label)
             continue
         stored["rows"][variant.label] = _run_one(config, variant, train, val, out, progress)
-        write_text_atomic(results_path, json.dumps(stored, indent=2))
+        write_json(results_path, stored)
     return [stored["rows"][StudyVariant.parse(s).label] for s in config.variants]
 
 
@@ -295,7 +296,7 @@ def write_report(
         "",
     ]
     md_path = docs / "study.md"
-    write_text_atomic(md_path, "\n".join(md))
+    write_text(md_path, "\n".join(md))
     return md_path, _plot(rows, docs / "study.png")
 
 
@@ -337,8 +338,6 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    write_file(path, lambda p: fig.savefig(p, dpi=120, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
     return path

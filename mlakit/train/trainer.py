@@ -27,8 +27,6 @@ import logging
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -46,7 +44,8 @@ from torch.nn.parallel import DistributedDataParallel
 from mlakit.attention import MultiHeadLatentAttention
 from mlakit.config import ModelConfig
 from mlakit.errors import MlakitError
-from mlakit.model import WEIGHTS_FILE, Transformer
+from mlakit.io import read_json_lines, remove_dir, sweep, write_dir, write_text
+from mlakit.model import WEIGHTS_FILE, Transformer, fill_tied_head
 from mlakit.train.data import TokenDataset, epoch_order
 
 logger = logging.getLogger(__name__)
@@ -404,6 +403,7 @@ class Trainer:
         tokens_per_step = c.batch_size * c.seq_len
         from tqdm.auto import tqdm
 
+        self._trim_metrics()
         bar = tqdm(total=c.max_steps, initial=self.step, disable=not (self.progress and self.dist.is_main), unit="step")
         start = time.perf_counter()
         first = self.step
@@ -429,6 +429,16 @@ class Trainer:
         elapsed = time.perf_counter() - start
         rate = (self.step - first) * tokens_per_step / max(elapsed, 1e-9)
         return TrainResult(tuple(losses), tuple(evals), self.step, rate, self.latest_checkpoint())
+
+    def _trim_metrics(self) -> None:
+        """Drop metrics past the current step: a killed run logged steps that this run will redo
+        (all of them when no checkpoint was reached), and its last line may be torn."""
+        if not self.dist.is_main or not self.metrics_path.is_file():
+            return
+        rows = read_json_lines(self.metrics_path, torn_tail=True)
+        kept = [row for row in rows if row.get("step", 0) <= self.step]
+        if len(kept) != len(rows) or not self.metrics_path.read_bytes().endswith(b"\n"):
+            write_text(self.metrics_path, "".join(json.dumps(row) + "\n" for row in kept))
 
     def _log(self, record: dict[str, Any]) -> None:
         if not self.dist.is_main:
@@ -462,20 +472,18 @@ class Trainer:
         if self.dist.is_main:
             root = self.checkpoint_root
             root.mkdir(parents=True, exist_ok=True)
+            sweep(root)  # a killed run may have been deleting an old checkpoint
             pointer = root / LATEST
             current = pointer.read_text().strip() if pointer.is_file() else None
             if current != name:  # re-saving the step we resumed from would only risk it
-                tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
-                try:
+
+                def write(tmp: Path) -> None:
                     self.model.save_pretrained(tmp, metadata={"train_step": self.step})
                     torch.save(self._state(), tmp / STATE_FILE)
-                    if final.exists():  # left by a run that died before moving `latest`
-                        shutil.rmtree(final)
-                    os.replace(tmp, final)
-                    write_text_atomic(pointer, name)
-                except BaseException:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    raise
+
+                # overwrite: a `final` already there was left by a run that died before moving `latest`
+                write_dir(final, write, overwrite=True)
+                write_text(pointer, name)
                 self._prune(keep=name)
         if self.dist.world_size > 1:
             dist.barrier()
@@ -485,7 +493,7 @@ class Trainer:
         done = sorted(p for p in self.checkpoint_root.glob("step-*") if p.is_dir())
         for p in done[: max(0, len(done) - self.config.keep_checkpoints)]:
             if p.name != keep:
-                shutil.rmtree(p, ignore_errors=True)
+                remove_dir(p)
 
     def resume(self, checkpoint: str | os.PathLike[str] | None = None) -> bool:
         """Continue from ``checkpoint`` (default: ``latest`` in the output directory).
@@ -505,9 +513,12 @@ class Trainer:
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise MlakitError(f"{path}: not an mlakit training checkpoint")
         self._check_compatible(path, state)
-        weights = load_file(str(path / WEIGHTS_FILE), device=str(self.dist.device))
-        if self.model_config.tie_word_embeddings:
-            weights.setdefault("lm_head.weight", weights["embed.weight"])
+        try:
+            weights = fill_tied_head(
+                self.model_config, load_file(str(path / WEIGHTS_FILE), device=str(self.dist.device))
+            )
+        except Exception as e:  # safetensors raises several types for damaged files
+            raise MlakitError(f"{path}: cannot read {WEIGHTS_FILE}: {e}") from e
         try:
             self.model.load_state_dict(weights, strict=True)
             self.optimizer.load_state_dict(state["optimizer"])
@@ -518,13 +529,6 @@ class Trainer:
         random.setstate(_as_tuple(state["rng"]["python"]))
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
-        if self.dist.is_main and self.metrics_path.is_file():
-            kept = [
-                line
-                for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= self.step
-            ]
-            write_text_atomic(self.metrics_path, "".join(line + "\n" for line in kept))
         logger.info("resumed from %s at step %d", path, self.step)
         return True
 
@@ -548,17 +552,3 @@ class Trainer:
 
 def _as_tuple(x: Any) -> Any:
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; these are ordinary output files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

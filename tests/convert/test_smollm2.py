@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from mlakit.convert import ConversionConfig, calibrate, convert_calibrated
-from mlakit.eval.corpus import default_corpus, token_windows
 from mlakit.eval.metrics import as_logits_fn, evaluate
+from mlakit.text.corpus import default_corpus, token_windows
 
 pytestmark = pytest.mark.slow
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from mlakit.cli import main
-from mlakit.eval.corpus import default_corpus
 from mlakit.eval.metrics import evaluate
+from mlakit.text.corpus import default_corpus
 from tests.convert.conftest import make_hf_model
 
 

@@ -9,11 +9,11 @@ import pytest
 
 from mlakit.cli import main
 from mlakit.errors import MlakitError
-from mlakit.eval.corpus import default_corpus
 from mlakit.eval.models import open_model
 from mlakit.eval.run import evaluate_models, windows_at
+from mlakit.text.corpus import default_corpus
 from tests.convert.conftest import make_hf_model
-from tests.eval.test_corpus import _genres
+from tests.text.test_corpus import _genres
 
 
 def test_windows_per_genre_shrink_with_length() -> None:
@@ -49,7 +49,7 @@ def test_length_beyond_context_is_refused(tmp_path: Path) -> None:
     assert model.max_seq_len == 1024
     text = tmp_path / "t.txt"
     text.write_text("words " * 1000)
-    from mlakit.eval.corpus import files_corpus
+    from mlakit.text.corpus import files_corpus
 
     with pytest.raises(MlakitError, match=r"--lengths 2048: beyond the context of .* \(1024 tokens\)"):
         evaluate_models(model, None, files_corpus([str(text)]), lengths=[512, 2048])

@@ -50,7 +50,7 @@ from typing import Any, Literal, overload
 import torch
 
 from mlakit.errors import MlakitError
-from mlakit.eval.textformats import info_nodes, man_to_text
+from mlakit.text.formats import info_nodes, man_to_text
 
 logger = logging.getLogger(__name__)
 

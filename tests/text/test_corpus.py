@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mlakit.errors import MlakitError
-from mlakit.eval.corpus import (
+from mlakit.text.corpus import (
     GenreSource,
     default_corpus,
     files_corpus,
