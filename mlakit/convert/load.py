@@ -1,4 +1,4 @@
-"""Load a Llama-family Hugging Face model (local dir, GGUF file, alias or hub id) for conversion.
+"""Load a supported Hugging Face causal LM (local dir, GGUF file, alias or hub id) for conversion.
 
 GGUF files are dequantized by ``transformers`` (slow: ~30 s for 135M parameters), so the float
 result is cached once under ``$MLAKIT_CACHE`` (default ``~/.cache/mlakit``) as an ordinary
@@ -19,14 +19,13 @@ from typing import Any
 
 import torch
 
+from mlakit.convert.arch import SUPPORTED_MODEL_TYPES, source_spec
 from mlakit.errors import MlakitError
 from mlakit.io import cache_dir
 
 logger = logging.getLogger(__name__)
 
-#: ``config.model_type`` values whose attention is Llama-shaped (q/k/v/o projections, rotate_half RoPE,
-#: RMSNorm, SwiGLU). Qwen2 adds q/k/v biases.
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2")
+__all__ = ["SUPPORTED_MODEL_TYPES", "LoadedModel", "load_hf_model", "resolve_model_path"]
 
 #: Built-in aliases: name -> (PyPI package holding the file, file name).
 ALIASES: dict[str, tuple[str, str]] = {
@@ -74,15 +73,7 @@ def resolve_alias(name: str) -> Path:
 
 
 def _check_config(config: Any, source: str) -> None:
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise MlakitError(
-            f"{source}: unsupported architecture {model_type!r}; supported Llama-family "
-            f"model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-    archs = getattr(config, "architectures", None) or []
-    if archs and not any(a.endswith("ForCausalLM") for a in archs):
-        raise MlakitError(f"{source}: {archs} is not a causal language model")
+    source_spec(config, source)  # raises for an unsupported architecture or feature
 
 
 def _gguf_cache_path(gguf: Path) -> Path:
