@@ -1,4 +1,4 @@
-"""``mlakit convert``: turn a Llama-family model into an MLA checkpoint, training-free."""
+"""``mlakit convert``: turn a GQA model (Llama, Mistral, Qwen, Gemma) into an MLA checkpoint, training-free."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def _ranks(text: str) -> tuple[int, ...]:
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "convert",
-        help="convert a Llama/Mistral/Qwen2/SmolLM model (HF dir, GGUF, alias) to MLA",
+        help="convert a Llama/Mistral/Qwen2/Qwen3/Gemma 2/Gemma 3/SmolLM model (HF dir, GGUF, alias) to MLA",
         description="Convert a pretrained MHA/GQA model into a true MLA model without training: a "
         "calibrated low-rank latent replaces K and V, and the cache shrinks to --kv-fraction of the "
         "original. See docs/conversion.md.",

@@ -290,7 +290,7 @@ def calibrate(
     logger.info("calibrating on %d x %d tokens of %s", tokens.shape[0], tokens.shape[1], name)
     sigma = attention_input_moments(loaded.model, tokens, progress=progress)
     rotation = (
-        attention_rotation_moments(loaded.model, tokens[:rotation_windows], progress=progress)
+        attention_rotation_moments(loaded.model, tokens[:rotation_windows], spec.rope_theta, progress=progress)
         if rotation_windows > 0
         else None
     )
