@@ -169,7 +169,9 @@ def decouple_rope(
                 for h in range(g * grp, (g + 1) * grp):
                     qf = w.w_q[_pair_rows(h, f, d)]
                     qe[g] += torch.einsum("cn,nm,cm->", qf, sigma, qf)
-            m = qe.clamp_min(1e-12 * qe.max()).sqrt()
+            # a pair no query reads (Gemma's quantised q-norm weights can be exactly 0 on both of its
+            # dims) has no preferred mixing: weigh its heads alike instead of dividing by zero
+            m = qe.clamp_min(1e-12 * qe.max()).sqrt() if qe.max() > 0 else torch.ones_like(qe)
         else:
             m = torch.ones(g_heads, dtype=sigma.dtype)
         wc = m[:, None] * cov * m[None, :]

@@ -133,3 +133,17 @@ def test_rope_pairs_follow_the_target_context() -> None:
     assert source_rope_pairs((SourceRope(1e6), SourceRope(1e4, window=512)), 64, 8192) == max(
         rope_pairs_for_context(1e6, 64, 8192), rope_pairs_for_context(1e4, 64, 512)
     )
+
+
+def test_a_pair_no_query_reads_is_decoupled_without_nan(cal_llama) -> None:  # type: ignore[no-untyped-def]
+    # Gemma's quantised q-norm weights can zero both dims of a pair in every head
+    import dataclasses
+
+    from mlakit.convert.rope import decouple_rope
+
+    w = cal_llama.weights[0]
+    w_q = w.w_q.clone().view(w.num_heads, w.head_dim, -1)
+    w_q[:, [0, w.head_dim // 2]] = 0  # pair 0 of every head
+    dk = decouple_rope(dataclasses.replace(w, w_q=w_q.reshape(w.w_q.shape)), cal_llama.sigma[0], 4, 1e4)
+    for t in (dk.w_kr, dk.w_q_rope, dk.w_k_nope, dk.w_q_nope):
+        assert torch.isfinite(t).all()
