@@ -450,6 +450,12 @@ def convert_calibrated(cal: Calibrated, config: ConversionConfig, *, progress: b
         if run is not None:
             run.advance(i, st, has_bias)
     state = _model_state(cal, layer_states, has_bias)
+    bad = [k for k, v in state.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise MlakitError(
+            f"{cal.loaded.source}: the conversion produced non-finite weights ({bad[0]}"
+            f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); nothing was written"
+        )
     with torch.device("meta"):
         model = Transformer(mc)
     model.load_state_dict(state, strict=True, assign=True)
