@@ -80,6 +80,12 @@ def register(sub: Any) -> None:
         help="decoupled: how each frequency's KV heads are mixed into the shared rotary key: complex "
         "(a rotation and scale per head, commutes with RoPE; default) or real (TransMLA's RoRoPE)",
     )
+    p.add_argument(
+        "--fold-qk-norm",
+        action="store_true",
+        help="decoupled, Qwen3/Gemma 3 sources: fold their per-head q/k norms into constant scales "
+        "(an approximation measured to break Gemma 3 270M; refused without this flag; --rope full is exact)",
+    )
     p.add_argument("--allocation", choices=("uniform", "greedy"), default="uniform", help="rank allocation")
     p.add_argument(
         "--keep-first-wide",
@@ -153,13 +159,19 @@ def run(args: argparse.Namespace) -> int:
         **({} if args.key_weight is None else {"key_weight": args.key_weight}),
         sequential={"auto": None, "on": True, "off": False}[args.sequential],
         keep_first_wide=args.keep_first_wide,
+        fold_qk_norm=args.fold_qk_norm,
         calibration_windows=args.calibration_windows,
         calibration_seq_len=args.calibration_seq_len,
     )  # validated before the slow load
     hcfg = heal_config(args, prefix="heal-") if args.heal else None
     corpus = files_corpus(args.calibration_text) if args.calibration_text else None
     cal = calibrate(
-        args.model, windows=args.calibration_windows, seq_len=args.calibration_seq_len, corpus=corpus, progress=True
+        args.model,
+        windows=args.calibration_windows,
+        seq_len=args.calibration_seq_len,
+        corpus=corpus,
+        progress=True,
+        config=cfg,
     )
     result = convert_calibrated(cal, cfg, progress=True)
     if hcfg is not None:

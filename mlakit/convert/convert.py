@@ -96,6 +96,11 @@ class ConversionConfig:
             once the inputs carry the decoupled form's larger error).
         sequential_windows: calibration windows the sequential pass runs (its cost is one
             forward of the converted model over them).
+        fold_qk_norm: decoupled only, for sources with per-head q/k RMSNorms (Qwen3, Gemma 3):
+            fold the norms into constant per-head scales (:func:`~mlakit.convert.layer.fold_head_norms`)
+            instead of refusing. An approximation measured to break Gemma 3 270M (top-1 agreement
+            with the source 0.15 with nothing else approximated; docs/conversion.md), so off by
+            default: ``--rope full`` keeps these norms exactly.
         rotation_average: decoupled only; fold the attention-weighted expected rotation into the
             position-free query (needs ``calibrate(..., rotation_windows > 0)``; measured worse,
             off by default).
@@ -118,6 +123,7 @@ class ConversionConfig:
     sequential: bool | None = None
     sequential_windows: int = 8
     rotation_average: bool = False
+    fold_qk_norm: bool = False
     calibration_windows: int = 32
     calibration_seq_len: int = 512
 
@@ -168,6 +174,19 @@ class ConversionConfig:
         # explicit ranks: the rotary key may be as wide as the smallest latent (half the layer's cache)
         per_layer = 2 * min(self.ranks) if self.ranks else int(self.kv_fraction * 2 * num_kv_heads * head_dim + 1e-9)
         return default_rope_dims(per_layer, head_dim, ropes=ropes, context_length=self.context_length or source_context)
+
+    def check_source(self, spec: SourceSpec, source: str) -> None:
+        """Refuse a conversion this source cannot take (before any calibration work).
+
+        Raises: MlakitError naming the source feature and the options that work.
+        """
+        if spec.qk_norm and self.rope == "decoupled" and not self.fold_qk_norm:
+            raise MlakitError(
+                f"{source}: {spec.model_type} normalises each head's query and key (q_norm, k_norm) before RoPE; "
+                "decoupled RoPE cannot absorb a key norm, and folding it into constant scales measured top-1 "
+                "agreement 0.15 on Gemma 3 270M: convert with --rope full (exact at full rank), or pass "
+                "--fold-qk-norm to fold anyway"
+            )
 
     def resolved_sequential(self) -> bool:
         """``sequential``, or its measured default for the rope kind (see the class docstring)."""
@@ -261,6 +280,7 @@ def calibrate(
     tokens: torch.Tensor | None = None,
     rotation_windows: int = 0,
     progress: bool = False,
+    config: ConversionConfig | None = None,
 ) -> Calibrated:
     """Load (if needed) and collect calibration statistics.
 
@@ -270,9 +290,12 @@ def calibrate(
         tokens: ready ``[N, T]`` token ids instead of a corpus (tests, custom pipelines).
         rotation_windows: how many of the windows also measure attention-weighted rotations
             (only needed for ``ConversionConfig(rotation_average=True)``; 0 skips it).
+        config: the conversion to come, checked against the source before the calibration pass.
     """
     loaded = model if isinstance(model, LoadedModel) else load_hf_model(model)
     spec = source_spec(loaded.model.config, loaded.source)
+    if config is not None:
+        config.check_source(spec, loaded.source)
     plain = not (spec.qk_norm or spec.rope_scaling or spec.layer_types or spec.attn_softcap or spec.query_scale != 1)
     if rotation_windows > 0 and not plain:
         raise MlakitError(
@@ -394,6 +417,7 @@ def convert_calibrated(cal: Calibrated, config: ConversionConfig, *, progress: b
 
     t0 = time.time()
     spec = cal.spec
+    config.check_source(spec, str(cal.loaded.source))
     h, g, d = _source_dims(spec)
     theta = spec.rope_theta
     if config.rotation_average and config.rope == "decoupled" and cal.rotation is None:
@@ -644,5 +668,11 @@ def convert(
     out = Path(out)
     if out.exists() and not overwrite:
         raise MlakitError(f"--out {out} already exists; choose a new directory")
-    cal = calibrate(model, windows=config.calibration_windows, seq_len=config.calibration_seq_len, progress=progress)
+    cal = calibrate(
+        model,
+        windows=config.calibration_windows,
+        seq_len=config.calibration_seq_len,
+        progress=progress,
+        config=config,
+    )
     return save_converted(convert_calibrated(cal, config, progress=progress), out, overwrite=overwrite)

@@ -136,6 +136,11 @@ def logits(model: Transformer, tokens: torch.Tensor = TOKENS) -> torch.Tensor:
         return model(tokens)
 
 
+def conversion(**kw: Any) -> ConversionConfig:
+    """A conversion config; the decoupled form folds q/k norms (Qwen3, Gemma 3), which it refuses by default."""
+    return ConversionConfig(fold_qk_norm=True, **kw)
+
+
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm())
 
@@ -176,7 +181,7 @@ def test_full_rank_full_rope_reproduces_the_source(arch: str, cal: Any, tmp_path
 
 @pytest.mark.parametrize("rope", ["full", "decoupled"])
 def test_half_cache_runs_and_reports_its_error(arch: str, cal: Any, rope: str) -> None:
-    res = convert_calibrated(cal, ConversionConfig(kv_fraction=0.5, rope=rope, rope_dims=8))  # type: ignore[arg-type]
+    res = convert_calibrated(cal, conversion(kv_fraction=0.5, rope=rope, rope_dims=8))  # type: ignore[arg-type]
     assert res.record["kv_fraction_achieved"] <= 0.5
     err = rel_error(logits(res.model), hf_logits(cal))
     print(f"\n{arch} {rope} 50%: relative logit error {err:.4f}")
@@ -187,7 +192,7 @@ def test_half_cache_runs_and_reports_its_error(arch: str, cal: Any, rope: str) -
 def test_llama3_scaling_is_carried_into_both_forms(cal: Any) -> None:
     full = convert_calibrated(cal, ConversionConfig(kv_fraction=1.0, rope="full")).model.config.attention
     assert full.rope_scaling is not None and full.rope_scaling.type == "llama3"
-    dec = convert_calibrated(cal, ConversionConfig(kv_fraction=0.5, rope="decoupled", rope_dims=8))
+    dec = convert_calibrated(cal, conversion(kv_fraction=0.5, rope="decoupled", rope_dims=8))
     att = dec.model.config.attention
     # the 4 kept pairs turn at the source's scaled frequencies of pairs 0..3
     kept = rope_inv_freq(att.qk_rope_head_dim, att.rope_theta, att.rope_scaling)
@@ -199,7 +204,7 @@ def test_llama3_scaling_is_carried_into_both_forms(cal: Any) -> None:
 
 @pytest.mark.parametrize("arch", ["qwen3", "gemma3"], indirect=True)
 def test_qk_norm_decoupled_is_folded_and_recorded(cal: Any, arch: str) -> None:
-    res = convert_calibrated(cal, ConversionConfig(kv_fraction=1.0, rope="decoupled", rope_dims=16))
+    res = convert_calibrated(cal, conversion(kv_fraction=1.0, rope="decoupled", rope_dims=16))
     att = res.model.config.attention
     assert isinstance(att, MLAConfig) and not att.qk_norm and att.can_absorb
     assert "folded" in res.record["approximations"][0]
@@ -211,7 +216,7 @@ def test_qk_norm_decoupled_is_folded_and_recorded(cal: Any, arch: str) -> None:
 def test_cached_decode_equals_the_forward(arch: str, cal: Any) -> None:
     # windows, soft-capping and local RoPE on both paths: naive (full RoPE) and absorbed (decoupled)
     for rope in ("full", "decoupled"):
-        model = convert_calibrated(cal, ConversionConfig(kv_fraction=0.5, rope=rope, rope_dims=8)).model  # type: ignore[arg-type]
+        model = convert_calibrated(cal, conversion(kv_fraction=0.5, rope=rope, rope_dims=8)).model  # type: ignore[arg-type]
         full = logits(model)
         cache = model.new_cache(2, T_LONG)
         pos = torch.arange(T_LONG).expand(2, T_LONG)
@@ -226,7 +231,7 @@ def test_cached_decode_equals_the_forward(arch: str, cal: Any) -> None:
 
 
 def test_decoupled_form_exports_or_is_refused(arch: str, cal: Any, tmp_path: Path) -> None:
-    model = convert_calibrated(cal, ConversionConfig(kv_fraction=0.5, rope="decoupled", rope_dims=8)).model
+    model = convert_calibrated(cal, conversion(kv_fraction=0.5, rope="decoupled", rope_dims=8)).model
     out = tmp_path / "hf"
     if arch in NOT_EXPORTABLE:
         with pytest.raises(MlakitError, match="DeepSeek-V3 cannot express") as e:
@@ -256,7 +261,7 @@ def test_decoupled_form_exports_or_is_refused(arch: str, cal: Any, tmp_path: Pat
 def test_gemma_runs_in_training_and_generation_but_not_in_the_engine(cal: Any) -> None:
     from mlakit.engine import Engine, EngineConfig
 
-    model = convert_calibrated(cal, ConversionConfig(kv_fraction=0.5, rope="decoupled", rope_dims=8)).model
+    model = convert_calibrated(cal, conversion(kv_fraction=0.5, rope="decoupled", rope_dims=8)).model
     prompt = TOKENS[0, :30].tolist()
     out = generate(model, [prompt], SamplingConfig(max_new_tokens=4))[0]
     seq = prompt + list(out)[:3]
@@ -308,7 +313,7 @@ def test_the_engine_serves_qk_norms_and_llama3_scaling(source: Path, cal: Any) -
     models = [
         source_to_transformer(source),  # GQA: per-head norms before the paged write
         convert_calibrated(cal, ConversionConfig(kv_fraction=0.5, rope="full")).model,  # MLA naive decode
-        convert_calibrated(cal, ConversionConfig(kv_fraction=0.5, rope="decoupled", rope_dims=8)).model,  # absorbed
+        convert_calibrated(cal, conversion(kv_fraction=0.5, rope="decoupled", rope_dims=8)).model,  # absorbed
     ]
     for model in models:
         want = [list(generate(model, [p], sampling)[0]) for p in prompts]
@@ -321,3 +326,11 @@ def test_a_window_spanning_the_context_is_no_window() -> None:
     assert spec.layer_types is None and spec.sliding_window is None
     spec = source_spec(transformers.MistralConfig(**BASE, sliding_window=64), "m")
     assert spec.layer_types == ("sliding", "sliding") and spec.sliding_window == 64
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3"], indirect=True)
+def test_qk_norm_sources_refuse_the_decoupled_form_unless_folding_is_asked(source: Path, cal: Any) -> None:
+    with pytest.raises(MlakitError, match="q_norm, k_norm.*--rope full.*--fold-qk-norm"):
+        calibrate(str(source), tokens=CALIBRATION[:1], config=ConversionConfig(rope="decoupled"))
+    with pytest.raises(MlakitError, match="cannot absorb a key norm"):
+        convert_calibrated(cal, ConversionConfig(kv_fraction=0.5, rope="decoupled"))
