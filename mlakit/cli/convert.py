@@ -1,4 +1,4 @@
-"""``mlakit convert``: turn a Llama-family model into an MLA checkpoint, training-free."""
+"""``mlakit convert``: turn a GQA model (Llama, Mistral, Qwen, Gemma) into an MLA checkpoint, training-free."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def _positive(text: str) -> int:
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "convert",
-        help="convert a Llama/Mistral/Qwen2/SmolLM model (HF dir, GGUF, alias) to MLA",
+        help="convert a Llama/Mistral/Qwen2/Qwen3/Gemma 2/Gemma 3/SmolLM model (HF dir, GGUF, alias) to MLA",
         description="Convert a pretrained MHA/GQA model into a true MLA model without training: a "
         "calibrated low-rank latent replaces K and V, and the cache shrinks to --kv-fraction of the "
         "original, or to --kv-lora-rank R plus --rope-dim D values per token and layer. See docs/conversion.md.",
@@ -103,6 +103,12 @@ def register(sub: Any) -> None:
         help="decoupled: how each frequency's KV heads are mixed into the shared rotary key: complex "
         "(a rotation and scale per head, commutes with RoPE; default) or real (TransMLA's RoRoPE)",
     )
+    p.add_argument(
+        "--fold-qk-norm",
+        action="store_true",
+        help="decoupled, Qwen3/Gemma 3 sources: fold their per-head q/k norms into constant scales "
+        "(an approximation measured to break Gemma 3 270M; refused without this flag; --rope full is exact)",
+    )
     p.add_argument("--allocation", choices=("uniform", "greedy"), default="uniform", help="rank allocation")
     p.add_argument(
         "--keep-first-wide",
@@ -156,6 +162,7 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mlakit.convert import ConversionConfig, calibrate, convert_calibrated, load_hf_model, save_converted
+    from mlakit.convert.arch import source_spec
     from mlakit.convert.heal import heal_recorded
     from mlakit.text.corpus import files_corpus
 
@@ -181,13 +188,14 @@ def run(args: argparse.Namespace) -> int:
         **({} if args.key_weight is None else {"key_weight": args.key_weight}),
         sequential={"auto": None, "on": True, "off": False}[args.sequential],
         keep_first_wide=args.keep_first_wide,
+        fold_qk_norm=args.fold_qk_norm,
         calibration_windows=args.calibration_windows,
         calibration_seq_len=args.calibration_seq_len,
     )  # validated before the slow load
     hcfg = heal_config(args, prefix="heal-") if args.heal else None
     corpus = files_corpus(args.calibration_text) if args.calibration_text else None
     loaded = load_hf_model(args.model)
-    cfg.check_source(loaded.model.config)  # shapes the source cannot give fail before calibrating
+    cfg.check_source(source_spec(loaded.model.config, loaded.source), loaded.source)  # before calibrating
     cal = calibrate(
         loaded, windows=args.calibration_windows, seq_len=args.calibration_seq_len, corpus=corpus, progress=True
     )

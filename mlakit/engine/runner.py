@@ -21,8 +21,9 @@ import torch
 
 from mlakit.attention.backends import AttentionBackend
 from mlakit.attention.metadata import AttentionMetadata
-from mlakit.config import RuntimeConfig
+from mlakit.config import ModelConfig, RuntimeConfig
 from mlakit.engine.graphs import DecodeGraphs, graph_reason
+from mlakit.errors import MlakitError
 from mlakit.model import Transformer
 from mlakit.paged import PagedCache
 
@@ -56,6 +57,7 @@ class ModelRunner:
         self.runtime = runtime
         self.device = model.embed.weight.device
         model.attention_path(runtime, decode=True)  # raises now for absorbed on a full-RoPE model
+        check_paged_support(model.config)
         self.graphs: DecodeGraphs | None = None
         self._graph_batch = max_graph_batch
         if max_graph_batch:
@@ -114,3 +116,23 @@ class ModelRunner:
     def decode(self, tokens: Sequence[int], positions: Sequence[int], tables: Sequence[Sequence[int]]) -> torch.Tensor:
         """One decode step: ``tokens[b]`` at ``positions[b]`` of sequence ``b``; fp32 logits ``[B, vocab]``."""
         return self.execute(list(zip(tokens, positions, tables)), [])
+
+
+def check_paged_support(config: ModelConfig) -> None:
+    """Refuse what the paged attention backends do not implement: their decode kernels compute
+    plain causal softmax attention, with no sliding window and no score soft-capping.
+
+    Raises: MlakitError naming the feature (such models run through the reference forward:
+    ``mlakit eval``, or generation without the engine).
+    """
+    missing = []
+    if any(config.is_sliding(i) for i in range(config.num_layers)):
+        missing.append(f"sliding-window layers (sliding_window={config.sliding_window})")
+    if config.attention.logit_softcap is not None:
+        missing.append(f"attention logit soft-capping (logit_softcap={config.attention.logit_softcap})")
+    if missing:
+        raise MlakitError(
+            f"{config.name or 'this model'}: the engine's paged attention does not implement "
+            f"{' or '.join(missing)} (Gemma 2/3); run it through the reference forward instead "
+            "(`mlakit eval`, `mlakit.generate()`)"
+        )

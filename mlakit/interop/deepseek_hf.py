@@ -63,7 +63,20 @@ What the format cannot say, and what export does about it (recorded under ``mlak
   ``allow_bias``: transformers honours them, vLLM and SGLang build these projections without bias
   and skip ``.bias`` tensors. All-zero biases are dropped.
 
-Not expressible at all (clear error): ``rope_mode='full'`` MLA and MHA/GQA/MQA baselines.
+* a non-zero ``w_q`` bias without a query latent (``q_lora_rank=None``; a model converted from
+  Qwen2): DeepSeek-V3's ``q_proj`` has no bias, its ``q_a_proj`` has. With ``allow_bias`` the query
+  is written as a latent of width ``hidden + 1``: ``q_a_proj x + bias = s [x; 1]`` under the same
+  epsilon-dominated ``q_a_layernorm``, and ``q_b_proj = u [w_q | b]`` (see
+  :func:`_query_bias_through_latent`). Only transformers honours the bias (as above).
+* Llama 3 RoPE scaling (``RopeScaling(type='llama3')``, a conversion of Llama 3.x): written as
+  ``rope_type: llama3``, which transformers' DeepSeek-V3 computes like Llama's. vLLM's
+  DeepSeek-V2/V3 model rewrites every non-default ``rope_type`` to ``deepseek_yarn``
+  (``vllm/model_executor/models/deepseek_v2.py``), which is not Llama 3's rescaling: the note says
+  so. Conversion drops the scaling when it leaves every kept rotary frequency unchanged.
+
+Not expressible at all (clear error): ``rope_mode='full'`` MLA and MHA/GQA/MQA baselines, and the
+converted-source features DeepSeek-V3 has no field for (:func:`inexpressible_features`: per-head
+q/k norms, GeGLU, embedding scale, post norms, soft-capping, sliding windows, a local RoPE base).
 Import rejects mixture-of-experts layers, FP8 block-quantised weights and unknown RoPE types.
 """
 
@@ -262,6 +275,29 @@ def _mla(config: ModelConfig) -> MLAConfig:
     return att
 
 
+def inexpressible_features(config: ModelConfig) -> list[str]:
+    """The features of ``config`` that DeepSeek-V3's format has no field for (empty when none)."""
+    att = config.attention
+    out = []
+    if config.mlp_act != "silu":
+        out.append(f"mlp_act={config.mlp_act!r} (the MLP is SwiGLU: silu)")
+    if config.embed_scale != 1.0:
+        out.append(f"embed_scale={config.embed_scale:g}")
+    if config.post_norms:
+        out.append("post_norms=True (norms on the attention and MLP outputs)")
+    if config.final_logit_softcap is not None:
+        out.append(f"final_logit_softcap={config.final_logit_softcap:g}")
+    if att.logit_softcap is not None:
+        out.append(f"attention.logit_softcap={att.logit_softcap:g}")
+    if any(config.is_sliding(i) for i in range(config.num_layers)):
+        out.append(f"sliding-window layers (sliding_window={config.sliding_window})")
+    if config.local_rope_theta is not None:
+        out.append(f"local_rope_theta={config.local_rope_theta:g}")
+    if att.qk_norm:
+        out.append("attention.qk_norm=True (per-head q/k norms)")
+    return out
+
+
 def plan_export(model: Transformer, allow_bias: bool = False, pad_to: int | None = None) -> ExportPlan:
     """Decide the exported ``kv_lora_rank``, ``rms_norm_eps`` and each layer's latent mapping.
 
@@ -275,6 +311,12 @@ def plan_export(model: Transformer, allow_bias: bool = False, pad_to: int | None
     """
     config = model.config
     att = _mla(config)
+    missing = inexpressible_features(config)
+    if missing:
+        raise MlakitError(
+            f"{config.name or 'this model'}: DeepSeek-V3 cannot express {', '.join(missing)}; "
+            "such a model runs in mlakit only (`mlakit eval`, `mlakit.generate()`)"
+        )
     state = model.state_dict()
     ranks = [_mla_layer(config, i).kv_lora_rank for i in range(config.num_layers)]
     linear = not att.kv_norm
@@ -285,7 +327,8 @@ def plan_export(model: Transformer, allow_bias: bool = False, pad_to: int | None
             if b is not None and bool(b.ne(0).any()):
                 raise MlakitError(
                     f"layer {i}: w_q has a non-zero bias; DeepSeek-V3's q_proj has none (only q_a_proj, "
-                    "kv_a_proj_with_mqa and o_proj take attention_bias)"
+                    "kv_a_proj_with_mqa and o_proj take attention_bias): pass --allow-bias (allow_bias=True) to "
+                    "write it through a query latent, for transformers only"
                 )
     biased = _nonzero_biases(state, config.num_layers)
     if biased and not allow_bias:
@@ -297,6 +340,12 @@ def plan_export(model: Transformer, allow_bias: bool = False, pad_to: int | None
         )
     if att.attention_bias and not biased:
         notes.append("attention_bias=True but every attention bias is zero: written without biases")
+    if att.rope_scaling is not None and att.rope_scaling.type == "llama3":
+        notes.append(
+            "rope_scaling llama3: transformers reproduces it; vLLM's DeepSeek-V2/V3 model rewrites any non-default "
+            "rope_type to deepseek_yarn, which rescales the rotary frequencies differently (vLLM does not serve "
+            "this export exactly)"
+        )
     padding = plan_padding(att, max(ranks), pad_to)
     big_r = padding.kv_lora_rank
     eps = HF_LATENT_NORM_EPS if linear else att.rms_norm_eps
@@ -344,6 +393,52 @@ def plan_export(model: Transformer, allow_bias: bool = False, pad_to: int | None
             f"relative error <= {bound:.1e} per token, no biases"
         )
     return ExportPlan(config, big_r, bool(biased), tuple(layers), eps, padding, tuple(notes))
+
+
+def _query_bias_through_latent(model: Transformer) -> tuple[Transformer, str | None]:
+    """``model`` with a non-zero ``w_q`` bias carried by a query latent DeepSeek-V3 can write.
+
+    ``q = w_q x + b`` becomes ``w_uq q_norm(w_dq x + b_dq)`` with ``q_lora_rank = n + 1``:
+    ``w_dq x + b_dq = s [x; 1]``, ``q_norm`` the epsilon-dominated RMSNorm of a linear latent
+    (module docstring; ``s``, the norm weight and ``u`` from :func:`_linear_latent`, sized for
+    transformers' ``q_a_layernorm`` eps) and ``w_uq = u [w_q | b]``. Linear to within the bound in
+    the returned note. Returns ``(model, None)`` unchanged when there is no such bias.
+    """
+    att = model.config.attention
+    if not isinstance(att, MLAConfig) or att.q_lora_rank is not None or not att.attention_bias:
+        return model, None
+    state = model.state_dict()
+    n, num_layers = att.hidden_size, model.config.num_layers
+    if not any(bool(state[f"layers.{i}.attn.w_q.bias"].ne(0).any()) for i in range(num_layers)):
+        return model, None
+    config = dataclasses.replace(model.config, attention=dataclasses.replace(att, q_lora_rank=n + 1))
+    new = {k: v for k, v in state.items() if ".attn.w_q." not in k}
+    worst = 0.0
+    for i in range(num_layers):
+        p = f"layers.{i}.attn."
+        w_q, b_q = state[p + "w_q.weight"], state[p + "w_q.bias"]
+        # |[x; 1]| for inputs x = attn_norm * u, rms(u) = 1
+        x_bound = _latent_norm_bound(torch.eye(n, dtype=w_q.dtype), None, state[f"layers.{i}.attn_norm.weight"])
+        lay = _linear_latent(n + 1, n + 1, math.sqrt(x_bound**2 + 1), HF_LATENT_NORM_EPS)
+        w_dq = torch.zeros(n + 1, n, dtype=w_q.dtype)
+        w_dq[:n] = torch.eye(n, dtype=w_q.dtype) * lay.row_scale
+        b_dq = torch.zeros(n + 1, dtype=w_q.dtype)
+        b_dq[n] = lay.row_scale
+        new[p + "w_dq.weight"], new[p + "w_dq.bias"] = w_dq, b_dq
+        new[p + "q_norm.weight"] = lay.norm.to(w_q.dtype)
+        new[p + "w_uq.weight"] = (torch.cat([w_q, b_q[:, None]], dim=1).double() * lay.up_scale).to(w_q.dtype)
+        worst = max(worst, lay.error_bound)
+    with torch.device("meta"):
+        out = Transformer(config)
+    out.load_state_dict(new, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        out.lm_head.weight = out.embed.weight
+    out.reset_rope_tables(model.embed.weight.device)
+    note = (
+        f"w_q bias written through a query latent (q_lora_rank={n + 1} = hidden + 1, q_a_proj with bias, "
+        f"epsilon-dominated q_a_layernorm): relative error <= {worst:.1e} per token, transformers only"
+    )
+    return out.eval(), note
 
 
 def _nonzero_biases(state: dict[str, torch.Tensor], num_layers: int) -> list[str]:
@@ -439,7 +534,16 @@ def hf_config(plan: ExportPlan, dtype: torch.dtype) -> dict[str, Any]:
         "dtype": dtypes.hf_name(dtype),
     }
     rs = att.rope_scaling
-    if rs is not None:
+    if rs is not None and rs.type == "llama3":
+        llama3 = {
+            "factor": rs.factor,
+            "low_freq_factor": rs.low_freq_factor,
+            "high_freq_factor": rs.high_freq_factor,
+            "original_max_position_embeddings": rs.original_max_position_embeddings,
+        }
+        d["rope_scaling"] = {"rope_type": "llama3", "type": "llama3", **llama3}
+        d["rope_parameters"] = {"rope_type": "llama3", "rope_theta": att.rope_theta, **llama3}
+    elif rs is not None:
         yarn = {
             "factor": rs.factor,
             "original_max_position_embeddings": rs.original_max_position_embeddings,
@@ -717,7 +821,12 @@ def export_hf(
         raise MlakitError(f"max_shard_size={max_shard_size} must be a positive byte count")
     if dtype is not None and dtype not in FLOAT_DTYPES:
         raise MlakitError(f"dtype={dtype!r} is invalid: choose one of {', '.join(FLOAT_DTYPES)}")
+    q_note = None
+    if allow_bias:
+        model, q_note = _query_bias_through_latent(model)
     plan = plan_export(model, allow_bias=allow_bias, pad_to=pad_to)
+    if q_note is not None:
+        plan = dataclasses.replace(plan, notes=(*plan.notes, q_note))
     torch_dtype = FLOAT_DTYPES[dtype] if dtype is not None else model.embed.weight.dtype
     if torch_dtype not in FLOAT_DTYPES.values():
         raise MlakitError(f"model dtype {torch_dtype} cannot be exported: pass dtype='fp32', 'bf16' or 'fp16'")
@@ -859,8 +968,23 @@ def _rope_scaling(cfg: dict[str, Any], where: str) -> tuple[float, RopeScaling |
     kind = rp.get("rope_type", rp.get("type")) if rp else None
     if kind in (None, "default"):
         return float(theta), None
+    if kind == "llama3":
+        try:
+            return float(theta), RopeScaling(
+                type="llama3",
+                factor=float(rp["factor"]),
+                original_max_position_embeddings=int(rp["original_max_position_embeddings"]),
+                low_freq_factor=float(rp["low_freq_factor"]),
+                high_freq_factor=float(rp["high_freq_factor"]),
+            )
+        except KeyError as e:
+            raise MlakitError(f"{where}: llama3 RoPE settings lack {e.args[0]!r}") from e
+        except ValueError as e:
+            raise MlakitError(f"{where}: {e}") from e
     if kind not in ("yarn", "deepseek_yarn"):
-        raise MlakitError(f"{where}: RoPE type {kind!r} is not supported (mlakit has default RoPE and DeepSeek YaRN)")
+        raise MlakitError(
+            f"{where}: RoPE type {kind!r} is not supported (mlakit has default RoPE, DeepSeek YaRN and llama3)"
+        )
     try:
         scaling = RopeScaling(
             factor=float(rp["factor"]),
