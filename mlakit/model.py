@@ -212,7 +212,7 @@ class Transformer(nn.Module):
         try:
             state = load_file(str(path), device=str(device))
         except Exception as e:  # safetensors raises several types for damaged files
-            raise MlakitError(f"cannot read {path}: {e}") from e
+            raise MlakitError(f"cannot read {path} (truncated or damaged?): {e}") from e
         return cls.from_state_dict(config, state, source=str(path), dtype=dtype, device=device)
 
     @classmethod

@@ -25,6 +25,13 @@ import torch
 
 from mlakit import MlakitError, ModelConfig, RuntimeConfig, SamplingConfig, Transformer, generate
 from mlakit.cli import main
+from mlakit.config import MLAConfig
+from mlakit.convert.heal import heal_checkpoint
+from mlakit.convert.load import load_hf_model
+from mlakit.engine import Engine, EngineConfig
+from mlakit.interop import export_hf, load_hf
+from mlakit.io import write_dir
+from mlakit.train.data import TokenDataset
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "errors.md"
 TEXT = "The latent vector is cached instead of the keys and values. " * 40
@@ -90,8 +97,6 @@ def llama_dir(tmp: Path) -> Path:
 
 
 def deepseek_dir(tmp: Path) -> Path:
-    from mlakit.interop import export_hf
-
     torch.manual_seed(0)
     export_hf(Transformer(ModelConfig.from_preset("tiny-mla")), tmp / "ds")
     return tmp / "ds"
@@ -139,9 +144,7 @@ def trained(tmp: Path) -> None:
     assert main([a.format(tmp=tmp) for a in (*TRAIN, "--steps", "1", "--batch-size", "2", "--eval-windows", "1")]) == 0
 
 
-def small_engine() -> object:
-    from mlakit.engine import Engine, EngineConfig
-
+def small_engine() -> Engine:
     torch.manual_seed(0)
     return Engine(Transformer(ModelConfig.from_preset("tiny-mla")), EngineConfig(kv_memory="8KiB", block_size=4))
 
@@ -155,7 +158,8 @@ CASES: list[Case] = [
     Case("convert-not-gguf", "CLI", "`mlakit convert --model` a file that is not `.gguf`",
          then(text_file, cli("convert", "--model", "{tmp}/text.txt", "--out", "{tmp}/out"))),
     Case("convert-junk-gguf", "CLI", "`mlakit convert --model` a `.gguf` that is not GGUF",
-         then(lambda t: (t / "m.gguf").write_bytes(b"not a gguf"), cli("convert", "--model", "{tmp}/m.gguf", "--out", "{tmp}/o"))),
+         then(lambda t: (t / "m.gguf").write_bytes(b"not a gguf"),
+              cli("convert", "--model", "{tmp}/m.gguf", "--out", "{tmp}/o"))),
     Case("convert-dir-without-config", "CLI", "`mlakit convert --model` a directory without config.json",
          then(lambda t: (t / "empty").mkdir(), cli("convert", "--model", "{tmp}/empty", "--out", "{tmp}/out"))),
     Case("convert-malformed-config", "CLI", "`mlakit convert --model` a directory whose config.json is not JSON",
@@ -222,51 +226,49 @@ CASES: list[Case] = [
          api(lambda t: Transformer.from_pretrained(
              with_config(mla_ckpt(t), lambda c: c["config"]["attention"].update(kv_lora_rank=16))))),
     Case("import-bad-field", "API", "`mlakit.interop.load_hf` of a config.json with a list where a number goes",
-         api(lambda t: __import__("mlakit.interop", fromlist=["load_hf"]).load_hf(
+         api(lambda t: load_hf(
              with_config(deepseek_dir(t), lambda c: c.update(first_k_dense_replace=[1, 2], n_routed_experts=8))))),
     Case("heal-malformed-record", "API", "`heal_checkpoint` of a checkpoint whose conversion.json is not JSON",
-         api(lambda t: __import__("mlakit.convert.heal", fromlist=["heal_checkpoint"]).heal_checkpoint(
+         api(lambda t: heal_checkpoint(
              (mla_ckpt(t) / "conversion.json").write_text("{\"source\": ") and t / "mla", t / "out"))),
     Case("token-sidecar", "API", "`TokenDataset` whose .json sidecar is not JSON",
-         api(lambda t: __import__("mlakit.train.data", fromlist=["TokenDataset"]).TokenDataset(
+         api(lambda t: TokenDataset(
              (t / "t.bin").write_bytes(b"\0\0") and (t / "t.bin.json").write_text("{") and t / "t.bin"))),
     Case("mla-config", "API", "`MLAConfig(kv_lora_rank=0, ...)`",
-         api(lambda t: __import__("mlakit.config", fromlist=["MLAConfig"]).MLAConfig(
+         api(lambda t: MLAConfig(
              hidden_size=64, num_heads=4, kv_lora_rank=0, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16))),
     Case("max-seq-len", "API", "`ModelConfig.from_preset('tiny-mla', max_seq_len=2**30)`",
          api(lambda t: ModelConfig.from_preset("tiny-mla", max_seq_len=2**30))),
     Case("runtime-decode-path", "API", "`RuntimeConfig(decode_path='fast')`",
          api(lambda t: RuntimeConfig(decode_path="fast"))),  # type: ignore[arg-type]
     Case("engine-cache-dtype", "API", "`EngineConfig(cache_dtype='fp16')`",
-         api(lambda t: __import__("mlakit.engine", fromlist=["EngineConfig"]).EngineConfig(cache_dtype="fp16"))),
+         api(lambda t: EngineConfig(cache_dtype="fp16"))),
     Case("sampling-temperature", "API", "`SamplingConfig(temperature=-1)`",
          api(lambda t: SamplingConfig(temperature=-1))),
     Case("engine-empty-prompt", "API", "`Engine.add_request([])`",
-         api(lambda t: small_engine().add_request([]))),  # type: ignore[attr-defined]
+         api(lambda t: small_engine().add_request([]))),
     Case("engine-prompt-past-budget", "API", "`Engine.add_request` of a prompt larger than the whole KV budget",
-         api(lambda t: small_engine().add_request(list(range(100))))),  # type: ignore[attr-defined]
+         api(lambda t: small_engine().add_request(list(range(100))))),
     Case("engine-unknown-output", "API", "`Engine.output('nope')`",
-         api(lambda t: small_engine().output("nope"))),  # type: ignore[attr-defined]
+         api(lambda t: small_engine().output("nope"))),
     Case("generate-int8-cache", "API", "`mlakit.generate(..., RuntimeConfig(cache_dtype='int8'))`",
          api(lambda t: generate(Transformer(ModelConfig.from_preset("tiny-mla")), [[1, 2]],
                                 SamplingConfig(max_new_tokens=1), RuntimeConfig(cache_dtype="int8")))),
     Case("forward-too-long", "API", "a forward pass over more tokens than `max_seq_len`",
-         api(lambda t: Transformer(ModelConfig.from_preset("tiny-mla", max_seq_len=4))(torch.zeros(1, 5, dtype=torch.long)))),
+         api(lambda t: Transformer(ModelConfig.from_preset("tiny-mla", max_seq_len=4))(
+             torch.zeros(1, 5, dtype=torch.long)))),
     Case("gguf-layer-count", "API", "`load_hf_model` of a GGUF whose header claims more layers than it holds",
-         api(lambda t: __import__("mlakit.convert.load", fromlist=["load_hf_model"]).load_hf_model(str(damaged_gguf(t))))),
+         api(lambda t: load_hf_model(str(damaged_gguf(t))))),
     Case("write-dir-onto-file", "API", "`mlakit.io.write_dir` onto an existing file",
-         api(lambda t: __import__("mlakit.io", fromlist=["write_dir"]).write_dir(
+         api(lambda t: write_dir(
              text_file(t), lambda d: None, overwrite=True))),
 ]  # fmt: skip
 
 
 def damaged_gguf(tmp: Path) -> Path:
     """The fuzz suite's tiny GGUF with its block count raised from 1 to 3 in the header."""
-    import os
-
     from tests.test_fuzz import write_tiny_gguf
 
-    os.environ["MLAKIT_CACHE"] = str(tmp / "cache")
     good = write_tiny_gguf(tmp / "tiny.gguf")
     data = bytearray(good.read_bytes())
     key = b"llama.block_count"
@@ -281,10 +283,20 @@ def documented() -> dict[str, str]:
     """``case id -> documented message`` from the table in docs/errors.md."""
     rows = {}
     for line in DOC.read_text().splitlines():
-        m = re.match(r"\|\s*(\d+)\s*\|\s*(CLI|API)\s*\|.*\|\s*`(.+)`\s*\|\s*`([a-z0-9-]+)`\s*\|$", line)
+        m = re.fullmatch(
+            r"\| \d+ \| (?:CLI|API) \| .+ \| `` (.+) `` \| `test_documented_error\[([a-z0-9-]+)\]` \|", line
+        )
         if m:
-            rows[m.group(4)] = m.group(3)
+            rows[m.group(2)] = m.group(1).replace("\\|", "|")
     return rows
+
+
+def row(number: int, case: Case, message: str) -> str:
+    """The table row of ``case`` (the format :func:`documented` reads)."""
+    return (
+        f"| {number} | {case.where} | {case.bad_input} | `` {message.replace('|', chr(92) + '|')} `` "
+        f"| `test_documented_error[{case.id}]` |"
+    )
 
 
 def normalise(message: str, tmp: Path) -> str:
@@ -309,17 +321,15 @@ def test_documented_error(case: Case, tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 if __name__ == "__main__":  # print the rows as the code answers today
+    import os
     import tempfile
 
     for i, case in enumerate(CASES, 1):
         with tempfile.TemporaryDirectory() as d:
             tmp = Path(d)
-            os_cache = tmp / "cache"
-            import os
-
-            os.environ["MLAKIT_CACHE"] = str(os_cache)
+            os.environ["MLAKIT_CACHE"] = str(tmp / "cache")
             try:
                 msg = normalise(case.run(tmp), tmp)
             except BaseException as e:  # show what went wrong instead
                 msg = f"!! {type(e).__name__}: {e}"
-        print(f"| {i} | {case.where} | {case.bad_input} | `{msg}` | `{case.id}` |")
+        print(row(i, case, msg))

@@ -124,7 +124,7 @@ def test_read_json_object_and_lines(tmp_path: Path) -> None:
         io.read_json(tmp_path / "missing.json", what="a checkpoint")
     lines = tmp_path / "m.jsonl"
     lines.write_text('{"step": 1}\n\n{"step": 2\n')
-    with pytest.raises(MlakitError, match=r"m\.jsonl is not valid JSON \(line 3, column 12\)"):
+    with pytest.raises(MlakitError, match=r"m\.jsonl is not valid JSON \(line 3, column 11\)"):
         io.read_json_lines(lines)
 
 
