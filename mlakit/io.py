@@ -302,7 +302,7 @@ def _json_errors(path: Path) -> Iterator[None]:
     except UnicodeDecodeError as e:
         raise MlakitError(f"{path} is not valid JSON: not UTF-8 text ({e.reason} at byte {e.start})") from e
     except json.JSONDecodeError as e:
-        raise MlakitError(f"{path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
+        raise MlakitError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from e
     except (OSError, RecursionError, ValueError) as e:
         raise MlakitError(f"{path}: cannot read JSON: {e}") from e
 
@@ -348,7 +348,7 @@ def read_json_lines(path: str | os.PathLike[str], *, torn_tail: bool = False) ->
                 if torn_tail and i == len(lines):  # the last line, not newline-terminated
                     logger.warning("%s: dropping a torn last line (an interrupted append)", p)
                     continue
-                raise MlakitError(f"{p} line {i} is not valid JSON: {e.msg} at column {e.colno}") from e
+                raise MlakitError(f"{p} is not valid JSON (line {i}, column {e.colno}): {e.msg}") from e
     return rows
 
 

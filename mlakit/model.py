@@ -255,7 +255,7 @@ class Transformer(nn.Module):
         try:
             state = load_file(str(path), device=str(device))
         except Exception as e:  # safetensors raises several types for damaged files
-            raise MlakitError(f"cannot read {path}: {e}") from e
+            raise MlakitError(f"cannot read {path} (truncated or damaged?): {e}") from e
         return cls.from_state_dict(config, state, source=str(path), dtype=dtype, device=device)
 
     @classmethod
@@ -289,10 +289,11 @@ class Transformer(nn.Module):
                 model = cls(config)
         except (RuntimeError, TypeError, ValueError, OverflowError) as e:  # dimensions torch cannot hold
             raise MlakitError(f"{source}: cannot build a model of its config: {e}") from e
+        check_state_shapes(model, state, source)
         try:
             model.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as e:
-            raise MlakitError(f"weights in {source} do not match its config: {e}") from e
+            raise MlakitError(f"weights in {source} do not match its config: {' '.join(str(e).split())}") from e
         if config.tie_word_embeddings:
             model.lm_head.weight = model.embed.weight
         model.reset_rope_tables(device)
@@ -306,6 +307,28 @@ def fill_tied_head(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[
     if config.tie_word_embeddings and "embed.weight" in state:
         state.setdefault("lm_head.weight", state["embed.weight"])
     return state
+
+
+def check_state_shapes(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """One line saying how ``state`` differs from ``model``'s parameters (names and shapes), if it does."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if not (missing or unexpected or wrong):
+        return
+    parts = []
+    if wrong:
+        k = wrong[0]
+        parts.append(
+            f"{len(wrong)} tensors of another shape, e.g. {k} is {list(state[k].shape)}, "
+            f"the config makes it {list(expected[k].shape)}"
+        )
+    if missing:
+        parts.append(f"{len(missing)} missing, e.g. {missing[0]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
+    raise MlakitError(f"weights in {source} do not match its config: {'; '.join(parts)}")
 
 
 def check_layer_count(config: ModelConfig, names: Iterable[str], source: str) -> None:

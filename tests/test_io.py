@@ -100,9 +100,9 @@ def test_write_file_clears_dead_writers_temporaries(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "content,message",
     [
-        (b'{"a": 1', r"bad\.json is not valid JSON: Expecting ',' delimiter at line 1 column 8"),
-        (b"{'a': 1}", r"bad\.json is not valid JSON: Expecting property name enclosed in double quotes at line 1"),
-        (b"", r"bad\.json is not valid JSON: Expecting value at line 1 column 1"),
+        (b'{"a": 1', r"bad\.json is not valid JSON \(line 1, column 8\): Expecting ',' delimiter"),
+        (b"{'a': 1}", r"bad\.json is not valid JSON \(line 1, column 2\): Expecting property name enclosed in"),
+        (b"", r"bad\.json is not valid JSON \(line 1, column 1\): Expecting value"),
         (b"\xff\xfe{}", r"bad\.json is not valid JSON: not UTF-8 text"),
         (b"[" * 100_000 + b"]" * 100_000, r"bad\.json: cannot read JSON"),
     ],
@@ -124,7 +124,7 @@ def test_read_json_object_and_lines(tmp_path: Path) -> None:
         io.read_json(tmp_path / "missing.json", what="a checkpoint")
     lines = tmp_path / "m.jsonl"
     lines.write_text('{"step": 1}\n\n{"step": 2\n')
-    with pytest.raises(MlakitError, match=r"m\.jsonl line 3 is not valid JSON"):
+    with pytest.raises(MlakitError, match=r"m\.jsonl is not valid JSON \(line 3, column 11\)"):
         io.read_json_lines(lines)
 
 

@@ -119,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     prompts = [sys.stdin.read() if p == "-" else p for p in args.prompts]
+    config = engine_config(args)  # bad engine flags fail before the slow load
     loaded = load_model(args.model, weights=args.dtype)
     tok = loaded.tokenizer
     if tok is None:
@@ -136,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop_tokens=tuple(stops),
     )
-    engine = Engine(loaded.model, engine_config(args), tokenizer=tok)
+    engine = Engine(loaded.model, config, tokenizer=tok)
     chat = tok.has_chat_template and not args.no_chat
     requests = [
         Request(tok.encode_chat(p) if chat else tok.encode(p), sampling, tuple(args.stop), f"{i}")

@@ -38,6 +38,10 @@ from mlakit.paged import PagedCache
 
 logger = logging.getLogger(__name__)
 
+#: finished requests whose :meth:`Engine.output` stays available; older ones are forgotten, so a
+#: long-running engine (``mlakit serve``) holds memory for the requests in flight, not all it served
+FINISHED_HISTORY = 1024
+
 
 class Tokenizer(Protocol):
     """What the engine needs from a tokenizer (text prompts, streamed text, stop strings)."""
@@ -117,6 +121,8 @@ class Engine:
         self._seqs: dict[str, Sequence] = {}
         self._events: list[StreamEvent] = []
         self._errors: dict[str, str] = {}  # request id -> why it was refused
+        self._finished: dict[str, None] = {}  # finished request ids, oldest first (insertion order)
+        self._just_finished: list[str] = []  # finished in the events last handed out
         self._ids = itertools.count()
         logger.info(
             "engine: %d blocks x %d tokens (%d tokens, %.1f MiB of %.1f MiB budget), %s decode, %s backend",
@@ -150,6 +156,7 @@ class Engine:
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self._seqs and self._seqs[rid].status is not Status.FINISHED:
             raise MlakitError(f"request id {rid!r} is already in use")
+        self._finished.pop(rid, None)  # a finished id reused: the new request is not history
         ids = self._tokenize(prompt)
         seq = Sequence(
             request_id=rid,
@@ -202,7 +209,15 @@ class Engine:
         return self._errors.get(request_id)
 
     def output(self, request_id: str) -> RequestOutput:
-        seq = self._seqs[request_id]
+        """The request's output so far (or final: the last :data:`FINISHED_HISTORY` finished ones are kept).
+
+        Raises: MlakitError for an unknown request id, or one finished too long ago.
+        """
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            raise MlakitError(
+                f"unknown request id {request_id!r} (or finished more than {FINISHED_HISTORY} requests ago)"
+            )
         return RequestOutput(
             request_id, seq.prompt, list(seq.output), seq.text, seq.finish_reason, num_preemptions=seq.num_preemptions
         )
@@ -214,6 +229,8 @@ class Engine:
 
         Returns the events it produced.
         """
+        self._retire(self._just_finished)
+        self._just_finished = []
         events, self._events = self._events, []
         plan = self.scheduler.schedule()
         for seq in self.scheduler.stuck():
@@ -222,6 +239,7 @@ class Engine:
             events.append(StreamEvent(seq.request_id, None, finished=True, finish_reason="budget"))
         decode = [s for s in plan.decode if s.status is Status.RUNNING]
         if not decode and not plan.prefill:
+            self._just_finished = [e.request_id for e in events if e.finished]
             return events
         logits = self.runner.execute(
             [(s.tokens[-1], s.num_cached, s.table) for s in decode],
@@ -240,7 +258,23 @@ class Engine:
             if seq.sampling.logprobs is not None:
                 event = self._with_logprobs(event, logits[row], tok, seq.sampling.logprobs)
             events.append(event)
+        self._just_finished = [e.request_id for e in events if e.finished]
         return events
+
+    def _retire(self, request_ids: list[str]) -> None:
+        """Move finished requests into the bounded history, forgetting the oldest beyond it.
+
+        Called one step after their finished events went out, so the caller that saw the event
+        can still read :meth:`output`.
+        """
+        for rid in request_ids:
+            self._finished[rid] = None
+        while len(self._finished) > FINISHED_HISTORY:
+            old = next(iter(self._finished))
+            del self._finished[old]
+            if old in self._seqs and self._seqs[old].status is Status.FINISHED:
+                del self._seqs[old]
+                self._errors.pop(old, None)
 
     @staticmethod
     def _with_logprobs(event: StreamEvent, logits: torch.Tensor, tok: int, top: int) -> StreamEvent:
@@ -328,6 +362,7 @@ class Engine:
                 logger.info("request %s refused: %s", rid, e)
                 self._seqs[rid] = Sequence(rid, [], req.sampling, status=Status.FINISHED, finish_reason="error")
                 self._errors[rid] = str(e)
+                self._retire([rid])
                 yield StreamEvent(rid, None, finished=True, finish_reason="error", error=str(e))
         while self.has_unfinished():
             yield from self.step()
@@ -339,15 +374,12 @@ class Engine:
             r if r.request_id is not None else Request(r.prompt, r.sampling, r.stop_strings, f"req-{next(self._ids)}")
             for r in reqs
         ]
-        for _ in self.stream(reqs):
-            pass
-        outs = []
-        for r in reqs:
-            assert r.request_id is not None
-            out = self.output(r.request_id)
-            out.error = self._errors.get(r.request_id)
-            outs.append(out)
-        return outs
+        done: dict[str, RequestOutput] = {}
+        for event in self.stream(reqs):
+            if event.finished:  # read now: older finished requests are forgotten (FINISHED_HISTORY)
+                done[event.request_id] = self.output(event.request_id)
+                done[event.request_id].error = self._errors.get(event.request_id)
+        return [done[r.request_id] for r in reqs if r.request_id is not None]
 
     def stats(self) -> dict[str, int]:
         """Pool and scheduler counters (blocks used/free, running, waiting, preemptions)."""

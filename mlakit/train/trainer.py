@@ -509,7 +509,8 @@ class Trainer:
         try:
             state = torch.load(path / STATE_FILE, map_location=self.dist.device, weights_only=True)
         except Exception as e:  # torch.load raises many types for damaged files
-            raise MlakitError(f"{path}: cannot read {STATE_FILE}: {e}") from e
+            first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
+            raise MlakitError(f"{path}: cannot read {STATE_FILE} (truncated or damaged?): {first}") from e
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise MlakitError(f"{path}: not an mlakit training checkpoint")
         self._check_compatible(path, state)

@@ -264,3 +264,23 @@ def test_bf16_weights_run_and_match_the_bf16_forward(kind: str) -> None:
     engine.cache.pool.free(table)
     out = engine.generate([Request(seq[:5], SamplingConfig(max_new_tokens=4))])[0]
     assert len(out.tokens) == 4 and engine.cache.pool.num_free == engine.cache.num_blocks
+
+
+def test_finished_requests_are_forgotten_beyond_the_history(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long-running engine holds the requests in flight plus a bounded history, not all it served."""
+    from mlakit.engine import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "FINISHED_HISTORY", 3)
+    model = tiny("tiny-mla")
+    engine = Engine(model, EngineConfig(kv_memory="1MiB", block_size=4))
+    sampling = SamplingConfig(max_new_tokens=2)
+    outs = engine.generate([Request(p, sampling) for p in PROMPTS] * 2)  # more than the history
+    assert [o.tokens for o in outs[: len(PROMPTS)]] == [solo(model, p, sampling) for p in PROMPTS]
+    for _ in range(3):
+        engine.add_request(PROMPTS[0], sampling)
+        while engine.has_unfinished():
+            engine.step()
+    engine.step()  # the last finished events went out: retire them too
+    assert len(engine._seqs) == 3  # the history, nothing more
+    with pytest.raises(MlakitError, match="unknown request id 'req-0'"):
+        engine.output("req-0")
