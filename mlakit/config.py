@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
 
@@ -82,6 +83,25 @@ class RopeScaling:
             raise _fail(
                 o, "high_freq_factor", self.high_freq_factor, f"must exceed low_freq_factor={self.low_freq_factor} > 0"
             )
+
+
+def llama3_rope_scaling(params: Mapping[str, Any], where: str) -> RopeScaling:
+    """Llama 3's ``rope_scaling`` / ``rope_parameters`` (a Hugging Face config's dict) as a :class:`RopeScaling`.
+
+    Raises: MlakitError naming ``where`` and the missing or bad setting.
+    """
+    try:
+        return RopeScaling(
+            type="llama3",
+            factor=float(params["factor"]),
+            original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+            low_freq_factor=float(params["low_freq_factor"]),
+            high_freq_factor=float(params["high_freq_factor"]),
+        )
+    except KeyError as e:
+        raise MlakitError(f"{where}: llama3 RoPE settings lack {e.args[0]!r}") from e
+    except (TypeError, ValueError) as e:
+        raise MlakitError(f"{where}: llama3 RoPE settings: {e}") from e
 
 
 def _check_attention_features(owner: str, softcap: float | None, window: int | None) -> None:

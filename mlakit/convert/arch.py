@@ -35,7 +35,15 @@ from typing import Any
 
 import torch
 
-from mlakit.config import AttentionConfig, LayerAttention, LayerType, MlpAct, ModelConfig, RopeScaling
+from mlakit.config import (
+    AttentionConfig,
+    LayerAttention,
+    LayerType,
+    MlpAct,
+    ModelConfig,
+    RopeScaling,
+    llama3_rope_scaling,
+)
 from mlakit.convert.factorize import AttentionWeights
 from mlakit.convert.rope import SourceRope
 from mlakit.errors import MlakitError
@@ -192,18 +200,7 @@ def _rope(params: dict[str, Any], where: str, field: str) -> tuple[float, RopeSc
         raise MlakitError(
             f"{where}: {field}.rope_type={kind!r} is not supported for conversion (supported: default, llama3)"
         )
-    try:
-        scaling = RopeScaling(
-            type="llama3",
-            factor=float(params["factor"]),
-            original_max_position_embeddings=int(params["original_max_position_embeddings"]),
-            low_freq_factor=float(params["low_freq_factor"]),
-            high_freq_factor=float(params["high_freq_factor"]),
-        )
-    except KeyError as e:
-        raise MlakitError(f"{where}: {field} (llama3) lacks {e.args[0]!r}") from e
-    except ValueError as e:
-        raise MlakitError(f"{where}: {field}: {e}") from e
+    scaling = llama3_rope_scaling(params, f"{where}: {field}")
     return theta, scaling
 
 

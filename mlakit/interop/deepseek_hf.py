@@ -100,7 +100,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mlakit import dtypes
-from mlakit.config import MLAConfig, ModelConfig, RopeScaling
+from mlakit.config import MLAConfig, ModelConfig, RopeScaling, llama3_rope_scaling
 from mlakit.dtypes import FLOAT_DTYPES, FloatName
 from mlakit.errors import MlakitError
 from mlakit.interop.card import README, export_readme
@@ -969,18 +969,7 @@ def _rope_scaling(cfg: dict[str, Any], where: str) -> tuple[float, RopeScaling |
     if kind in (None, "default"):
         return float(theta), None
     if kind == "llama3":
-        try:
-            return float(theta), RopeScaling(
-                type="llama3",
-                factor=float(rp["factor"]),
-                original_max_position_embeddings=int(rp["original_max_position_embeddings"]),
-                low_freq_factor=float(rp["low_freq_factor"]),
-                high_freq_factor=float(rp["high_freq_factor"]),
-            )
-        except KeyError as e:
-            raise MlakitError(f"{where}: llama3 RoPE settings lack {e.args[0]!r}") from e
-        except ValueError as e:
-            raise MlakitError(f"{where}: {e}") from e
+        return float(theta), llama3_rope_scaling(rp, where)
     if kind not in ("yarn", "deepseek_yarn"):
         raise MlakitError(
             f"{where}: RoPE type {kind!r} is not supported (mlakit has default RoPE, DeepSeek YaRN and llama3)"
