@@ -25,6 +25,9 @@ from mlakit.errors import invalid as _fail
 
 AttentionKind: TypeAlias = Literal["mla", "mha", "gqa", "mqa"]
 RopeMode: TypeAlias = Literal["decoupled", "full"]
+RopeScalingType: TypeAlias = Literal["yarn", "llama3"]
+MlpAct: TypeAlias = Literal["silu", "gelu_tanh"]
+LayerType: TypeAlias = Literal["full", "sliding"]
 DecodePath: TypeAlias = Literal["auto", "naive", "absorbed"]
 CacheDType: TypeAlias = StorageName
 
@@ -42,12 +45,18 @@ def _positive(owner: str, name: str, value: object) -> None:
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """YaRN context extension as DeepSeek-V2/V3 configure it.
+    """Context extension of RoPE: YaRN as DeepSeek-V2/V3 configure it, or Llama 3.1's bands.
 
-    ``factor`` stretches the low frequencies; ``mscale``/``mscale_all_dim`` give the attention
-    temperature correction ``0.1 * m * ln(factor) + 1``. DeepSeek multiplies the softmax scale by
-    ``mscale(mscale_all_dim)**2`` and the cos/sin tables by ``mscale(mscale) / mscale(mscale_all_dim)``
-    (see :func:`mlakit.rope.softmax_scale` and :func:`mlakit.rope.rope_tables`).
+    ``type='yarn'``: ``factor`` stretches the low frequencies; ``mscale``/``mscale_all_dim`` give
+    the attention temperature correction ``0.1 * m * ln(factor) + 1``. DeepSeek multiplies the
+    softmax scale by ``mscale(mscale_all_dim)**2`` and the cos/sin tables by
+    ``mscale(mscale) / mscale(mscale_all_dim)`` (see :func:`mlakit.rope.softmax_scale` and
+    :func:`mlakit.rope.rope_tables`).
+
+    ``type='llama3'`` (Llama 3.1+): each inverse frequency is rescaled by its wavelength alone,
+    with ``L = original_max_position_embeddings``: wavelengths below ``L / high_freq_factor`` are
+    kept, above ``L / low_freq_factor`` divided by ``factor``, linearly blended in between (in
+    ``L / wavelength``). No temperature correction; the ``beta``/``mscale`` fields are unused.
     """
 
     factor: float
@@ -56,16 +65,30 @@ class RopeScaling:
     beta_slow: float = 1.0
     mscale: float = 1.0
     mscale_all_dim: float = 0.0
-    type: Literal["yarn"] = "yarn"
+    type: RopeScalingType = "yarn"
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
 
     def __post_init__(self) -> None:
-        if self.type != "yarn":
-            raise _fail("RopeScaling", "type", self.type, "only 'yarn' is supported")
+        o = "RopeScaling"
+        if self.type not in ("yarn", "llama3"):
+            raise _fail(o, "type", self.type, "must be 'yarn' or 'llama3'")
         if not self.factor >= 1.0:
-            raise _fail("RopeScaling", "factor", self.factor, "must be >= 1")
-        _positive("RopeScaling", "original_max_position_embeddings", self.original_max_position_embeddings)
-        if not self.beta_fast > self.beta_slow > 0:
-            raise _fail("RopeScaling", "beta_fast", self.beta_fast, f"must exceed beta_slow={self.beta_slow} > 0")
+            raise _fail(o, "factor", self.factor, "must be >= 1")
+        _positive(o, "original_max_position_embeddings", self.original_max_position_embeddings)
+        if self.type == "yarn" and not self.beta_fast > self.beta_slow > 0:
+            raise _fail(o, "beta_fast", self.beta_fast, f"must exceed beta_slow={self.beta_slow} > 0")
+        if self.type == "llama3" and not self.high_freq_factor > self.low_freq_factor > 0:
+            raise _fail(
+                o, "high_freq_factor", self.high_freq_factor, f"must exceed low_freq_factor={self.low_freq_factor} > 0"
+            )
+
+
+def _check_attention_features(owner: str, softcap: float | None, window: int | None) -> None:
+    if softcap is not None and not softcap > 0:
+        raise _fail(owner, "logit_softcap", softcap, "must be > 0 (or None: no soft-capping)")
+    if window is not None:
+        _positive(owner, "sliding_window", window)
 
 
 @dataclass(frozen=True)
@@ -81,6 +104,13 @@ class MLAConfig:
     key (all ``qk_nope_head_dim`` dims) is rotated after decompression, ``qk_rope_head_dim`` must
     be 0 and decode must decompress (no absorption), but positions stay exact.
     ``kv_norm=False`` drops the RMSNorm on ``c_kv`` (needed to represent a linear conversion).
+
+    Converted-source features (defaults: off): ``qk_norm`` applies a per-head RMSNorm (weights
+    ``[qk_nope_head_dim]``) to the query and to the decompressed key before RoPE (Qwen3, Gemma 3);
+    it sits between the latent and the key, so it needs ``rope_mode='full'`` (no absorption).
+    ``logit_softcap`` caps the scaled scores as ``cap * tanh(s / cap)`` (Gemma 2);
+    ``sliding_window`` lets a query at ``t`` see keys at ``s > t - sliding_window`` only (set per
+    layer by :meth:`ModelConfig.layer_attention`).
     """
 
     hidden_size: int
@@ -96,6 +126,9 @@ class MLAConfig:
     rope_mode: RopeMode = "decoupled"
     kv_norm: bool = True
     attention_bias: bool = False
+    qk_norm: bool = False
+    logit_softcap: float | None = None
+    sliding_window: int | None = None
 
     kind: Literal["mla"] = field(default="mla", init=False)
 
@@ -120,6 +153,14 @@ class MLAConfig:
             raise _fail(o, "rope_theta", self.rope_theta, "must be > 0")
         if not self.rms_norm_eps > 0:
             raise _fail(o, "rms_norm_eps", self.rms_norm_eps, "must be > 0")
+        if self.qk_norm and self.rope_mode != "full":
+            raise _fail(
+                o,
+                "qk_norm",
+                self.qk_norm,
+                "a per-head key norm between the latent and the key cannot be absorbed: needs rope_mode='full'",
+            )
+        _check_attention_features(o, self.logit_softcap, self.sliding_window)
 
     @property
     def qk_head_dim(self) -> int:
@@ -144,7 +185,10 @@ class MLAConfig:
 
 @dataclass(frozen=True)
 class AttentionConfig:
-    """Baseline attention: MHA (``num_kv_heads == num_heads``), GQA, MQA (``num_kv_heads == 1``)."""
+    """Baseline attention: MHA (``num_kv_heads == num_heads``), GQA, MQA (``num_kv_heads == 1``).
+
+    ``qk_norm``, ``logit_softcap`` and ``sliding_window`` as in :class:`MLAConfig`.
+    """
 
     hidden_size: int
     num_heads: int
@@ -154,6 +198,9 @@ class AttentionConfig:
     rope_scaling: RopeScaling | None = None
     rms_norm_eps: float = 1e-6
     qkv_bias: bool = False
+    qk_norm: bool = False
+    logit_softcap: float | None = None
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         o = "AttentionConfig"
@@ -165,6 +212,7 @@ class AttentionConfig:
             raise _fail(o, "head_dim", self.head_dim, "RoPE rotates pairs: must be even")
         if not self.rope_theta > 0:
             raise _fail(o, "rope_theta", self.rope_theta, "must be > 0")
+        _check_attention_features(o, self.logit_softcap, self.sliding_window)
 
     @property
     def kind(self) -> AttentionKind:
@@ -190,6 +238,17 @@ class ModelConfig:
 
     ``kv_lora_ranks`` optionally gives each MLA layer its own latent width (converted models
     allocate rank per layer); ``None`` means every layer uses ``attention.kv_lora_rank``.
+
+    Features of converted sources (the defaults are Llama's, so older configs load unchanged):
+
+    * ``mlp_act``: the gate's activation, ``silu`` (SwiGLU) or ``gelu_tanh`` (GeGLU, Gemma);
+    * ``embed_scale``: embeddings are multiplied by it (Gemma: ``sqrt(hidden_size)``);
+    * ``post_norms``: an RMSNorm on the attention and MLP outputs before each residual add
+      (Gemma 2/3's "sandwich" norms);
+    * ``final_logit_softcap``: logits become ``cap * tanh(logits / cap)`` (Gemma 2);
+    * ``layer_types`` (``"full"``/``"sliding"`` per layer) with ``sliding_window``: sliding layers
+      attend to the last ``sliding_window`` positions only; ``local_rope_theta``: their RoPE base
+      (plain RoPE, no scaling; Gemma 3's local layers), ``None`` for the global RoPE.
     """
 
     vocab_size: int
@@ -202,6 +261,13 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     name: str = ""
+    mlp_act: MlpAct = "silu"
+    embed_scale: float = 1.0
+    post_norms: bool = False
+    final_logit_softcap: float | None = None
+    sliding_window: int | None = None
+    layer_types: tuple[LayerType, ...] | None = None
+    local_rope_theta: float | None = None
 
     def __post_init__(self) -> None:
         o = "ModelConfig"
@@ -223,6 +289,27 @@ class ModelConfig:
             v = getattr(self, n)
             if v is not None and not 0 <= v < self.vocab_size:
                 raise _fail(o, n, v, f"must lie in [0, vocab_size={self.vocab_size})")
+        if self.mlp_act not in ("silu", "gelu_tanh"):
+            raise _fail(o, "mlp_act", self.mlp_act, "must be 'silu' (SwiGLU) or 'gelu_tanh' (GeGLU)")
+        if not self.embed_scale > 0:
+            raise _fail(o, "embed_scale", self.embed_scale, "must be > 0")
+        if self.final_logit_softcap is not None and not self.final_logit_softcap > 0:
+            raise _fail(o, "final_logit_softcap", self.final_logit_softcap, "must be > 0 (or None)")
+        if self.sliding_window is not None:
+            _positive(o, "sliding_window", self.sliding_window)
+        if self.layer_types is not None:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+            if len(self.layer_types) != self.num_layers or any(t not in ("full", "sliding") for t in self.layer_types):
+                raise _fail(
+                    o,
+                    "layer_types",
+                    self.layer_types,
+                    f"needs 'full' or 'sliding' for each of {self.num_layers} layers",
+                )
+            if "sliding" in self.layer_types and self.sliding_window is None:
+                raise _fail(o, "sliding_window", None, "sliding layers need a window (positive integer)")
+        if self.local_rope_theta is not None and not self.local_rope_theta > 0:
+            raise _fail(o, "local_rope_theta", self.local_rope_theta, "must be > 0 (or None: the global RoPE)")
 
     @property
     def hidden_size(self) -> int:
@@ -232,11 +319,19 @@ class ModelConfig:
     def attention_kind(self) -> AttentionKind:
         return self.attention.kind
 
+    def is_sliding(self, layer: int) -> bool:
+        return self.layer_types is not None and self.layer_types[layer] == "sliding"
+
     def layer_attention(self, layer: int) -> LayerAttention:
-        """The attention config of one layer (per-layer latent ranks applied)."""
-        if self.kv_lora_ranks is not None and isinstance(self.attention, MLAConfig):
-            return self.attention.with_rank(self.kv_lora_ranks[layer])
-        return self.attention
+        """The attention config of one layer (per-layer latent rank, sliding window and local RoPE applied)."""
+        att: LayerAttention = self.attention
+        if self.kv_lora_ranks is not None and isinstance(att, MLAConfig):
+            att = att.with_rank(self.kv_lora_ranks[layer])
+        if self.is_sliding(layer):
+            att = dataclasses.replace(att, sliding_window=self.sliding_window)
+            if self.local_rope_theta is not None:
+                att = dataclasses.replace(att, rope_theta=self.local_rope_theta, rope_scaling=None)
+        return att
 
     def cache_elements_per_token(self) -> int:
         """KV-cache values per token summed over all layers."""
@@ -261,8 +356,9 @@ class ModelConfig:
         att = d["attention"]
         att.pop("kind", None)
         d["attention"] = {"kind": "mla" if isinstance(self.attention, MLAConfig) else "baseline", **att}
-        if d["kv_lora_ranks"] is not None:
-            d["kv_lora_ranks"] = list(d["kv_lora_ranks"])
+        for k in ("kv_lora_ranks", "layer_types"):
+            if d[k] is not None:
+                d[k] = list(d[k])
         return d
 
     @classmethod
@@ -279,7 +375,13 @@ class ModelConfig:
                 MLAConfig(**att, rope_scaling=rs) if kind == "mla" else AttentionConfig(**att, rope_scaling=rs)
             )
             ranks = d.pop("kv_lora_ranks", None)
-            return cls(**d, attention=attention, kv_lora_ranks=tuple(ranks) if ranks is not None else None)
+            types = d.pop("layer_types", None)
+            return cls(
+                **d,
+                attention=attention,
+                kv_lora_ranks=tuple(ranks) if ranks is not None else None,
+                layer_types=tuple(types) if types is not None else None,
+            )
         except MlakitError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as e:

@@ -1,6 +1,8 @@
-"""Small building blocks shared by attention and the decoder: RMSNorm and the SwiGLU MLP."""
+"""Small building blocks shared by attention and the decoder: RMSNorm and the gated MLP (SwiGLU/GeGLU)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -41,11 +43,19 @@ def fuse_linears(linears: list[nn.Linear]) -> nn.Linear:
     return fused
 
 
-class SwiGLU(nn.Module):
-    """``w_down(silu(w_gate x) * w_up x)``."""
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
 
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"silu": F.silu, "gelu_tanh": _gelu_tanh}
+
+
+class SwiGLU(nn.Module):
+    """``w_down(act(w_gate x) * w_up x)``: SwiGLU with ``act='silu'``, GeGLU with ``'gelu_tanh'`` (Gemma)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str = "silu") -> None:
         super().__init__()
+        self.act = _ACTIVATIONS[act]
         self.w_gate = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.w_up = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.w_down = nn.Linear(intermediate_size, hidden_size, bias=False)
@@ -59,5 +69,5 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w_gate_up is not None:
             gate, up = self.w_gate_up(x).chunk(2, dim=-1)
-            return self.w_down(F.silu(gate) * up)
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+            return self.w_down(self.act(gate) * up)
+        return self.w_down(self.act(self.w_gate(x)) * self.w_up(x))

@@ -1,9 +1,11 @@
 """The decoder LM: embeddings, ``num_layers`` pre-norm blocks (attention + SwiGLU), final norm, head.
 
 Attention is pluggable per config: MLA (:class:`MultiHeadLatentAttention`) or a baseline
-(:class:`GroupedQueryAttention` for MHA/GQA/MQA). Checkpoints are a directory with ``config.json``
-and ``model.safetensors``; loading builds the model on the ``meta`` device and assigns the
-stored tensors, so no random init is wasted.
+(:class:`GroupedQueryAttention` for MHA/GQA/MQA). Features of converted sources (Gemma's scaled
+embeddings, sandwich norms, GeGLU, soft-capped logits, sliding-window layers with their own RoPE
+base) are switched on by :class:`~mlakit.config.ModelConfig` fields; the block loop is the same.
+Checkpoints are a directory with ``config.json`` and ``model.safetensors``; loading builds the
+model on the ``meta`` device and assigns the stored tensors, so no random init is wasted.
 """
 
 from __future__ import annotations
@@ -35,7 +37,11 @@ _LAYER_NAME = re.compile(r"layers\.(\d+)\.")
 
 
 class Block(nn.Module):
-    """Pre-norm decoder block: ``x + attn(attn_norm(x))`` then ``x + mlp(mlp_norm(x))``."""
+    """Pre-norm decoder block: ``x + attn(attn_norm(x))`` then ``x + mlp(mlp_norm(x))``.
+
+    With ``config.post_norms`` (Gemma 2/3) each branch's output is normalised before the add:
+    ``x + attn_post_norm(attn(attn_norm(x)))``, ``x + mlp_post_norm(mlp(mlp_norm(x)))``.
+    """
 
     def __init__(self, config: ModelConfig, layer: int, rotary: RotaryEmbedding) -> None:
         super().__init__()
@@ -47,7 +53,12 @@ class Block(nn.Module):
         else:
             self.attn = GroupedQueryAttention(att, rotary, layer_idx=layer)
         self.mlp_norm = RMSNorm(config.hidden_size, att.rms_norm_eps)
-        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, config.mlp_act)
+        self.attn_post_norm: RMSNorm | None = None
+        self.mlp_post_norm: RMSNorm | None = None
+        if config.post_norms:
+            self.attn_post_norm = RMSNorm(config.hidden_size, att.rms_norm_eps)
+            self.mlp_post_norm = RMSNorm(config.hidden_size, att.rms_norm_eps)
 
     def forward(
         self,
@@ -58,8 +69,10 @@ class Block(nn.Module):
         kv_len: int | None,
         meta: AttentionMetadata | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), positions, cache, path, kv_len, meta)  # type: ignore[arg-type]
-        return x + self.mlp(self.mlp_norm(x))
+        a = self.attn(self.attn_norm(x), positions, cache, path, kv_len, meta)  # type: ignore[arg-type]
+        x = x + (a if self.attn_post_norm is None else self.attn_post_norm(a))
+        m = self.mlp(self.mlp_norm(x))
+        return x + (m if self.mlp_post_norm is None else self.mlp_post_norm(m))
 
 
 class Transformer(nn.Module):
@@ -77,13 +90,29 @@ class Transformer(nn.Module):
         self.config = config
         att = config.attention
         self.rotary = RotaryEmbedding(att.rope_dim, config.max_seq_len, att.rope_theta, att.rope_scaling)
+        # sliding-window layers with their own RoPE base (Gemma 3) share a second table
+        self.local_rotary: RotaryEmbedding | None = None
+        if config.local_rope_theta is not None:
+            self.local_rotary = RotaryEmbedding(att.rope_dim, config.max_seq_len, config.local_rope_theta)
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config, i, self.rotary) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(Block(config, i, self.rotary_of(i)) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, att.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
         self.apply(self._init_weights)
+
+    def rotary_of(self, layer: int) -> RotaryEmbedding:
+        """The rotary tables layer ``layer`` uses (the local ones for its sliding-window layers)."""
+        if self.local_rotary is not None and self.config.is_sliding(layer):
+            return self.local_rotary
+        return self.rotary
+
+    def reset_rope_tables(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute every rotary table, e.g. after building on the meta device."""
+        self.rotary.reset_tables(device)
+        if self.local_rotary is not None:
+            self.local_rotary.reset_tables(device)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -149,12 +178,12 @@ class Transformer(nn.Module):
         if cache is not None and cache.batch_size != tokens.shape[0]:
             raise MlakitError(f"cache holds {cache.batch_size} sequences but tokens has batch {tokens.shape[0]}")
         path = self.attention_path(runtime, decode=cache is not None and tokens.shape[1] == 1)
-        x = self.embed(tokens)
+        x = self.embed_tokens(tokens)
         for i, layer in enumerate(self.layers):
             x = layer(x, positions, None if cache is None else cache.layers[i], path, kv_len)
         if logit_index is not None:
             x = x[torch.arange(x.shape[0], device=x.device), logit_index]  # [B, hidden]
-        return self.lm_head(self.norm(x))
+        return self.logits(x)
 
     def _forward_packed(
         self, tokens: torch.Tensor, positions: torch.Tensor | None, runtime: RuntimeConfig, meta: AttentionMetadata
@@ -162,10 +191,24 @@ class Transformer(nn.Module):
         if positions is None or tokens.shape[0] != 1 or positions.shape != tokens.shape:
             raise MlakitError("a packed step needs tokens and positions of shape [1, N]")
         path = self.attention_path(runtime, decode=True)
-        x = self.embed(tokens)  # [1, N, hidden]
+        x = self.embed_tokens(tokens)  # [1, N, hidden]
         for layer in self.layers:
             x = layer(x, positions, None, path, None, meta)
-        return self.lm_head(self.norm(x[0, meta.logits_index]))  # [B, vocab]
+        return self.logits(x[0, meta.logits_index])  # [B, vocab]
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[B, T]`` ids -> ``[B, T, hidden]``, times ``embed_scale`` (Gemma: ``sqrt(hidden)``)."""
+        x = self.embed(tokens)
+        if self.config.embed_scale != 1.0:
+            # Gemma rounds the scale to the activation dtype before multiplying; so do we
+            x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
+        return x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and head on hidden states ``[..., hidden]``; soft-capped when configured (Gemma 2)."""
+        out = self.lm_head(self.norm(x))
+        cap = self.config.final_logit_softcap
+        return out if cap is None else cap * torch.tanh(out / cap)
 
     def attention_path(self, runtime: RuntimeConfig, decode: bool) -> AttentionPath:
         """Naive for prefill/training; ``runtime.decode_path`` for single-token decode steps."""
@@ -253,7 +296,7 @@ class Transformer(nn.Module):
             raise MlakitError(f"weights in {source} do not match its config: {' '.join(str(e).split())}") from e
         if config.tie_word_embeddings:
             model.lm_head.weight = model.embed.weight
-        model.rotary.reset_tables(device)
+        model.reset_rope_tables(device)
         if dtype is not None:
             model.to(dtype)
         return model.eval()

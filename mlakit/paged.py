@@ -143,7 +143,9 @@ class PagedCache:
     """All layers' paged storage plus the shared :class:`BlockPool`.
 
     ``layers[i]`` is ``(kv,)`` for an MLA layer (rows ``[c_kv | k_rope]``) or ``(k, v)`` for a
-    baseline layer (rows ``num_kv_heads * head_dim`` wide).
+    baseline layer (rows ``num_kv_heads * head_dim`` wide). ``scratch_block``, when set, is one
+    block of storage outside the pool (ids ``0 .. pool.num_blocks - 1``): padding rows of a
+    fixed-size (graph-captured) step write there and read only there, never a sequence's block.
     """
 
     layers: list[tuple[PagedRows, ...]]
@@ -151,6 +153,7 @@ class PagedCache:
     block_size: int
     bytes_per_block: int
     dtype: torch.dtype | str
+    scratch_block: int | None = None
 
     @staticmethod
     def row_widths(config: ModelConfig) -> list[tuple[int, ...]]:
@@ -178,21 +181,31 @@ class PagedCache:
         block_size: int,
         dtype: torch.dtype | str,
         device: torch.device | str | None = None,
+        scratch: bool = False,
     ) -> PagedCache:
-        """As many blocks as fit in ``kv_bytes`` (storage never exceeds it).
+        """As many blocks as fit in ``kv_bytes`` (storage never exceeds it), one of them the
+        ``scratch_block`` outside the pool when ``scratch``.
 
-        Raises: MlakitError when not even one block fits.
+        Raises: MlakitError when not even one pool block fits.
         """
         per_block = cls.block_bytes(config, block_size, dtype)
-        num_blocks = kv_bytes // per_block
+        num_blocks = kv_bytes // per_block - int(scratch)
         if num_blocks < 1:
             raise MlakitError(
                 f"kv_memory={kv_bytes} bytes holds no block: one block of {block_size} tokens needs {per_block} bytes"
+                + (" (plus one scratch block for CUDA graphs)" if scratch else "")
             )
-        slots = num_blocks * block_size
+        slots = (num_blocks + int(scratch)) * block_size
         layers = [tuple(PagedRows(slots, w, dtype, device) for w in ws) for ws in cls.row_widths(config)]
         pool = BlockPool(num_blocks)
-        return cls(layers=layers, pool=pool, block_size=block_size, bytes_per_block=per_block, dtype=dtype)
+        return cls(
+            layers=layers,
+            pool=pool,
+            block_size=block_size,
+            bytes_per_block=per_block,
+            dtype=dtype,
+            scratch_block=num_blocks if scratch else None,
+        )
 
     @property
     def nbytes(self) -> int:

@@ -1,4 +1,4 @@
-"""Rotary position embedding (RoPE) with DeepSeek's YaRN extension, as pure functions.
+"""Rotary position embedding (RoPE) with DeepSeek's YaRN and Llama 3.1's scaling, as pure functions.
 
 Layout: "halves" (the Llama / Hugging Face ``rotate_half`` convention): for a rotary width ``D`` the
 pair ``(x[i], x[i + D/2])`` rotates by ``pos * inv_freq[i]``. DeepSeek's own checkpoints store the
@@ -22,15 +22,20 @@ def _yarn_correction_dim(num_rotations: float, dim: int, base: float, max_pos: i
     return (dim * math.log(max_pos / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
 
 
-def rope_inv_freq(dim: int, theta: float, scaling: RopeScaling | None = None) -> torch.Tensor:
-    """Inverse frequencies ``[dim // 2]`` (fp32), YaRN-blended when ``scaling`` is given.
+def rope_inv_freq(
+    dim: int, theta: float, scaling: RopeScaling | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Inverse frequencies ``[dim // 2]`` (computed in fp64, returned in ``dtype``), rescaled when ``scaling`` is given.
 
     YaRN keeps high frequencies (many turns within the original context) as they are,
-    divides low frequencies by ``factor`` and ramps linearly between the two.
+    divides low frequencies by ``factor`` and ramps linearly between the two, by dim index.
+    Llama 3 does the same by wavelength (:func:`llama3_inv_freq`).
     """
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     if scaling is None:
-        return inv_freq.float()
+        return inv_freq.to(dtype)
+    if scaling.type == "llama3":
+        return llama3_inv_freq(inv_freq, scaling).to(dtype)
     orig = scaling.original_max_position_embeddings
     low = float(max(math.floor(_yarn_correction_dim(scaling.beta_fast, dim, theta, orig)), 0))
     high = float(min(math.ceil(_yarn_correction_dim(scaling.beta_slow, dim, theta, orig)), dim - 1))
@@ -39,12 +44,30 @@ def rope_inv_freq(dim: int, theta: float, scaling: RopeScaling | None = None) ->
     ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
     extrapolate = 1.0 - ramp  # 1 -> keep original frequency, 0 -> interpolate
     blended = inv_freq / scaling.factor * (1 - extrapolate) + inv_freq * extrapolate
-    return blended.float()
+    return blended.to(dtype)
+
+
+def llama3_inv_freq(inv_freq: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:
+    """Llama 3.1's rescaling of ``inv_freq`` (any shape), a function of each frequency alone.
+
+    With ``L = original_max_position_embeddings`` and wavelength ``w = 2 pi / f``: ``w < L /
+    high_freq_factor`` keeps ``f``; ``w > L / low_freq_factor`` gives ``f / factor``; in between
+    ``(1 - s) f / factor + s f`` with ``s = (L / w - low_freq_factor) / (high_freq_factor -
+    low_freq_factor)``. Because it depends on the frequency and not on its index, a rotary key
+    that keeps some of the original frequencies (decoupled conversion) is rescaled alike.
+    """
+    orig = scaling.original_max_position_embeddings
+    lo, hi = scaling.low_freq_factor, scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (orig / wavelen - lo) / (hi - lo)
+    blended = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    out = torch.where(wavelen > orig / lo, inv_freq / scaling.factor, blended)
+    return torch.where(wavelen < orig / hi, inv_freq, out)
 
 
 def rope_attention_factor(scaling: RopeScaling | None) -> float:
-    """Multiplier on the cos/sin tables (Hugging Face's YaRN ``attention_factor``)."""
-    if scaling is None:
+    """Multiplier on the cos/sin tables (Hugging Face's YaRN ``attention_factor``; 1 for Llama 3)."""
+    if scaling is None or scaling.type != "yarn":
         return 1.0
     if scaling.mscale and scaling.mscale_all_dim:
         return yarn_mscale(scaling.factor, scaling.mscale) / yarn_mscale(scaling.factor, scaling.mscale_all_dim)
@@ -54,7 +77,7 @@ def rope_attention_factor(scaling: RopeScaling | None) -> float:
 def softmax_scale(qk_head_dim: int, scaling: RopeScaling | None = None) -> float:
     """``1/sqrt(d_qk)``, times DeepSeek's ``mscale(factor, mscale_all_dim)**2`` under YaRN."""
     scale = qk_head_dim**-0.5
-    if scaling is not None and scaling.mscale_all_dim:
+    if scaling is not None and scaling.type == "yarn" and scaling.mscale_all_dim:
         m = yarn_mscale(scaling.factor, scaling.mscale_all_dim)
         scale = scale * m * m
     return scale

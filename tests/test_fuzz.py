@@ -293,7 +293,7 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def check_llama_config(src: Path, work: Path, data: st.DataObject) -> None:
     from mlakit.convert.load import load_hf_model
-    from mlakit.engine.load import llama_to_transformer
+    from mlakit.engine.load import source_to_transformer
 
     d = _fresh_copy(src, work)
     config = d / "config.json"
@@ -308,7 +308,7 @@ def check_llama_config(src: Path, work: Path, data: st.DataObject) -> None:
         with torch.no_grad():
             loaded.model(torch.tensor([[1, 2, 3]]))
 
-    must_load_or_refuse(lambda: llama_to_transformer(d), run_model)
+    must_load_or_refuse(lambda: source_to_transformer(d), run_model)
     must_load_or_refuse(lambda: load_hf_model(str(d)), run_hf)
 
 

@@ -1,8 +1,9 @@
-"""Pieces every attention kind shares: the rotary tables and position-based masking."""
+"""Pieces every attention kind shares: the rotary tables, position-based masking, soft-capped SDPA."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mlakit.config import RopeScaling
@@ -32,16 +33,48 @@ class RotaryEmbedding(nn.Module):
         return apply_rope(x, self.cos[positions], self.sin[positions])
 
 
-def position_mask(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+def position_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None = None) -> torch.Tensor:
     """Boolean mask ``[B, 1, T, S]``: query at position p sees keys at positions <= p.
 
     ``q_pos [B, T]``; ``k_pos [B, S]`` or ``[S]``. Stale cache slots beyond a sequence's end lie
     at positions greater than any of its queries, so this one rule covers causality, chunked
-    prefill at ``start_pos > 0`` and ragged batches.
+    prefill at ``start_pos > 0`` and ragged batches. With a sliding ``window``, only keys at
+    positions ``> p - window`` are seen (Hugging Face's ``sliding_window`` semantics).
     """
     if k_pos.dim() == 1:
         k_pos = k_pos.unsqueeze(0)
-    return (k_pos.unsqueeze(1) <= q_pos.unsqueeze(2)).unsqueeze(1)  # [B, 1, T, S]
+    diff = q_pos.unsqueeze(2) - k_pos.unsqueeze(1)  # [B, T, S]
+    seen = diff >= 0
+    if window is not None:
+        seen = seen & (diff < window)
+    return seen.unsqueeze(1)  # [B, 1, T, S]
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Softmax attention of ``q [B, H, T, D]`` over ``k [B, H, S, D]``, ``v [B, H, S, D_v]``.
+
+    Fused SDPA, unless ``softcap`` is set: then the scaled scores become ``softcap *
+    tanh(s / softcap)`` before the mask and the softmax (Gemma 2), which SDPA cannot do, so the
+    scores are materialised (softmax in fp32, as Hugging Face's eager path).
+    """
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, H, T, S]
+    scores = softcap * torch.tanh(scores / softcap)
+    t, s = scores.shape[-2:]
+    if causal:
+        mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.float().softmax(-1).to(v.dtype), v)
 
 
 def check_positions(x: torch.Tensor, positions: torch.Tensor) -> None:

@@ -49,6 +49,9 @@ class AttentionMetadata:
         context_lens_host: host copy of ``context_lens``.
         tables_host: host copy of the block tables (unpadded), for backends that walk them.
         num_decodes: the first ``num_decodes`` sequences are one-token decode steps.
+        max_decode_context: an upper bound on the decode sequences' context lengths that decode
+            kernels size their grid by; ``None``: the longest of ``context_lens_host``. A captured
+            CUDA graph fixes it (with placeholder host lengths), so replays serve any lengths.
     """
 
     cache: PagedCache
@@ -61,6 +64,7 @@ class AttentionMetadata:
     context_lens_host: tuple[int, ...]
     tables_host: tuple[tuple[int, ...], ...]
     num_decodes: int
+    max_decode_context: int | None = None
     _runs: dict[int, list[tuple[int, int]]] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -122,7 +126,8 @@ class AttentionMetadata:
     def decode_tables(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         """What a decode kernel reads: ``(block_tables [B_d, M], context_lens [B_d], longest context)``."""
         nd = self.num_decodes
-        return self.block_tables[:nd], self.decode_context_lens, max(self.context_lens_host[:nd])
+        longest = self.max_decode_context or max(self.context_lens_host[:nd])
+        return self.block_tables[:nd], self.decode_context_lens, longest
 
     def runs(self, i: int) -> list[tuple[int, int]]:
         """Sequence ``i``'s cached tokens as ``(first_slot, length)`` runs of consecutive slots."""

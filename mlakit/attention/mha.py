@@ -9,19 +9,22 @@ Shapes: B batch, T query tokens, S key tokens, H query heads, G kv heads, D head
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from mlakit.attention.common import RotaryEmbedding, check_positions, position_mask
+from mlakit.attention.common import RotaryEmbedding, attend, check_positions, position_mask
 from mlakit.attention.metadata import AttentionMetadata
 from mlakit.cache import KVCache
 from mlakit.config import AttentionConfig
-from mlakit.layers import fuse_linears
+from mlakit.layers import RMSNorm, fuse_linears
 from mlakit.rope import softmax_scale
 
 
 class GroupedQueryAttention(nn.Module):
-    """Llama-style attention with ``w_q, w_k, w_v, w_o`` (biases on q/k/v when ``qkv_bias``)."""
+    """Llama-style attention with ``w_q, w_k, w_v, w_o`` (biases on q/k/v when ``qkv_bias``).
+
+    With ``qk_norm`` each head's query and key go through an RMSNorm (``q_head_norm``,
+    ``k_head_norm``) before RoPE (Qwen3, Gemma 3).
+    """
 
     def __init__(
         self,
@@ -39,6 +42,9 @@ class GroupedQueryAttention(nn.Module):
         self.w_k = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.w_v = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.w_o = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+        if c.qk_norm:
+            self.q_head_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+            self.k_head_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
         self.rotary = rotary or RotaryEmbedding(c.head_dim, max_positions, c.rope_theta, c.rope_scaling)
         self.fused_in: nn.Module | None = None  # set by fuse_input_projections (inference)
 
@@ -75,13 +81,17 @@ class GroupedQueryAttention(nn.Module):
         """
         c = self.config
         b, t, _ = x.shape
-        causal = positions is None and cache is None
+        causal = positions is None and cache is None and c.sliding_window is None
         if positions is None:
             positions = torch.arange(t, device=x.device).unsqueeze(0).expand(b, t)
         check_positions(x, positions)
         q, k, v = self._project(x)
-        q = self.rotary.rotate(q.view(b, t, c.num_heads, c.head_dim), positions)  # [B, T, H, D]
-        k = self.rotary.rotate(k.view(b, t, c.num_kv_heads, c.head_dim), positions)  # [B, T, G, D]
+        q = q.view(b, t, c.num_heads, c.head_dim)  # [B, T, H, D]
+        k = k.view(b, t, c.num_kv_heads, c.head_dim)  # [B, T, G, D]
+        if c.qk_norm:
+            q, k = self.q_head_norm(q), self.k_head_norm(k)
+        q = self.rotary.rotate(q, positions)
+        k = self.rotary.rotate(k, positions)
         v = v.view(b, t, c.num_kv_heads, c.head_dim)  # [B, T, G, D]
         if meta is not None:
             return self.w_o(self._attend_paged(q[0], k[0], v[0], positions[0], meta).reshape(b, t, -1))
@@ -93,7 +103,7 @@ class GroupedQueryAttention(nn.Module):
             k_pos = torch.arange(kv_len, device=x.device)
         else:
             k_pos = positions
-        mask = None if causal else position_mask(positions, k_pos)
+        mask = None if causal else position_mask(positions, k_pos, c.sliding_window)
         return self.w_o(self._attend(q, k, v, mask, causal).reshape(b, t, -1))
 
     def _attend(
@@ -106,8 +116,8 @@ class GroupedQueryAttention(nn.Module):
         if group > 1:  # share each kv head with its group of query heads
             k = k.unsqueeze(3).expand(b, s, c.num_kv_heads, group, c.head_dim).reshape(b, s, c.num_heads, c.head_dim)
             v = v.unsqueeze(3).expand(b, s, c.num_kv_heads, group, c.head_dim).reshape(b, s, c.num_heads, c.head_dim)
-        o = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=causal, scale=self.scale
+        o = attend(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, causal, self.scale, c.logit_softcap
         )  # [B, H, T, D]
         return o.transpose(1, 2)
 

@@ -27,7 +27,10 @@ Two ways to attend over the cached latents, with the same result:
   that all H query heads share; per-head K/V are never materialised.
 
 ``rope_mode='full'`` (conversion form): no decoupled key; the decompressed key ``W_UK c_kv`` is
-rotated at its position after decompression, so only the naive path exists.
+rotated at its position after decompression, so only the naive path exists. With ``qk_norm``
+(converted Qwen3 / Gemma 3) each head's query and decompressed key go through an RMSNorm
+(``q_head_norm``, ``k_head_norm``) before RoPE. ``logit_softcap`` and ``sliding_window`` act on
+the scores and the mask of either path (see :class:`~mlakit.config.MLAConfig`).
 
 Paged (engine) form: with :class:`~mlakit.attention.metadata.AttentionMetadata` the layer takes a
 packed row of ``N`` tokens from many sequences, writes ``[c_kv | k_rope]`` at each token's cache
@@ -53,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mlakit.attention.common import RotaryEmbedding, check_positions, position_mask
+from mlakit.attention.common import RotaryEmbedding, attend, check_positions, position_mask
 from mlakit.attention.metadata import AttentionMetadata
 from mlakit.cache import LatentCache
 from mlakit.config import MLAConfig
@@ -93,6 +96,9 @@ class MultiHeadLatentAttention(nn.Module):
         self.w_uk = nn.Linear(c.kv_lora_rank, c.num_heads * c.qk_nope_head_dim, bias=False)
         self.w_uv = nn.Linear(c.kv_lora_rank, c.num_heads * c.v_head_dim, bias=False)
         self.w_o = nn.Linear(c.num_heads * c.v_head_dim, c.hidden_size, bias=c.attention_bias)
+        if c.qk_norm:
+            self.q_head_norm = RMSNorm(c.qk_nope_head_dim, c.rms_norm_eps)
+            self.k_head_norm = RMSNorm(c.qk_nope_head_dim, c.rms_norm_eps)
         self.rotary = rotary or RotaryEmbedding(c.rope_dim, max_positions, c.rope_theta, c.rope_scaling)
         self.recompute_kv = False
         self.fused_in: nn.Module | None = None  # set by fuse_input_projections (inference)
@@ -124,6 +130,8 @@ class MultiHeadLatentAttention(nn.Module):
         q = q.view(b, t, self.num_heads, c.qk_head_dim)  # [B, T, H, d_nope + d_rope]
         q_nope, q_rope = q.split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
         if c.rope_mode == "full":
+            if c.qk_norm:
+                q_nope = self.q_head_norm(q_nope)
             return self.rotary.rotate(q_nope, positions), q_rope
         return q_nope, self.rotary.rotate(q_rope, positions)
 
@@ -190,7 +198,8 @@ class MultiHeadLatentAttention(nn.Module):
             assert positions is not None, "the paged form needs positions"
             return self._forward_paged(x, positions, meta, path)
         b, t, _ = x.shape
-        causal = positions is None and cache is None
+        window = self.config.sliding_window
+        causal = positions is None and cache is None and window is None
         if positions is None:
             positions = torch.arange(t, device=x.device).unsqueeze(0).expand(b, t)
         check_positions(x, positions)
@@ -206,7 +215,7 @@ class MultiHeadLatentAttention(nn.Module):
         else:
             kv_joint = c_kv if k_rope is None else torch.cat((c_kv, k_rope), dim=-1)
             k_pos = positions
-        mask = None if causal else position_mask(positions, k_pos)
+        mask = None if causal else position_mask(positions, k_pos, window)
         if path == "absorbed":
             o = self._attend_absorbed(q_nope, q_rope, kv_joint, mask, causal)
         elif self.recompute_kv and torch.is_grad_enabled():
@@ -235,6 +244,8 @@ class MultiHeadLatentAttention(nn.Module):
         c_kv, k_rope = kv_joint.split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
         k_nope = self.w_uk(c_kv).view(b, s, h, c.qk_nope_head_dim)  # [B, S, H, d_nope]
         v = self.w_uv(c_kv).view(b, s, h, c.v_head_dim)  # [B, S, H, d_v]
+        if c.qk_norm:
+            k_nope = self.k_head_norm(k_nope)
         if c.rope_mode == "full":
             kp = k_pos if k_pos.dim() == 2 else k_pos.unsqueeze(0).expand(b, s)
             q, k = q_nope, self.rotary.rotate(k_nope, kp)
@@ -242,13 +253,13 @@ class MultiHeadLatentAttention(nn.Module):
             q = torch.cat((q_nope, q_rope), dim=-1)  # [B, T, H, d_qk]
             k = torch.cat((k_nope, k_rope.unsqueeze(2).expand(b, s, h, c.qk_rope_head_dim)), dim=-1)
         d_v = v.shape[-1]
-        if d_v < q.shape[-1]:
+        if d_v < q.shape[-1] and c.logit_softcap is None:
             # fused (flash) SDPA kernels need equal q/k and v widths; zero-padded V columns give zero
             # output columns, sliced off below. Without this CPU falls back to the math path, which
             # keeps the [B, H, T, S] probabilities for backward.
             v = F.pad(v, (0, q.shape[-1] - d_v))
-        o = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=causal, scale=self.scale
+        o = attend(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, causal, self.scale, c.logit_softcap
         )  # [B, H, T, d_qk or d_v]
         return o.transpose(1, 2)[..., :d_v]
 
@@ -317,6 +328,8 @@ class MultiHeadLatentAttention(nn.Module):
         # plain batched products (not SDPA): CPU SDPA kernels are tuned for narrow heads, and this
         # "head" is r + d_rope wide with T*H query rows sharing one key/value stream
         scores = torch.matmul(q_joint, kv.transpose(1, 2)).float()  # [B, T*H, S]
+        if c.logit_softcap is not None:
+            scores = c.logit_softcap * torch.tanh(scores / c.logit_softcap)
         if causal:
             mask = torch.ones(t, s, dtype=torch.bool, device=q_nope.device).tril(s - t).view(1, 1, t, s)
         if mask is not None:

@@ -39,8 +39,26 @@ def register(sub: Any) -> None:
         help="prompt tokens for the prefill timing (capped at the model's context; 0 skips it; default 4096)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where the model and its cache live: cpu (default) or cuda[:N] (auto backend there: triton)",
+    )
     add_engine_args(p)
     p.set_defaults(func=run)
+
+
+def _device(name: str) -> torch.device:
+    """``--device`` as a torch device, refusing one this machine does not have."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise MlakitError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, ...)") from e
+    if device.type not in ("cpu", "cuda"):
+        raise MlakitError(f"--device {name!r}: only cpu and cuda are supported")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MlakitError(f"--device {name!r}: no CUDA device is available here")
+    return device
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,18 +72,20 @@ def run(args: argparse.Namespace) -> int:
         raise MlakitError("--batch, --context and --steps must be positive")
     if args.prefill_len < 0:
         raise MlakitError(f"--prefill-len must be >= 0, got {args.prefill_len}")
+    device = _device(args.device)
     if args.model:
         from mlakit.engine.load import load_model
 
-        loaded = load_model(args.model, weights=args.dtype)
+        loaded = load_model(args.model, weights=args.dtype, device=device)
         model, weights = loaded.model, loaded.weights
     else:
         try:
             config = ModelConfig.from_preset(args.preset)
         except ValueError as e:
             raise MlakitError(str(e)) from e
-        model = Transformer(config).eval()
-        weights = prepare_weights(model, args.dtype)
+        with device:  # random weights made where they will live (a GPU initialises GBs in a blink)
+            model = Transformer(config).eval()
+        weights = prepare_weights(model, args.dtype, device)
     too_long = [c for c in args.context if c + args.steps + 2 > model.config.max_seq_len]
     if too_long:
         raise MlakitError(f"--context {too_long} (+ steps) exceeds the model's context {model.config.max_seq_len}")
@@ -81,11 +101,13 @@ def run(args: argparse.Namespace) -> int:
     result = {
         "model": args.model or args.preset,
         "machine": platform.processor() or platform.machine(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "cpu_flags": sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c"))),
         "threads": torch.get_num_threads(),
         "weights": weights,
         "engine": {
-            k: getattr(cfg, k) for k in ("kv_memory", "block_size", "cache_dtype", "decode_path", "attention_backend")
+            k: getattr(cfg, k)
+            for k in ("kv_memory", "block_size", "cache_dtype", "decode_path", "attention_backend", "cuda_graphs")
         },
         "decode": points,
         "prefill": prefill,

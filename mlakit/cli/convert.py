@@ -1,4 +1,4 @@
-"""``mlakit convert``: turn a Llama-family model into an MLA checkpoint, training-free."""
+"""``mlakit convert``: turn a GQA model (Llama, Mistral, Qwen, Gemma) into an MLA checkpoint, training-free."""
 
 from __future__ import annotations
 
@@ -18,13 +18,23 @@ def _ranks(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"ranks must be integers separated by commas, got {text!r}") from e
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from e
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "convert",
-        help="convert a Llama/Mistral/Qwen2/SmolLM model (HF dir, GGUF, alias) to MLA",
+        help="convert a Llama/Mistral/Qwen2/Qwen3/Gemma 2/Gemma 3/SmolLM model (HF dir, GGUF, alias) to MLA",
         description="Convert a pretrained MHA/GQA model into a true MLA model without training: a "
         "calibrated low-rank latent replaces K and V, and the cache shrinks to --kv-fraction of the "
-        "original. See docs/conversion.md.",
+        "original, or to --kv-lora-rank R plus --rope-dim D values per token and layer. See docs/conversion.md.",
     )
     p.add_argument(
         "--model",
@@ -40,10 +50,19 @@ def register(sub: Any) -> None:
         help="cache bytes per token as a fraction of the original, in (0, 1] (default 0.5)",
     )
     budget.add_argument(
+        "--kv-lora-rank",
+        type=_positive,
+        default=None,
+        metavar="R",
+        help="latent width of every layer, directly (DeepSeek's name; e.g. with --rope-dim: the cache holds "
+        "R + D values per token and layer). Serving engines take 512 + 64: convert narrower and export with "
+        "`mlakit export-hf --pad-to 576`",
+    )
+    budget.add_argument(
         "--ranks",
         type=_ranks,
         default=None,
-        help="explicit kv_lora_rank: one value, or one per layer (comma-separated)",
+        help="explicit kv_lora_rank per layer: one value, or one per layer (comma-separated)",
     )
     p.add_argument(
         "--rope",
@@ -59,11 +78,15 @@ def register(sub: Any) -> None:
         help="pca: calibrated, metric-weighted (default); svd: plain SVD of the weights (baseline)",
     )
     p.add_argument(
+        "--rope-dim",
         "--rope-dims",
+        dest="rope_dims",
         type=int,
         default=None,
-        help="decoupled rotary key width (even; default: every frequency pair that turns by a radian or "
-        "more over --context-length, at most half of a layer's cache)",
+        metavar="D",
+        help="decoupled rotary key width qk_rope_head_dim: even, at most the source's head_dim (default: every "
+        "frequency pair that turns by a radian or more over --context-length, at most half of a layer's cache); "
+        "with --kv-fraction the latent gets the rest of the budget",
     )
     p.add_argument(
         "--context-length",
@@ -79,6 +102,12 @@ def register(sub: Any) -> None:
         default="complex",
         help="decoupled: how each frequency's KV heads are mixed into the shared rotary key: complex "
         "(a rotation and scale per head, commutes with RoPE; default) or real (TransMLA's RoRoPE)",
+    )
+    p.add_argument(
+        "--fold-qk-norm",
+        action="store_true",
+        help="decoupled, Qwen3/Gemma 3 sources: fold their per-head q/k norms into constant scales "
+        "(an approximation measured to break Gemma 3 270M; refused without this flag; --rope full is exact)",
     )
     p.add_argument("--allocation", choices=("uniform", "greedy"), default="uniform", help="rank allocation")
     p.add_argument(
@@ -132,7 +161,8 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mlakit.convert import ConversionConfig, calibrate, convert_calibrated, save_converted
+    from mlakit.convert import ConversionConfig, calibrate, convert_calibrated, load_hf_model, save_converted
+    from mlakit.convert.arch import source_spec
     from mlakit.convert.heal import heal_recorded
     from mlakit.text.corpus import files_corpus
 
@@ -140,9 +170,14 @@ def run(args: argparse.Namespace) -> int:
         raise MlakitError(f"--out {args.out} already exists; choose a new directory (or --overwrite)")
     if not 0 < args.kv_fraction <= 1:
         raise MlakitError(f"--kv-fraction {args.kv_fraction} must lie in (0, 1] (1 = the original cache size)")
+    if args.rope == "full" and args.rope_dims is not None:
+        raise MlakitError(
+            f"--rope-dim {args.rope_dims} applies to --rope decoupled only: full RoPE rotates the whole "
+            "decompressed key and caches no separate rotary key"
+        )
     cfg = ConversionConfig(
         kv_fraction=args.kv_fraction,
-        ranks=args.ranks,
+        ranks=(args.kv_lora_rank,) if args.kv_lora_rank is not None else args.ranks,
         rope=args.rope,
         method=args.method,
         rope_dims=args.rope_dims,
@@ -153,13 +188,16 @@ def run(args: argparse.Namespace) -> int:
         **({} if args.key_weight is None else {"key_weight": args.key_weight}),
         sequential={"auto": None, "on": True, "off": False}[args.sequential],
         keep_first_wide=args.keep_first_wide,
+        fold_qk_norm=args.fold_qk_norm,
         calibration_windows=args.calibration_windows,
         calibration_seq_len=args.calibration_seq_len,
     )  # validated before the slow load
     hcfg = heal_config(args, prefix="heal-") if args.heal else None
     corpus = files_corpus(args.calibration_text) if args.calibration_text else None
+    loaded = load_hf_model(args.model)
+    cfg.check_source(source_spec(loaded.model.config, loaded.source), loaded.source)  # before calibrating
     cal = calibrate(
-        args.model, windows=args.calibration_windows, seq_len=args.calibration_seq_len, corpus=corpus, progress=True
+        loaded, windows=args.calibration_windows, seq_len=args.calibration_seq_len, corpus=corpus, progress=True
     )
     result = convert_calibrated(cal, cfg, progress=True)
     if hcfg is not None:
@@ -187,6 +225,13 @@ def run(args: argparse.Namespace) -> int:
         f"method={cfg.method}"
     )
     print(f"  kv_lora_ranks: {json.dumps(r['kv_lora_ranks'])}")
+    if cfg.rope == "decoupled":
+        width = max(r["kv_lora_ranks"]) + r["qk_rope_head_dim"]
+        shape = f"{max(r['kv_lora_ranks'])} + {r['qk_rope_head_dim']} = {width} values/token/layer"
+        if width <= 576 and r["qk_rope_head_dim"] <= 64:
+            print(f"  serve: caches {shape}; vLLM and FlashMLA take 512 + 64: mlakit export-hf {out} OUT --pad-to 576")
+        else:
+            print(f"  serve: caches {shape}, wider than vLLM's 512 + 64: transformers only (mlakit export-hf)")
     if cfg.rope == "decoupled" and "heal" not in r:
         print(
             f"  next: mlakit heal --model {out} --out {out}-healed   (minutes; the decoupled form loses most "

@@ -5,13 +5,21 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from mlakit.interop.engines import TARGETS
 from mlakit.units import format_bytes, parse_bytes
 
 EXPORT_EPILOG = """\
-The output directory is what transformers (AutoModelForCausalLM.from_pretrained), vLLM
-(`vllm serve OUT`) and SGLang (`python -m sglang.launch_server --model-path OUT`) load:
-config.json (model_type deepseek_v3, dense MLP in every layer, rope_interleave true),
-safetensors weights, generation_config.json and the source's tokenizer files.
+The output directory is the DeepSeek-V3 Hugging Face layout: config.json (model_type deepseek_v3,
+dense MLP in every layer, rope_interleave true), safetensors weights, generation_config.json, the
+source's tokenizer files, and a README.md saying which engines load it (transformers, vLLM CPU and
+GPU backends, SGLang, FlashMLA: one table, mlakit.interop.engines) and what its cache costs.
+
+Engines' MLA kernels take few cached widths kv_lora_rank + qk_rope_head_dim: 576 = 512 + 64 (FlashMLA,
+vLLM's CPU backend), 320/512/576 (vLLM's other GPU backends). transformers takes any. A converted
+model is narrower (SmolLM2 at 50%: 144 + 48); --pad-to 576 widens it exactly: zero latent rows, zero
+rotary pairs with rope_theta moved so every frequency is kept, queries rescaled for the wider head's
+softmax scale. Same logits; the cache grows to 576 values per token and layer (printed).
+  mlakit export-hf runs/smollm2-mla50 OUT --pad-to 576 --dtype bf16 --target vllm
 
 Not carried over: the quantized cache (a runtime choice) and per-layer latent ranks (padded to
 the largest, exactly). Full-RoPE MLA and MHA/GQA models cannot be exported (convert them first).
@@ -47,6 +55,23 @@ def register(sub: Any) -> None:
         help="permit attention_bias=true, needed when an attention bias is non-zero (e.g. a model converted "
         "from Qwen2): exact in transformers, but vLLM and SGLang ignore these biases",
     )
+    p.add_argument(
+        "--pad-to",
+        type=int,
+        default=None,
+        metavar="N",
+        help="widen the cached kv_lora_rank + qk_rope_head_dim to N values exactly (576 = 512 + 64 for "
+        "FlashMLA and vLLM's CPU backend, 320 for some vLLM GPU backends; N >= the model's own width)",
+    )
+    p.add_argument(
+        "--target",
+        action="append",
+        default=[],
+        choices=list(TARGETS),
+        metavar="ENGINE",
+        help=f"refuse (before writing) unless the export loads in ENGINE; repeatable. One of: {', '.join(TARGETS)} "
+        "(vllm: its CPU backend and FlashMLA, i.e. 512 + 64)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=run_export)
 
@@ -74,6 +99,8 @@ def run_export(args: argparse.Namespace) -> int:
         max_shard_size=parse_bytes(args.max_shard_size),
         dtype=args.dtype,
         allow_bias=args.allow_bias,
+        pad_to=args.pad_to,
+        targets=tuple(args.target),
         overwrite=args.overwrite,
         progress=None,
     )
@@ -83,6 +110,14 @@ def run_export(args: argparse.Namespace) -> int:
         print(
             f"  latent relative error: bound {report.error_bound:.2e}, measured (fp32) {report.measured_rel_error:.2e}"
         )
+    if report.cache is not None:
+        for line in report.cache.lines():
+            print(f"  {line}")
+    loads = [name for name, why in report.engines if why is None]
+    print(f"  loads in: {', '.join(loads)}")
+    for name, why in report.engines:
+        if why is not None:
+            print(f"  not {name}: {why}")
     return 0
 
 

@@ -50,6 +50,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="kernel that reads the paged cache: cpu (no copies), torch (reference), triton (CUDA); "
         "auto = cpu on CPU, triton on CUDA (default auto)",
     )
+    g.add_argument(
+        "--no-cuda-graphs",
+        dest="cuda_graphs",
+        action="store_false",
+        help="on CUDA, run decode steps eagerly instead of replaying captured CUDA graphs",
+    )
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
@@ -101,6 +107,7 @@ def engine_config(args: argparse.Namespace) -> Any:
         cache_dtype=args.cache_dtype,
         decode_path=args.decode_path,
         attention_backend=args.attention_backend,
+        cuda_graphs=args.cuda_graphs,
     )
 
 

@@ -61,7 +61,7 @@ def attention_inputs(hf_model: Any, windows: torch.Tensor, *, batch_size: int = 
 
 @torch.no_grad()
 def attention_rotation_moments(
-    hf_model: Any, windows: torch.Tensor, *, batch_size: int = 2, progress: bool = False
+    hf_model: Any, windows: torch.Tensor, rope_theta: float, *, batch_size: int = 2, progress: bool = False
 ) -> list[torch.Tensor]:
     """Per layer ``[H, d/2, 2]`` float64: attention-weighted ``(E cos, E sin)`` of ``w_f * (t - s)``.
 
@@ -98,22 +98,13 @@ def attention_rotation_moments(
         return hook
 
     _run_hooked(hf_model, layers, make_hook, windows, batch_size, "attention stats", progress)
-    theta = source_rope_theta(cfg)
-    inv_freq = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)  # [d/2]
+    inv_freq = rope_theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)  # [d/2]
     ang = torch.arange(t_len, dtype=torch.float64)[:, None] * inv_freq[None, :]  # [T, d/2]
     out = []
     for h in hist:
         h = h / h.sum(1, keepdim=True).clamp_min(1e-300)
         out.append(torch.stack([h @ ang.cos(), h @ ang.sin()], dim=-1))  # [H, d/2, 2]
     return out
-
-
-def source_rope_theta(hf_config: Any) -> float:
-    """RoPE base of a Hugging Face config (transformers >= 5 ``rope_parameters``, or ``rope_theta``)."""
-    rope = getattr(hf_config, "rope_parameters", None)
-    if isinstance(rope, dict) and "rope_theta" in rope:
-        return float(rope["rope_theta"])
-    return float(getattr(hf_config, "rope_theta", 10000.0))
 
 
 def _run_hooked(

@@ -1,8 +1,9 @@
-"""Convert a Llama-family Hugging Face model into an mlakit MLA :class:`~mlakit.model.Transformer`.
+"""Convert a Hugging Face GQA model into an mlakit MLA :class:`~mlakit.model.Transformer`.
 
 Pipeline (each step in its own module)::
 
-    load.py       HF dir / GGUF / alias  ->  HF LlamaForCausalLM (float32) + tokenizer
+    load.py       HF dir / GGUF / alias  ->  HF *ForCausalLM (float32) + tokenizer
+    arch.py       its config             ->  SourceSpec: features, tensor names (Llama, Qwen, Gemma)
     calibrate.py  calibration windows     ->  sigma_l = E[x~ x~^T] per layer
     ranks.py      kv_fraction             ->  kv_lora_rank per layer
     rope.py       decoupled RoPE          ->  shared rotary key w_kr (RoRoPE on high frequencies)
@@ -10,7 +11,8 @@ Pipeline (each step in its own module)::
     layer.py      one layer's MLA weights in mlakit names
     convert.py    the whole model, its config, and a record of how it was made
 
-Everything but the attention (embeddings, norms, MLP, head) is copied unchanged.
+Everything but the attention (embeddings, norms, MLP, head) is copied unchanged (Gemma's
+``(1 + w)`` norm weights as ``w + 1``).
 """
 
 from __future__ import annotations
@@ -26,21 +28,29 @@ from typing import Any, Literal
 
 import torch
 
-from mlakit.config import MLAConfig, ModelConfig
+from mlakit.config import MLAConfig, ModelConfig, RopeScaling
+from mlakit.convert.arch import (
+    SourceSpec,
+    attention_weights,
+    block_weights,
+    head_norms,
+    model_weights,
+    source_spec,
+)
 from mlakit.convert.calibrate import (
     attention_input_moments,
     attention_inputs,
     attention_rotation_moments,
-    source_rope_theta,
 )
 from mlakit.convert.factorize import AttentionWeights, energy_spectrum, single_thread
-from mlakit.convert.layer import LayerRecipe, convert_layer, layer_dims, metrics
+from mlakit.convert.layer import LayerRecipe, convert_layer, fold_head_norms, layer_dims, metrics
 from mlakit.convert.load import LoadedModel, load_hf_model
 from mlakit.convert.ranks import Allocation, check_ranks, greedy_ranks, latent_budget, uniform_ranks
-from mlakit.convert.rope import decouple_rope, decoupled_rope_theta, rope_pairs_for_context
+from mlakit.convert.rope import SourceRope, decouple_rope, decoupled_rope_theta, source_rope_pairs
 from mlakit.errors import MlakitError
 from mlakit.io import write_dir, write_json
 from mlakit.model import Transformer
+from mlakit.rope import rope_inv_freq
 from mlakit.text.corpus import Corpus, default_corpus, token_windows
 
 logger = logging.getLogger(__name__)
@@ -84,6 +94,11 @@ class ConversionConfig:
             once the inputs carry the decoupled form's larger error).
         sequential_windows: calibration windows the sequential pass runs (its cost is one
             forward of the converted model over them).
+        fold_qk_norm: decoupled only, for sources with per-head q/k RMSNorms (Qwen3, Gemma 3):
+            fold the norms into constant per-head scales (:func:`~mlakit.convert.layer.fold_head_norms`)
+            instead of refusing. An approximation measured to break Gemma 3 270M (top-1 agreement
+            with the source 0.15 with nothing else approximated; docs/conversion.md), so off by
+            default: ``--rope full`` keeps these norms exactly.
         rotation_average: decoupled only; fold the attention-weighted expected rotation into the
             position-free query (needs ``calibrate(..., rotation_windows > 0)``; measured worse,
             off by default).
@@ -106,6 +121,7 @@ class ConversionConfig:
     sequential: bool | None = None
     sequential_windows: int = 8
     rotation_average: bool = False
+    fold_qk_norm: bool = False
     calibration_windows: int = 32
     calibration_seq_len: int = 512
 
@@ -124,7 +140,7 @@ class ConversionConfig:
         if self.method not in ("pca", "svd"):
             raise bad("method", "must be 'pca' or 'svd'")
         if self.rope == "decoupled" and self.rope_dims is not None and (self.rope_dims <= 0 or self.rope_dims % 2):
-            raise bad("rope_dims", "must be a positive even number")
+            raise bad("rope_dims", "must be a positive even number (RoPE rotates pairs of dims)")
         if self.context_length is not None and (not isinstance(self.context_length, int) or self.context_length < 2):
             raise bad("context_length", "must be an integer >= 2 (tokens), or None for the source's context")
         if self.allocation not in ("uniform", "greedy"):
@@ -145,7 +161,9 @@ class ConversionConfig:
             if getattr(self, n) <= 0:
                 raise bad(n, "must be positive")
 
-    def resolved_rope_dims(self, head_dim: int, num_kv_heads: int, rope_theta: float, source_context: int) -> int:
+    def resolved_rope_dims(
+        self, head_dim: int, num_kv_heads: int, ropes: tuple[SourceRope, ...], source_context: int
+    ) -> int:
         """``qk_rope_head_dim``: 0 for full RoPE, ``rope_dims`` if given, else :func:`default_rope_dims`."""
         if self.rope == "full":
             return 0
@@ -153,9 +171,37 @@ class ConversionConfig:
             return self.rope_dims
         # explicit ranks: the rotary key may be as wide as the smallest latent (half the layer's cache)
         per_layer = 2 * min(self.ranks) if self.ranks else int(self.kv_fraction * 2 * num_kv_heads * head_dim + 1e-9)
-        return default_rope_dims(
-            per_layer, head_dim, rope_theta=rope_theta, context_length=self.context_length or source_context
-        )
+        return default_rope_dims(per_layer, head_dim, ropes=ropes, context_length=self.context_length or source_context)
+
+    def check_source(self, spec: SourceSpec, source: str) -> None:
+        """Refuse a conversion this source cannot take, before any calibration work: a feature the
+        form cannot hold, a rotary key wider than the source's head, or a latent wider than its
+        K+V (a cheap check; the exact bound, with biases, is :func:`plan_ranks`'s).
+
+        Raises: MlakitError naming the source feature or the field, and the options that work.
+        """
+        if spec.qk_norm and self.rope == "decoupled" and not self.fold_qk_norm:
+            raise MlakitError(
+                f"{source}: {spec.model_type} normalises each head's query and key (q_norm, k_norm) before RoPE; "
+                "decoupled RoPE cannot absorb a key norm, and folding it into constant scales measured top-1 "
+                "agreement 0.15 on Gemma 3 270M: convert with --rope full (exact at full rank), or pass "
+                "--fold-qk-norm to fold anyway"
+            )
+        _, g, d = _source_dims(spec)
+        if self.rope == "decoupled" and self.rope_dims is not None and self.rope_dims > d:
+            raise MlakitError(
+                f"ConversionConfig.rope_dims={self.rope_dims} is larger than the source's head_dim {d}: the rotary "
+                f"key keeps at most every frequency pair of one head (an even number <= {d}); to serve a wider "
+                "rotary key (DeepSeek's 64), export with `mlakit export-hf --pad-to 576`, which adds zero pairs"
+            )
+        limit = min(2 * g * d, spec.hidden_size + 1)
+        for r in self.ranks or ():
+            if r > limit:
+                raise MlakitError(
+                    f"ConversionConfig.ranks: kv_lora_rank {r} is larger than the source can fill ({limit}: K+V "
+                    f"width {2 * g * d}, input width {spec.hidden_size}); a wider cache for an engine "
+                    "(512 + 64 for vLLM/FlashMLA) comes from `mlakit export-hf --pad-to 576`, exactly"
+                )
 
     def resolved_sequential(self) -> bool:
         """``sequential``, or its measured default for the rope kind (see the class docstring)."""
@@ -163,11 +209,13 @@ class ConversionConfig:
             return self.sequential
         return self.rope == "full"
 
-    def recipe(self, head_dim: int, num_kv_heads: int, rope_theta: float, source_context: int) -> LayerRecipe:
+    def recipe(
+        self, head_dim: int, num_kv_heads: int, ropes: tuple[SourceRope, ...], source_context: int
+    ) -> LayerRecipe:
         return LayerRecipe(
             rope=self.rope,
             method=self.method,
-            rope_pairs=max(1, self.resolved_rope_dims(head_dim, num_kv_heads, rope_theta, source_context) // 2),
+            rope_pairs=max(1, self.resolved_rope_dims(head_dim, num_kv_heads, ropes, source_context) // 2),
             key_metric=self.key_metric,
             value_metric=self.value_metric,
             key_weight=self.key_weight,
@@ -177,14 +225,15 @@ class ConversionConfig:
         )
 
 
-def default_rope_dims(per_layer: int, head_dim: int, *, rope_theta: float, context_length: int) -> int:
+def default_rope_dims(per_layer: int, head_dim: int, *, ropes: tuple[SourceRope, ...], context_length: int) -> int:
     """Decoupled rotary width for a budget and a target context (measured on SmolLM2, docs/conversion.md).
 
-    Every pair that turns by a radian or more over ``context_length`` keeps a rotary component
-    (:func:`~mlakit.convert.rope.rope_pairs_for_context`), but the rotary key takes at most half
-    of a layer's cache budget (``per_layer`` values per token), so that the latent keeps the other half.
+    Every pair that turns by a radian or more over ``context_length`` (a sliding layer: its window)
+    under any of the source's RoPEs keeps a rotary component
+    (:func:`~mlakit.convert.rope.source_rope_pairs`), but the rotary key takes at most half of a
+    layer's cache budget (``per_layer`` values per token), so that the latent keeps the other half.
     """
-    pairs = rope_pairs_for_context(rope_theta, head_dim, context_length)
+    pairs = source_rope_pairs(ropes, head_dim, context_length)
     pairs = max(1, min(pairs, per_layer // 4))
     return 2 * pairs
 
@@ -194,6 +243,7 @@ class Calibrated:
     """A loaded source model with its calibration statistics (reused across conversions)."""
 
     loaded: LoadedModel
+    spec: SourceSpec
     sigma: list[torch.Tensor]
     corpus: str
     tokens: int
@@ -222,11 +272,8 @@ class ConversionResult:
     tokenizer: Any
 
 
-def _source_dims(hf_config: Any) -> tuple[int, int, int]:
-    h = hf_config.num_attention_heads
-    g = getattr(hf_config, "num_key_value_heads", None) or h
-    d = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // h
-    return h, g, d
+def _source_dims(spec: SourceSpec) -> tuple[int, int, int]:
+    return spec.num_heads, spec.num_kv_heads, spec.head_dim
 
 
 #: Default target context of the decoupled form's rotary pairs: the longest length the defaults
@@ -234,21 +281,9 @@ def _source_dims(hf_config: Any) -> tuple[int, int, int]:
 DEFAULT_CONTEXT = 4096
 
 
-def _source_context(hf_config: Any) -> int:
+def _source_context(spec: SourceSpec) -> int:
     """Default ``context_length``: the source's ``max_position_embeddings``, at most :data:`DEFAULT_CONTEXT`."""
-    return min(int(getattr(hf_config, "max_position_embeddings", None) or DEFAULT_CONTEXT), DEFAULT_CONTEXT)
-
-
-def _check_supported(hf_config: Any, source: str) -> None:
-    act = getattr(hf_config, "hidden_act", "silu")
-    if act not in ("silu", "swish"):
-        raise MlakitError(f"{source}: hidden_act={act!r} is not supported (SwiGLU/silu only)")
-    if getattr(hf_config, "mlp_bias", False):
-        raise MlakitError(f"{source}: MLP biases are not supported")
-    rope = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
-    rtype = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
-    if rtype not in ("default", None):
-        raise MlakitError(f"{source}: rope scaling {rtype!r} is not supported (plain RoPE only)")
+    return min(spec.max_position_embeddings or DEFAULT_CONTEXT, DEFAULT_CONTEXT)
 
 
 def calibrate(
@@ -260,6 +295,7 @@ def calibrate(
     tokens: torch.Tensor | None = None,
     rotation_windows: int = 0,
     progress: bool = False,
+    config: ConversionConfig | None = None,
 ) -> Calibrated:
     """Load (if needed) and collect calibration statistics.
 
@@ -269,9 +305,18 @@ def calibrate(
         tokens: ready ``[N, T]`` token ids instead of a corpus (tests, custom pipelines).
         rotation_windows: how many of the windows also measure attention-weighted rotations
             (only needed for ``ConversionConfig(rotation_average=True)``; 0 skips it).
+        config: the conversion to come, checked against the source before the calibration pass.
     """
     loaded = model if isinstance(model, LoadedModel) else load_hf_model(model)
-    _check_supported(loaded.model.config, loaded.source)
+    spec = source_spec(loaded.model.config, loaded.source)
+    if config is not None:
+        config.check_source(spec, loaded.source)
+    plain = not (spec.qk_norm or spec.rope_scaling or spec.layer_types or spec.attn_softcap or spec.query_scale != 1)
+    if rotation_windows > 0 and not plain:
+        raise MlakitError(
+            f"{loaded.source}: rotation statistics (rotation_average) are measured for plain-RoPE Llama-style "
+            f"attention only, not for {spec.model_type}'s"
+        )
     if tokens is None:
         if loaded.tokenizer is None:
             raise MlakitError(f"{loaded.source}: a tokenizer is needed for calibration text")
@@ -283,14 +328,15 @@ def calibrate(
     logger.info("calibrating on %d x %d tokens of %s", tokens.shape[0], tokens.shape[1], name)
     sigma = attention_input_moments(loaded.model, tokens, progress=progress)
     rotation = (
-        attention_rotation_moments(loaded.model, tokens[:rotation_windows], progress=progress)
+        attention_rotation_moments(loaded.model, tokens[:rotation_windows], spec.rope_theta, progress=progress)
         if rotation_windows > 0
         else None
     )
-    h, g, d = _source_dims(loaded.model.config)
-    weights = [AttentionWeights.from_hf(layer.self_attn, h, g, d) for layer in loaded.model.model.layers]
+    hf_state = loaded.model.state_dict()
+    weights = [attention_weights(spec, hf_state.get, i) for i in range(spec.num_layers)]
     return Calibrated(
         loaded=loaded,
+        spec=spec,
         sigma=sigma,
         corpus=name,
         tokens=tokens.numel(),
@@ -302,21 +348,20 @@ def calibrate(
 
 def _max_rank(cal: Calibrated) -> int:
     """Largest useful latent rank: the K+V width, or the input width (+1 with biases)."""
-    _, g, d = _source_dims(cal.loaded.model.config)
+    _, g, d = _source_dims(cal.spec)
     has_bias = bool(any(w.w_k[:, -1].abs().max() > 0 or w.w_v[:, -1].abs().max() > 0 for w in cal.weights))
-    return min(2 * g * d, cal.loaded.model.config.hidden_size + int(has_bias))
+    return min(2 * g * d, cal.spec.hidden_size + int(has_bias))
 
 
 def plan_ranks(cal: Calibrated, config: ConversionConfig) -> tuple[int, ...]:
     """Per-layer ``kv_lora_rank`` for ``config`` (explicit, or from the budget)."""
-    _, g, d = _source_dims(cal.loaded.model.config)
+    _, g, d = _source_dims(cal.spec)
     n_layers = len(cal.weights)
     max_rank = _max_rank(cal)
+    config.check_source(cal.spec, str(cal.loaded.source))
     if config.ranks is not None:
         return check_ranks(config.ranks, n_layers, max_rank)
-    rope_dims = config.resolved_rope_dims(
-        d, g, source_rope_theta(cal.loaded.model.config), _source_context(cal.loaded.model.config)
-    )
+    rope_dims = config.resolved_rope_dims(d, g, cal.spec.ropes(), _source_context(cal.spec))
     if rope_dims > d:
         raise MlakitError(f"rope_dims={rope_dims} exceeds the head dim {d}")
     total = latent_budget(config.kv_fraction, original_per_layer=2 * g * d, num_layers=n_layers, rope_dims=rope_dims)
@@ -341,11 +386,11 @@ def plan_ranks(cal: Calibrated, config: ConversionConfig) -> tuple[int, ...]:
 
 def _spectra(cal: Calibrated, config: ConversionConfig) -> list[torch.Tensor]:
     """Per layer, the weighted K/V energy spectrum greedy allocation ranks against."""
-    _, g, d = _source_dims(cal.loaded.model.config)
-    theta = source_rope_theta(cal.loaded.model.config)
-    recipe = config.recipe(d, g, theta, _source_context(cal.loaded.model.config))
+    _, g, d = _source_dims(cal.spec)
+    recipe = config.recipe(d, g, cal.spec.ropes(), _source_context(cal.spec))
     spectra = []
-    for w, s in zip(cal.weights, cal.sigma):
+    for i, (w, s) in enumerate(zip(cal.weights, cal.sigma)):
+        w = _layer_weights(cal, i, w, s, recipe)
         m_k, m_v = metrics(w, s, recipe)
         w_k = w.w_k
         if recipe.rope == "decoupled":
@@ -353,7 +398,7 @@ def _spectra(cal: Calibrated, config: ConversionConfig) -> list[torch.Tensor]:
                 w,
                 s,
                 recipe.rope_pairs,
-                theta,
+                cal.spec.rope_theta,
                 query_weighted=recipe.rope_query_weighted,
                 complex_mixing=recipe.complex_mixing,
             ).w_k_nope
@@ -361,27 +406,53 @@ def _spectra(cal: Calibrated, config: ConversionConfig) -> list[torch.Tensor]:
     return spectra
 
 
+def _layer_weights(
+    cal: Calibrated, layer: int, w: AttentionWeights, sigma: torch.Tensor, recipe: LayerRecipe
+) -> AttentionWeights:
+    """Layer ``layer``'s weights as the chosen form factorises them: with per-head q/k norms
+    (Qwen3, Gemma 3) and decoupled RoPE, the norms are folded into calibrated constant scales
+    (:func:`~mlakit.convert.layer.fold_head_norms`, an approximation); otherwise unchanged."""
+    norms = head_norms(cal.spec, cal.loaded.model.state_dict().get, layer)
+    if norms is None or recipe.rope == "full":
+        return w
+    return fold_head_norms(w, *norms, sigma, cal.spec.rms_norm_eps)
+
+
+def _decoupled_scaling(scaling: RopeScaling | None, theta: float, rope_dim: int) -> RopeScaling | None:
+    """The source's RoPE scaling for a decoupled rotary key, or None where it changes none of the
+    kept frequencies (then every runtime reproduces them with plain RoPE)."""
+    if scaling is None:
+        return None
+    scaled = rope_inv_freq(rope_dim, theta, scaling, torch.float64)
+    return None if torch.equal(scaled, rope_inv_freq(rope_dim, theta, None, torch.float64)) else scaling
+
+
 def convert_calibrated(cal: Calibrated, config: ConversionConfig, *, progress: bool = False) -> ConversionResult:
     """Convert a calibrated source model (see :func:`calibrate`) under ``config``."""
     from tqdm.auto import tqdm
 
     t0 = time.time()
-    hf = cal.loaded.model
-    hc = hf.config
-    h, g, d = _source_dims(hc)
-    theta = source_rope_theta(hc)
+    spec = cal.spec
+    config.check_source(spec, str(cal.loaded.source))
+    h, g, d = _source_dims(spec)
+    theta = spec.rope_theta
     if config.rotation_average and config.rope == "decoupled" and cal.rotation is None:
         raise MlakitError("rotation_average=True needs rotation statistics: calibrate(..., rotation_windows=8)")
     ranks = plan_ranks(cal, config)
-    recipe = config.recipe(d, g, theta, _source_context(hc))
+    recipe = config.recipe(d, g, spec.ropes(), _source_context(spec))
     has_bias = any(
         w.w_q[:, -1].abs().max() > 0 or w.w_k[:, -1].abs().max() > 0 or w.w_v[:, -1].abs().max() > 0
         for w in cal.weights
     )
     dn, dr = layer_dims(recipe, d)
-    new_theta = decoupled_rope_theta(theta, recipe.rope_pairs, d) if config.rope == "decoupled" else theta
+    full = config.rope == "full"
+    new_theta = theta if full else decoupled_rope_theta(theta, recipe.rope_pairs, d)
+    local_theta = spec.local_rope_theta
+    if local_theta is not None and not full:
+        local_theta = decoupled_rope_theta(local_theta, recipe.rope_pairs, d)
+    scaling = spec.rope_scaling if full else _decoupled_scaling(spec.rope_scaling, new_theta, dr)
     att = MLAConfig(
-        hidden_size=hc.hidden_size,
+        hidden_size=spec.hidden_size,
         num_heads=h,
         kv_lora_rank=max(ranks),
         qk_nope_head_dim=dn,
@@ -389,27 +460,23 @@ def convert_calibrated(cal: Calibrated, config: ConversionConfig, *, progress: b
         v_head_dim=d,
         q_lora_rank=None,
         rope_theta=new_theta,
-        rms_norm_eps=float(hc.rms_norm_eps),
+        rope_scaling=scaling,
+        rms_norm_eps=spec.rms_norm_eps,
         rope_mode=config.rope,
         kv_norm=False,
         attention_bias=has_bias,
+        qk_norm=spec.qk_norm and full,
+        logit_softcap=spec.attn_softcap,
     )
-    eos = hc.eos_token_id[0] if isinstance(hc.eos_token_id, (list, tuple)) else hc.eos_token_id
-    mc = ModelConfig(
-        vocab_size=hc.vocab_size,
-        num_layers=len(ranks),
-        intermediate_size=hc.intermediate_size,
-        attention=att,
-        max_seq_len=int(getattr(hc, "max_position_embeddings", 4096)),
-        tie_word_embeddings=bool(getattr(hc, "tie_word_embeddings", False)),
+    mc = spec.model_config(
+        att,
         kv_lora_ranks=ranks,
-        bos_token_id=hc.bos_token_id,
-        eos_token_id=eos,
+        local_rope_theta=local_theta,
         name=f"{Path(str(cal.loaded.source)).name}-mla-{config.rope}",
     )
     max_rank = _max_rank(cal)
     # nothing to correct when no layer is compressed (full RoPE at full rank is exact)
-    compressed = any(r < max_rank for r in ranks) or config.rope == "decoupled"
+    compressed = any(r < max_rank for r in ranks) or not full
     sequential = config.resolved_sequential() and config.method == "pca" and compressed
     layer_states = []
     run = _SequentialRun(cal, mc, config.sequential_windows) if sequential else None
@@ -418,23 +485,38 @@ def convert_calibrated(cal: Calibrated, config: ConversionConfig, *, progress: b
     ):
         rot = cal.rotation[i] if cal.rotation is not None else None
         w, sigma = run.layer_inputs(i) if run is not None else (cal.weights[i], cal.sigma[i])
-        st, _ = convert_layer(w, sigma, ranks[i], recipe, theta, rot)
+        st, _ = convert_layer(_layer_weights(cal, i, w, sigma, recipe), sigma, ranks[i], recipe, theta, rot)
         layer_states.append(st)
         if run is not None:
             run.advance(i, st, has_bias)
-    state = _model_state(hf, layer_states, has_bias)
+    state = _model_state(cal, layer_states, has_bias)
+    bad = [k for k, v in state.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise MlakitError(
+            f"{cal.loaded.source}: the conversion produced non-finite weights ({bad[0]}"
+            f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); nothing was written"
+        )
     model = Transformer.from_state_dict(mc, state, source=f"the conversion of {cal.loaded.source}")
     original = 2 * g * d * len(ranks)
     cached = sum(ranks) + dr * len(ranks)
+    approximations = []
+    if spec.qk_norm and not full:
+        approximations.append(
+            "per-head q/k RMSNorm folded into constant per-head scales (1 / calibrated RMS): decoupled RoPE "
+            "cannot absorb a key norm"
+        )
     record = {
         "source": str(cal.loaded.source),
-        "source_architecture": getattr(hc, "model_type", None),
+        "source_architecture": spec.model_type,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()},
         "kv_lora_ranks": list(ranks),
         "qk_rope_head_dim": dr,
         "rope_theta": new_theta,
         "source_rope_theta": theta,
+        "local_rope_theta": local_theta,
+        "rope_scaling": dataclasses.asdict(scaling) if scaling is not None else None,
+        "approximations": approximations,
         "cache_elements_per_token": cached,
         "source_cache_elements_per_token": original,
         "kv_fraction_achieved": cached / original,
@@ -448,36 +530,32 @@ def convert_calibrated(cal: Calibrated, config: ConversionConfig, *, progress: b
     return ConversionResult(model=model, record=record, tokenizer=cal.loaded.tokenizer)
 
 
-def _layer_state(layer: Any, ls: dict[str, torch.Tensor], has_bias: bool, hidden: int) -> dict[str, torch.Tensor]:
+def _layer_state(cal: Calibrated, layer: int, ls: dict[str, torch.Tensor], has_bias: bool) -> dict[str, torch.Tensor]:
     """One mlakit block's state (names relative to the block): converted attention ``ls`` plus
-    the HF layer's norms and MLP."""
-    st: dict[str, torch.Tensor] = {
-        "attn_norm.weight": layer.input_layernorm.weight,
-        "mlp_norm.weight": layer.post_attention_layernorm.weight,
-        "mlp.w_gate.weight": layer.mlp.gate_proj.weight,
-        "mlp.w_up.weight": layer.mlp.up_proj.weight,
-        "mlp.w_down.weight": layer.mlp.down_proj.weight,
-    }
+    the source layer's norms and MLP (and the per-head q/k norms when ``ls`` keeps them: full RoPE)."""
+    spec = cal.spec
+    get = cal.loaded.model.state_dict().get
+    st = block_weights(spec, get, layer)
     for k, v in ls.items():
         if k.endswith(".bias") and not has_bias:
             continue
         st["attn." + k] = v
+    norms = head_norms(spec, get, layer)
+    if norms is not None and "w_kr.weight" not in ls:  # decoupled: folded into w_q/w_k (_layer_weights)
+        st["attn.q_head_norm.weight"], st["attn.k_head_norm.weight"] = norms
     if has_bias:
-        st["attn.w_o.bias"] = torch.zeros(hidden, dtype=torch.float64)
+        st["attn.w_o.bias"] = torch.zeros(spec.hidden_size, dtype=torch.float64)
     return {k: v.detach().to(torch.float32).contiguous().clone() for k, v in st.items()}
 
 
-def _model_state(hf: Any, layer_states: list[dict[str, torch.Tensor]], has_bias: bool) -> dict[str, torch.Tensor]:
-    """Full mlakit state dict: converted attention plus everything else copied from ``hf``."""
-    base = hf.model
-    st: dict[str, torch.Tensor] = {
-        "embed.weight": base.embed_tokens.weight,
-        "norm.weight": base.norm.weight,
-        "lm_head.weight": hf.lm_head.weight,
-    }
+def _model_state(
+    cal: Calibrated, layer_states: list[dict[str, torch.Tensor]], has_bias: bool
+) -> dict[str, torch.Tensor]:
+    """Full mlakit state dict: converted attention plus everything else copied from the source."""
+    st = model_weights(cal.spec, cal.loaded.model.state_dict().get)
     st = {k: v.detach().to(torch.float32).contiguous().clone() for k, v in st.items()}
-    for i, (layer, ls) in enumerate(zip(base.layers, layer_states)):
-        for k, v in _layer_state(layer, ls, has_bias, hf.config.hidden_size).items():
+    for i, ls in enumerate(layer_states):
+        for k, v in _layer_state(cal, i, ls, has_bias).items():
             st[f"layers.{i}.{k}"] = v
     return st
 
@@ -521,17 +599,20 @@ class _SequentialRun:
     """Runs the calibration windows through the model as it is being converted, layer by layer."""
 
     def __init__(self, cal: Calibrated, config: ModelConfig, num_windows: int) -> None:
-        from mlakit.attention.common import RotaryEmbedding
-
         self.cal, self.config = cal, config
         self.x_orig = cal.original_inputs(num_windows)
         assert cal.windows is not None
         windows = cal.windows[:num_windows]
         self.tokens = windows.numel()
-        att = config.attention
-        self.rotary = RotaryEmbedding(att.rope_dim, max(config.max_seq_len, windows.shape[1]), att.rope_theta, None)
+        with torch.device("meta"):
+            shell = Transformer(dataclasses.replace(config, max_seq_len=max(config.max_seq_len, windows.shape[1])))
+        shell.reset_rope_tables("cpu")
+        self.rotary = {i: shell.rotary_of(i) for i in range(config.num_layers)}  # the converted model's own tables
+        shell.embed.weight = torch.nn.Parameter(
+            model_weights(cal.spec, cal.loaded.model.state_dict().get)["embed.weight"]
+        )
         with torch.no_grad():
-            self.hidden = cal.loaded.model.model.embed_tokens(windows).float()  # [N, T, n]
+            self.hidden = shell.embed_tokens(windows).float()  # [N, T, n], scaled as the converted model does
 
     def layer_inputs(self, i: int) -> tuple[AttentionWeights, torch.Tensor]:
         """Layer ``i``'s weights regressed onto the converted inputs, and their second moment."""
@@ -547,9 +628,8 @@ class _SequentialRun:
         """Run the converted layer ``i`` over the hidden states."""
         from mlakit.model import Block
 
-        hf = self.cal.loaded.model
-        block = Block(self.config, i, self.rotary)
-        block.load_state_dict(_layer_state(hf.model.layers[i], state, has_bias, hf.config.hidden_size))
+        block = Block(self.config, i, self.rotary[i])
+        block.load_state_dict(_layer_state(self.cal, i, state, has_bias))
         block.eval()
         with torch.no_grad():
             self.hidden = torch.cat([block(x, None, None, "naive", None) for x in self.hidden.split(4)])
@@ -589,5 +669,11 @@ def convert(
     out = Path(out)
     if out.exists() and not overwrite:
         raise MlakitError(f"--out {out} already exists; choose a new directory")
-    cal = calibrate(model, windows=config.calibration_windows, seq_len=config.calibration_seq_len, progress=progress)
+    cal = calibrate(
+        model,
+        windows=config.calibration_windows,
+        seq_len=config.calibration_seq_len,
+        progress=progress,
+        config=config,
+    )
     return save_converted(convert_calibrated(cal, config, progress=progress), out, overwrite=overwrite)

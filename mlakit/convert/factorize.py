@@ -30,7 +30,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
@@ -70,25 +70,6 @@ class AttentionWeights:
     @property
     def group(self) -> int:
         return self.num_heads // self.num_kv_heads
-
-    @classmethod
-    def from_hf(cls, attn: Any, num_heads: int, num_kv_heads: int, head_dim: int) -> AttentionWeights:
-        def aug(lin: torch.nn.Linear) -> torch.Tensor:
-            w = lin.weight.detach().double()
-            b = lin.bias.detach().double() if lin.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)
-            return torch.cat([w, b[:, None]], dim=1)
-
-        if attn.o_proj.bias is not None and attn.o_proj.bias.abs().max() > 0:
-            raise ValueError("o_proj bias is not supported")
-        return cls(
-            aug(attn.q_proj),
-            aug(attn.k_proj),
-            aug(attn.v_proj),
-            attn.o_proj.weight.detach().double(),
-            num_heads,
-            num_kv_heads,
-            head_dim,
-        )
 
 
 def _sqrtm(a: torch.Tensor, *, inverse: bool = False, damp: float = 1e-6) -> torch.Tensor:

@@ -123,7 +123,8 @@ def attention_at(attn: MultiHeadLatentAttention, x: torch.Tensor, q_idx: torch.T
     q_nope, q_rope = attn.project_q(x[:, q_idx], q_pos)
     c_kv, k_rope = attn.project_kv_latent(x, k_pos)
     kv_joint = c_kv if k_rope is None else torch.cat((c_kv, k_rope), dim=-1)  # [1, T, r + d_rope]
-    o = attn._attend_naive(q_nope, q_rope, kv_joint, k_pos, position_mask(q_pos, k_pos), False)
+    mask = position_mask(q_pos, k_pos, attn.config.sliding_window)
+    o = attn._attend_naive(q_nope, q_rope, kv_joint, k_pos, mask, False)
     return attn.w_o(o.reshape(1, q_idx.numel(), -1))
 
 
@@ -166,13 +167,19 @@ def heal(
         )
     if tokens.shape[1] > mc.max_seq_len:
         raise MlakitError(f"heal windows of {tokens.shape[1]} tokens exceed the model's context {mc.max_seq_len}")
+    if any(mc.is_sliding(i) for i in range(mc.num_layers)) or mc.attention.logit_softcap is not None:
+        # the reference layer is called alone, without the mask/cos-sin its model would build for it
+        raise MlakitError(
+            "heal does not support sliding-window layers or attention soft-capping (Gemma 2/3) yet: "
+            "convert without --heal"
+        )
     gen = torch.Generator().manual_seed(config.seed)
     result = HealResult(tokens=tokens.numel())
     t0 = time.time()
     model.train(False)
     reference.train(False)
     with torch.no_grad():
-        hidden = model.embed(tokens).float()  # [N, T, n]
+        hidden = model.embed_tokens(tokens).float()  # [N, T, n]
     bar = tqdm(total=mc.num_layers * config.steps, desc="heal", disable=not progress, leave=False)
     for i, block in enumerate(model.layers):
         assert isinstance(block, Block)

@@ -14,6 +14,7 @@ read the same rows).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -48,6 +49,31 @@ class LayerRecipe:
     rotation_average: bool = False
     complex_mixing: bool = True
     key_share: float | None = None
+
+
+def fold_head_norms(
+    w: AttentionWeights, q_norm: torch.Tensor, k_norm: torch.Tensor, sigma: torch.Tensor, eps: float
+) -> AttentionWeights:
+    """Per-head q/k RMSNorms (Qwen3, Gemma 3) folded into the projections, approximately.
+
+    ``RMSNorm(z) = g * z / rms(z)`` divides each token's head by its own RMS; no linear map does
+    that, and decoupled RoPE needs a linear key (the rotary key mixes heads before RoPE, the latent
+    must be absorbable). The fold replaces ``rms(z)`` by the head's calibrated
+    ``sqrt(E[mean(z^2)] + eps)`` (from ``sigma = E[x~ x~^T]``): exact for tokens of average norm,
+    off by the ratio for the rest. Measured in docs/conversion.md.
+
+    Args:
+        q_norm, k_norm: ``[d]`` norm weights as applied (offsets and query scale included).
+    """
+    d = w.head_dim
+
+    def fold(rows: torch.Tensor, g: torch.Tensor, heads: int) -> torch.Tensor:
+        blocks = rows.view(heads, d, -1)  # [heads, d, n+1]
+        ms = torch.einsum("hdn,nm,hdm->h", blocks, sigma, blocks) / d  # E[mean(z^2)] per head
+        scale = g.double().view(1, d, 1) / (ms + eps).sqrt().view(heads, 1, 1)
+        return (blocks * scale).reshape(heads * d, -1)
+
+    return dataclasses.replace(w, w_q=fold(w.w_q, q_norm, w.num_heads), w_k=fold(w.w_k, k_norm, w.num_kv_heads))
 
 
 def layer_dims(recipe: LayerRecipe, head_dim: int) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""Load a Llama-family Hugging Face model (local dir, GGUF file, alias or hub id) for conversion.
+"""Load a supported Hugging Face causal LM (local dir, GGUF file, alias or hub id) for conversion.
 
 GGUF files are dequantized by ``transformers`` (slow: ~30 s for 135M parameters), so the float
 result is cached once under ``$MLAKIT_CACHE`` (default ``~/.cache/mlakit``) as an ordinary
@@ -17,14 +17,13 @@ from typing import Any
 
 import torch
 
+from mlakit.convert.arch import SUPPORTED_MODEL_TYPES, source_spec
 from mlakit.errors import MlakitError
 from mlakit.io import cache_dir, read_json_object, write_dir
 
 logger = logging.getLogger(__name__)
 
-#: ``config.model_type`` values whose attention is Llama-shaped (q/k/v/o projections, rotate_half RoPE,
-#: RMSNorm, SwiGLU). Qwen2 adds q/k/v biases.
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2")
+__all__ = ["SUPPORTED_MODEL_TYPES", "LoadedModel", "load_hf_model", "resolve_model_path"]
 
 #: Built-in aliases: name -> (PyPI package holding the file, file name).
 ALIASES: dict[str, tuple[str, str]] = {
@@ -72,17 +71,12 @@ def resolve_alias(name: str) -> Path:
 
 
 def _check_config(config: Any, source: str) -> None:
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise MlakitError(
-            f"{source}: unsupported architecture {model_type!r}; supported Llama-family "
-            f"model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-    archs = getattr(config, "architectures", None) or []
-    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
-        raise MlakitError(f"{source}: config.json architectures={archs!r} is not a list of class names")
-    if archs and not any(a.endswith("ForCausalLM") for a in archs):
-        raise MlakitError(f"{source}: {archs} is not a causal language model")
+    try:
+        source_spec(config, source)  # raises for an unsupported architecture or feature
+    except MlakitError:
+        raise
+    except Exception as e:  # a damaged value of a type the spec's arithmetic does not expect
+        raise MlakitError(f"{source}: not a valid model config ({type(e).__name__}): {e}") from e
 
 
 def _gguf_cache_path(gguf: Path) -> Path:

@@ -43,7 +43,19 @@ from dataclasses import dataclass
 
 import torch
 
+from mlakit.config import RopeScaling
 from mlakit.convert.factorize import AttentionWeights, single_thread
+from mlakit.rope import rope_inv_freq
+
+
+@dataclass(frozen=True)
+class SourceRope:
+    """One RoPE of a source model: base, scaling (Llama 3), and the farthest distance its layers
+    attend over (``window``: sliding-window layers; ``None``: the whole context)."""
+
+    theta: float
+    scaling: RopeScaling | None = None
+    window: int | None = None
 
 
 @dataclass(frozen=True)
@@ -74,16 +86,35 @@ def decoupled_rope_theta(rope_theta: float, rope_pairs: int, head_dim: int) -> f
     return rope_theta ** (2 * rope_pairs / head_dim)
 
 
-def rope_pairs_for_context(rope_theta: float, head_dim: int, context_length: int, *, min_angle: float = 1.0) -> int:
+def rope_pairs_for_context(
+    rope_theta: float,
+    head_dim: int,
+    context_length: int,
+    *,
+    scaling: RopeScaling | None = None,
+    min_angle: float = 1.0,
+) -> int:
     """How many of the highest-frequency pairs turn by at least ``min_angle`` radians over ``context_length``.
 
-    Pair ``j`` turns by ``L * theta^(-2j/d)`` between the first and the last token of a context of
-    ``L`` tokens. A pair that stays below about a radian is nearly static at every distance the
-    model will see and loses little when made position-free; one that turns further must keep a
+    Pair ``j`` turns by ``L * f_j`` between the first and the last token of a context of ``L``
+    tokens, ``f_j = theta^(-2j/d)`` or its rescaled value under ``scaling`` (Llama 3 slows the
+    low frequencies; the rescaled frequencies still fall with ``j``). A pair that stays below
+    about a radian is nearly static at every distance the model will see and loses little when
+    made position-free; one that turns further must keep a
     rotary component, or the scores it adds at long distances are wrong (SmolLM2, 50% cache: 16
     pairs hold at 512 tokens and give x7.6 perplexity at 4096; docs/conversion.md).
     """
-    return sum(1 for j in range(head_dim // 2) if context_length * rope_theta ** (-2 * j / head_dim) >= min_angle)
+    inv_freq = rope_inv_freq(head_dim, rope_theta, scaling, dtype=torch.float64)
+    return int((context_length * inv_freq >= min_angle).sum())
+
+
+def source_rope_pairs(ropes: tuple[SourceRope, ...], head_dim: int, context_length: int) -> int:
+    """:func:`rope_pairs_for_context` over every RoPE of a source, each over the distance its layers
+    attend (a sliding layer's window when shorter than the context); the most any of them needs."""
+    return max(
+        rope_pairs_for_context(r.theta, head_dim, min(context_length, r.window or context_length), scaling=r.scaling)
+        for r in ropes
+    )
 
 
 def _cmul(a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -138,7 +169,9 @@ def decouple_rope(
                 for h in range(g * grp, (g + 1) * grp):
                     qf = w.w_q[_pair_rows(h, f, d)]
                     qe[g] += torch.einsum("cn,nm,cm->", qf, sigma, qf)
-            m = qe.clamp_min(1e-12 * qe.max()).sqrt()
+            # a pair no query reads (Gemma's quantised q-norm weights can be exactly 0 on both of its
+            # dims) has no preferred mixing: weigh its heads alike instead of dividing by zero
+            m = qe.clamp_min(1e-12 * qe.max()).sqrt() if qe.max() > 0 else torch.ones_like(qe)
         else:
             m = torch.ones(g_heads, dtype=sigma.dtype)
         wc = m[:, None] * cov * m[None, :]

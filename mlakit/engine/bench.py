@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, cast
 
@@ -80,18 +81,30 @@ def _filled_engine(model: Transformer, config: EngineConfig, batch: int, context
     blocks = math.ceil((context + room) / config.block_size)
     from dataclasses import replace
 
-    engine = Engine(model, replace(config, kv_memory=per_block * blocks * batch))
-    g = torch.Generator().manual_seed(seed)
+    # one block more than the sequences need: a CUDA engine keeps a scratch block for graph padding
+    engine = Engine(
+        model,
+        replace(config, kv_memory=per_block * (blocks * batch + 1), max_batch_size=max(batch, config.max_batch_size)),
+    )
+    device = engine.cache.layers[0][0].data.device
+    g = torch.Generator(device).manual_seed(seed)  # filled where the cache lives: GBs of randn on a GPU
     for rows in engine.cache.layers:
         for r in rows:
             if r.quantized:
-                r.data.copy_(torch.randint(-127, 128, r.data.shape, generator=g, dtype=torch.int8))
+                r.data.copy_(torch.randint(-127, 128, r.data.shape, generator=g, dtype=torch.int8, device=device))
                 assert r.scale is not None
                 r.scale.fill_(1.0 / 127)
             else:
-                r.data.copy_(torch.randn(r.data.shape, generator=g))
+                r.data.copy_(torch.randn(r.data.shape, generator=g, device=device))
     tables = [engine.cache.pool.allocate(blocks) for _ in range(batch)]
     return engine, tables
+
+
+def _synchronizer(device: torch.device) -> Callable[[], None]:
+    """Waits for queued device work, so a wall-clock timer measures it (a no-op on CPU)."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
 
 
 @torch.inference_mode()
@@ -113,10 +126,12 @@ def decode_throughput(
     vocab = model.config.vocab_size
     tokens = torch.randint(0, vocab, (batch,)).tolist()
     pos = context
+    sync = _synchronizer(engine.runner.device)
     t0 = time.perf_counter()
     for _ in range(warmup):
         engine.runner.decode(tokens, [pos] * batch, tables)
         pos += 1
+    sync()
     per = (time.perf_counter() - t0) / max(warmup, 1)
     if time_budget_s is not None:
         steps = max(2, min(steps, int(time_budget_s / max(per, 1e-9))))
@@ -124,6 +139,7 @@ def decode_throughput(
     for _ in range(steps):
         engine.runner.decode(tokens, [pos] * batch, tables)
         pos += 1
+    sync()
     dt = (time.perf_counter() - t0) / steps
     res = DecodeResult(batch, context, steps, dt * 1e3, batch / dt, engine.cache.nbytes, peak_rss())
     del engine
@@ -140,7 +156,8 @@ def prefill_throughput(model: Transformer, config: EngineConfig, length: int, se
     from dataclasses import replace
 
     per_block = PagedCache.block_bytes(model.config, config.block_size, config.cache_storage(model.embed.weight.dtype))
-    engine = Engine(model, replace(config, kv_memory=per_block * (math.ceil((length + 1) / config.block_size) + 1)))
+    blocks = math.ceil((length + 1) / config.block_size) + 2  # + the warm-up's slack + a CUDA scratch block
+    engine = Engine(model, replace(config, kv_memory=per_block * blocks))
     prompt = torch.randint(0, model.config.vocab_size, (length,), generator=torch.Generator().manual_seed(seed))
     sampling = SamplingConfig(max_new_tokens=1)
     engine.generate([Request(prompt[:16].tolist(), SamplingConfig(max_new_tokens=2))])  # warm-up, within the budget

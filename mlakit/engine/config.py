@@ -37,6 +37,9 @@ class EngineConfig(RuntimeConfig):
             prompts are split into chunks and run in the same model call as the decodes).
         attention_backend: ``"auto"`` (``cpu`` on CPU, ``triton`` on CUDA), ``"torch"`` (the
             reference), ``"cpu"`` or ``"triton"``; see :mod:`mlakit.attention.backends`.
+        cuda_graphs: capture decode-only steps as CUDA graphs where they can be (a CUDA model,
+            absorbed MLA decode, the ``triton`` backend; :mod:`mlakit.engine.graphs`); elsewhere,
+            or when a capture fails (logged), steps run eagerly. Ignored on CPU.
     """
 
     cache_dtype: CacheDType = "auto"
@@ -45,6 +48,7 @@ class EngineConfig(RuntimeConfig):
     max_batch_size: int = 32
     prefill_chunk: int = 512
     attention_backend: str = "auto"
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()

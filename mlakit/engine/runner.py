@@ -14,15 +14,20 @@ tables) is known before the call, so the forward never waits on the device to le
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
 
 from mlakit.attention.backends import AttentionBackend
 from mlakit.attention.metadata import AttentionMetadata
-from mlakit.config import RuntimeConfig
+from mlakit.config import ModelConfig, RuntimeConfig
+from mlakit.engine.graphs import DecodeGraphs, graph_reason
+from mlakit.errors import MlakitError
 from mlakit.model import Transformer
 from mlakit.paged import PagedCache
+
+logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
@@ -33,10 +38,18 @@ class ModelRunner:
         cache: the paged cache built for ``model.config``.
         backend: reads the cache for attention (see :mod:`mlakit.attention.backends`).
         runtime: the decode path (absorbed / naive / auto).
+        max_graph_batch: capture decode-only steps of up to this many sequences as CUDA graphs
+            where :func:`mlakit.engine.graphs.graph_reason` allows (0: never). Captured on the
+            first decode-only step; a failed capture is logged and steps stay eager.
     """
 
     def __init__(
-        self, model: Transformer, cache: PagedCache, backend: AttentionBackend, runtime: RuntimeConfig
+        self,
+        model: Transformer,
+        cache: PagedCache,
+        backend: AttentionBackend,
+        runtime: RuntimeConfig,
+        max_graph_batch: int = 0,
     ) -> None:
         self.model = model
         self.cache = cache
@@ -44,6 +57,14 @@ class ModelRunner:
         self.runtime = runtime
         self.device = model.embed.weight.device
         model.attention_path(runtime, decode=True)  # raises now for absorbed on a full-RoPE model
+        check_paged_support(model.config)
+        self.graphs: DecodeGraphs | None = None
+        self._graph_batch = max_graph_batch
+        if max_graph_batch:
+            why = graph_reason(model, cache, backend, runtime)
+            if why:
+                logger.info("decode steps run eagerly: %s", why)
+                self._graph_batch = 0
 
     @torch.inference_mode()
     def execute(
@@ -59,6 +80,10 @@ class ModelRunner:
 
         Returns: fp32 logits ``[len(decodes) + len(prefills), vocab]``, one row per sequence (its last token).
         """
+        if decodes and not prefills and self._graph_batch:
+            graphs = self._decode_graphs()
+            if graphs is not None and graphs.fits(len(decodes), [t for _, _, t in decodes]):
+                return graphs.run([t for t, _, _ in decodes], [p for _, p, _ in decodes], [t for _, _, t in decodes])
         ids: list[int] = [tok for tok, _, _ in decodes]
         pos: list[int] = [p for _, p, _ in decodes]
         for chunk, start, _ in prefills:
@@ -74,6 +99,16 @@ class ModelRunner:
         positions = torch.tensor(pos, device=self.device).unsqueeze(0)  # [1, N]
         return self.model(tokens, positions, runtime=self.runtime, attn_metadata=meta).float()
 
+    def _decode_graphs(self) -> DecodeGraphs | None:
+        """The captured decode steps, capturing them on first use; ``None`` after a failed capture."""
+        if self.graphs is None and self._graph_batch:
+            try:
+                self.graphs = DecodeGraphs(self.model, self.cache, self.backend, self.runtime, self._graph_batch)
+            except (RuntimeError, torch.cuda.OutOfMemoryError) as e:  # CUDA reports capture failures as RuntimeError
+                logger.warning("decode steps run eagerly: CUDA graph capture failed: %s", e)
+                self._graph_batch = 0
+        return self.graphs
+
     def prefill(self, tokens: Sequence[int], start_pos: int, table: Sequence[int]) -> torch.Tensor:
         """Write one chunk ``tokens`` at positions ``start_pos ..``; fp32 logits ``[vocab]`` of its last token."""
         return self.execute([], [(tokens, start_pos, table)])[0]
@@ -81,3 +116,23 @@ class ModelRunner:
     def decode(self, tokens: Sequence[int], positions: Sequence[int], tables: Sequence[Sequence[int]]) -> torch.Tensor:
         """One decode step: ``tokens[b]`` at ``positions[b]`` of sequence ``b``; fp32 logits ``[B, vocab]``."""
         return self.execute(list(zip(tokens, positions, tables)), [])
+
+
+def check_paged_support(config: ModelConfig) -> None:
+    """Refuse what the paged attention backends do not implement: their decode kernels compute
+    plain causal softmax attention, with no sliding window and no score soft-capping.
+
+    Raises: MlakitError naming the feature (such models run through the reference forward:
+    ``mlakit eval``, or generation without the engine).
+    """
+    missing = []
+    if any(config.is_sliding(i) for i in range(config.num_layers)):
+        missing.append(f"sliding-window layers (sliding_window={config.sliding_window})")
+    if config.attention.logit_softcap is not None:
+        missing.append(f"attention logit soft-capping (logit_softcap={config.attention.logit_softcap})")
+    if missing:
+        raise MlakitError(
+            f"{config.name or 'this model'}: the engine's paged attention does not implement "
+            f"{' or '.join(missing)} (Gemma 2/3); run it through the reference forward instead "
+            "(`mlakit eval`, `mlakit.generate()`)"
+        )

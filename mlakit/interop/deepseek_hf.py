@@ -63,7 +63,20 @@ What the format cannot say, and what export does about it (recorded under ``mlak
   ``allow_bias``: transformers honours them, vLLM and SGLang build these projections without bias
   and skip ``.bias`` tensors. All-zero biases are dropped.
 
-Not expressible at all (clear error): ``rope_mode='full'`` MLA and MHA/GQA/MQA baselines.
+* a non-zero ``w_q`` bias without a query latent (``q_lora_rank=None``; a model converted from
+  Qwen2): DeepSeek-V3's ``q_proj`` has no bias, its ``q_a_proj`` has. With ``allow_bias`` the query
+  is written as a latent of width ``hidden + 1``: ``q_a_proj x + bias = s [x; 1]`` under the same
+  epsilon-dominated ``q_a_layernorm``, and ``q_b_proj = u [w_q | b]`` (see
+  :func:`_query_bias_through_latent`). Only transformers honours the bias (as above).
+* Llama 3 RoPE scaling (``RopeScaling(type='llama3')``, a conversion of Llama 3.x): written as
+  ``rope_type: llama3``, which transformers' DeepSeek-V3 computes like Llama's. vLLM's
+  DeepSeek-V2/V3 model rewrites every non-default ``rope_type`` to ``deepseek_yarn``
+  (``vllm/model_executor/models/deepseek_v2.py``), which is not Llama 3's rescaling: the note says
+  so. Conversion drops the scaling when it leaves every kept rotary frequency unchanged.
+
+Not expressible at all (clear error): ``rope_mode='full'`` MLA and MHA/GQA/MQA baselines, and the
+converted-source features DeepSeek-V3 has no field for (:func:`inexpressible_features`: per-head
+q/k norms, GeGLU, embedding scale, post norms, soft-capping, sliding windows, a local RoPE base).
 Import rejects mixture-of-experts layers, FP8 block-quantised weights and unknown RoPE types.
 """
 
@@ -90,6 +103,9 @@ from mlakit import dtypes
 from mlakit.config import MLAConfig, ModelConfig, RopeScaling
 from mlakit.dtypes import FLOAT_DTYPES, FloatName
 from mlakit.errors import MlakitError
+from mlakit.interop.card import README, export_readme
+from mlakit.interop.engines import CacheShape, check_targets, fits
+from mlakit.interop.pad import CacheCost, Padding, cache_bytes, plan_padding
 from mlakit.io import move_file, read_config_json, read_json, read_json_object, write_dir
 from mlakit.model import CONFIG_FILE, FORMAT, Transformer, fill_tied_head
 from mlakit.rope import interleaved_to_halves
@@ -200,14 +216,27 @@ class LayerLatent:
 
 @dataclass(frozen=True)
 class ExportPlan:
-    """Everything export decides before writing: the HF config and each layer's latent mapping."""
+    """Everything export decides before writing: the HF config, each layer's latent mapping and
+    the padding of the cached shapes (``padding.kv_lora_rank == kv_lora_rank``)."""
 
     config: ModelConfig
     kv_lora_rank: int
     attention_bias: bool
     layers: tuple[LayerLatent, ...]
     rms_norm_eps: float
+    padding: Padding
     notes: tuple[str, ...] = ()
+
+    def cache_shape(self, dtype: str) -> CacheShape:
+        """What engines must cache for this export, stored as ``dtype`` (``fp32``/``bf16``/``fp16``)."""
+        att = _mla(self.config)
+        return CacheShape(
+            kv_lora_rank=self.kv_lora_rank,
+            qk_rope_head_dim=self.padding.qk_rope_head_dim,
+            qk_nope_head_dim=att.qk_nope_head_dim,
+            dtype=dtype,
+            attention_bias=self.attention_bias,
+        )
 
     @property
     def error_bound(self) -> float:
@@ -226,6 +255,8 @@ class ExportReport:
     measured_rel_error: float = 0.0
     error_bound: float = 0.0
     metadata: dict[str, Any] = field(default_factory=dict)
+    engines: tuple[tuple[str, str | None], ...] = ()  # (engine name, why it cannot load it or None)
+    cache: CacheCost | None = None
 
 
 def _mla(config: ModelConfig) -> MLAConfig:
@@ -244,17 +275,48 @@ def _mla(config: ModelConfig) -> MLAConfig:
     return att
 
 
-def plan_export(model: Transformer, allow_bias: bool = False) -> ExportPlan:
+def inexpressible_features(config: ModelConfig) -> list[str]:
+    """The features of ``config`` that DeepSeek-V3's format has no field for (empty when none)."""
+    att = config.attention
+    out = []
+    if config.mlp_act != "silu":
+        out.append(f"mlp_act={config.mlp_act!r} (the MLP is SwiGLU: silu)")
+    if config.embed_scale != 1.0:
+        out.append(f"embed_scale={config.embed_scale:g}")
+    if config.post_norms:
+        out.append("post_norms=True (norms on the attention and MLP outputs)")
+    if config.final_logit_softcap is not None:
+        out.append(f"final_logit_softcap={config.final_logit_softcap:g}")
+    if att.logit_softcap is not None:
+        out.append(f"attention.logit_softcap={att.logit_softcap:g}")
+    if any(config.is_sliding(i) for i in range(config.num_layers)):
+        out.append(f"sliding-window layers (sliding_window={config.sliding_window})")
+    if config.local_rope_theta is not None:
+        out.append(f"local_rope_theta={config.local_rope_theta:g}")
+    if att.qk_norm:
+        out.append("attention.qk_norm=True (per-head q/k norms)")
+    return out
+
+
+def plan_export(model: Transformer, allow_bias: bool = False, pad_to: int | None = None) -> ExportPlan:
     """Decide the exported ``kv_lora_rank``, ``rms_norm_eps`` and each layer's latent mapping.
 
     See the module docstring for the two latent mappings (normed: padding compensation; linear:
-    epsilon-dominated RMSNorm).
+    epsilon-dominated RMSNorm), and :mod:`mlakit.interop.pad` for ``pad_to`` (the cached width
+    ``kv_lora_rank + qk_rope_head_dim`` to widen to exactly, e.g. 576).
 
-    Raises: MlakitError when the model cannot be written in the DeepSeek-V3 format, or has
-    non-zero attention biases (vLLM/SGLang ignore them) without ``allow_bias``.
+    Raises: MlakitError when the model cannot be written in the DeepSeek-V3 format, has
+    non-zero attention biases (vLLM/SGLang ignore them) without ``allow_bias``, or ``pad_to`` is
+    smaller than the model's cached width.
     """
     config = model.config
     att = _mla(config)
+    missing = inexpressible_features(config)
+    if missing:
+        raise MlakitError(
+            f"{config.name or 'this model'}: DeepSeek-V3 cannot express {', '.join(missing)}; "
+            "such a model runs in mlakit only (`mlakit eval`, `mlakit.generate()`)"
+        )
     state = model.state_dict()
     ranks = [_mla_layer(config, i).kv_lora_rank for i in range(config.num_layers)]
     linear = not att.kv_norm
@@ -265,7 +327,8 @@ def plan_export(model: Transformer, allow_bias: bool = False) -> ExportPlan:
             if b is not None and bool(b.ne(0).any()):
                 raise MlakitError(
                     f"layer {i}: w_q has a non-zero bias; DeepSeek-V3's q_proj has none (only q_a_proj, "
-                    "kv_a_proj_with_mqa and o_proj take attention_bias)"
+                    "kv_a_proj_with_mqa and o_proj take attention_bias): pass --allow-bias (allow_bias=True) to "
+                    "write it through a query latent, for transformers only"
                 )
     biased = _nonzero_biases(state, config.num_layers)
     if biased and not allow_bias:
@@ -277,7 +340,14 @@ def plan_export(model: Transformer, allow_bias: bool = False) -> ExportPlan:
         )
     if att.attention_bias and not biased:
         notes.append("attention_bias=True but every attention bias is zero: written without biases")
-    big_r = max(ranks)
+    if att.rope_scaling is not None and att.rope_scaling.type == "llama3":
+        notes.append(
+            "rope_scaling llama3: transformers reproduces it; vLLM's DeepSeek-V2/V3 model rewrites any non-default "
+            "rope_type to deepseek_yarn, which rescales the rotary frequencies differently (vLLM does not serve "
+            "this export exactly)"
+        )
+    padding = plan_padding(att, max(ranks), pad_to)
+    big_r = padding.kv_lora_rank
     eps = HF_LATENT_NORM_EPS if linear else att.rms_norm_eps
     if linear and att.rms_norm_eps != eps:
         q_norm = ", q_a_layernorm" if att.q_lora_rank is not None else ""
@@ -306,16 +376,69 @@ def plan_export(model: Transformer, allow_bias: bool = False) -> ExportPlan:
             norm = torch.zeros(big_r, dtype=g.dtype)
             norm[:r] = g if r == big_r else (g.double() / s).to(g.dtype)
             layers.append(LayerLatent(r, s, norm))
-    if any(r != big_r for r in ranks):
-        how = "zero rows, exact for a linear latent" if linear else "norm-compensated, exact"
-        notes.append(f"per-layer latent ranks {ranks} padded to kv_lora_rank={big_r} ({how})")
+    how = "zero rows, exact for a linear latent" if linear else "norm-compensated, exact"
+    if any(r != padding.source_kv_lora_rank for r in ranks):
+        notes.append(f"per-layer latent ranks {ranks} padded to kv_lora_rank={padding.source_kv_lora_rank} ({how})")
+    if padding.pads:
+        notes.append(
+            f"pad_to={pad_to}: kv_lora_rank {padding.source_kv_lora_rank} -> {big_r} ({how}), qk_rope_head_dim "
+            f"{padding.source_qk_rope_head_dim} -> {padding.qk_rope_head_dim} (zero rotary pairs, rope_theta "
+            f"{padding.source_rope_theta:g} -> {padding.rope_theta:g} keeps every frequency), query x "
+            f"{padding.query_scale:.6g} for the softmax scale of the wider head"
+        )
     if linear:
         bound = max(lay.error_bound for lay in layers)
         notes.append(
             f"kv_norm=False written as an epsilon-dominated kv_a_layernorm (latent rows x 2^k, eps {eps:g}): "
             f"relative error <= {bound:.1e} per token, no biases"
         )
-    return ExportPlan(config, big_r, bool(biased), tuple(layers), eps, tuple(notes))
+    return ExportPlan(config, big_r, bool(biased), tuple(layers), eps, padding, tuple(notes))
+
+
+def _query_bias_through_latent(model: Transformer) -> tuple[Transformer, str | None]:
+    """``model`` with a non-zero ``w_q`` bias carried by a query latent DeepSeek-V3 can write.
+
+    ``q = w_q x + b`` becomes ``w_uq q_norm(w_dq x + b_dq)`` with ``q_lora_rank = n + 1``:
+    ``w_dq x + b_dq = s [x; 1]``, ``q_norm`` the epsilon-dominated RMSNorm of a linear latent
+    (module docstring; ``s``, the norm weight and ``u`` from :func:`_linear_latent`, sized for
+    transformers' ``q_a_layernorm`` eps) and ``w_uq = u [w_q | b]``. Linear to within the bound in
+    the returned note. Returns ``(model, None)`` unchanged when there is no such bias.
+    """
+    att = model.config.attention
+    if not isinstance(att, MLAConfig) or att.q_lora_rank is not None or not att.attention_bias:
+        return model, None
+    state = model.state_dict()
+    n, num_layers = att.hidden_size, model.config.num_layers
+    if not any(bool(state[f"layers.{i}.attn.w_q.bias"].ne(0).any()) for i in range(num_layers)):
+        return model, None
+    config = dataclasses.replace(model.config, attention=dataclasses.replace(att, q_lora_rank=n + 1))
+    new = {k: v for k, v in state.items() if ".attn.w_q." not in k}
+    worst = 0.0
+    for i in range(num_layers):
+        p = f"layers.{i}.attn."
+        w_q, b_q = state[p + "w_q.weight"], state[p + "w_q.bias"]
+        # |[x; 1]| for inputs x = attn_norm * u, rms(u) = 1
+        x_bound = _latent_norm_bound(torch.eye(n, dtype=w_q.dtype), None, state[f"layers.{i}.attn_norm.weight"])
+        lay = _linear_latent(n + 1, n + 1, math.sqrt(x_bound**2 + 1), HF_LATENT_NORM_EPS)
+        w_dq = torch.zeros(n + 1, n, dtype=w_q.dtype)
+        w_dq[:n] = torch.eye(n, dtype=w_q.dtype) * lay.row_scale
+        b_dq = torch.zeros(n + 1, dtype=w_q.dtype)
+        b_dq[n] = lay.row_scale
+        new[p + "w_dq.weight"], new[p + "w_dq.bias"] = w_dq, b_dq
+        new[p + "q_norm.weight"] = lay.norm.to(w_q.dtype)
+        new[p + "w_uq.weight"] = (torch.cat([w_q, b_q[:, None]], dim=1).double() * lay.up_scale).to(w_q.dtype)
+        worst = max(worst, lay.error_bound)
+    with torch.device("meta"):
+        out = Transformer(config)
+    out.load_state_dict(new, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        out.lm_head.weight = out.embed.weight
+    out.reset_rope_tables(model.embed.weight.device)
+    note = (
+        f"w_q bias written through a query latent (q_lora_rank={n + 1} = hidden + 1, q_a_proj with bias, "
+        f"epsilon-dominated q_a_layernorm): relative error <= {worst:.1e} per token, transformers only"
+    )
+    return out.eval(), note
 
 
 def _nonzero_biases(state: dict[str, torch.Tensor], num_layers: int) -> list[str]:
@@ -374,15 +497,15 @@ def hf_config(plan: ExportPlan, dtype: torch.dtype) -> dict[str, Any]:
         "q_lora_rank": att.q_lora_rank,
         "kv_lora_rank": plan.kv_lora_rank,
         "qk_nope_head_dim": att.qk_nope_head_dim,
-        "qk_rope_head_dim": att.qk_rope_head_dim,
+        "qk_rope_head_dim": plan.padding.qk_rope_head_dim,
         "v_head_dim": att.v_head_dim,
-        "head_dim": att.qk_rope_head_dim,
+        "head_dim": plan.padding.qk_rope_head_dim,
         "hidden_act": "silu",
         "max_position_embeddings": config.max_seq_len,
         "rms_norm_eps": plan.rms_norm_eps,
         "attention_bias": plan.attention_bias,
         "attention_dropout": 0.0,
-        "rope_theta": att.rope_theta,
+        "rope_theta": plan.padding.rope_theta,
         "rope_scaling": None,
         "rope_interleave": True,
         # dense everywhere: every layer index is below first_k_dense_replace, so no reader
@@ -411,7 +534,16 @@ def hf_config(plan: ExportPlan, dtype: torch.dtype) -> dict[str, Any]:
         "dtype": dtypes.hf_name(dtype),
     }
     rs = att.rope_scaling
-    if rs is not None:
+    if rs is not None and rs.type == "llama3":
+        llama3 = {
+            "factor": rs.factor,
+            "low_freq_factor": rs.low_freq_factor,
+            "high_freq_factor": rs.high_freq_factor,
+            "original_max_position_embeddings": rs.original_max_position_embeddings,
+        }
+        d["rope_scaling"] = {"rope_type": "llama3", "type": "llama3", **llama3}
+        d["rope_parameters"] = {"rope_type": "llama3", "rope_theta": att.rope_theta, **llama3}
+    elif rs is not None:
         yarn = {
             "factor": rs.factor,
             "original_max_position_embeddings": rs.original_max_position_embeddings,
@@ -421,9 +553,9 @@ def hf_config(plan: ExportPlan, dtype: torch.dtype) -> dict[str, Any]:
             "mscale_all_dim": rs.mscale_all_dim,
         }
         d["rope_scaling"] = {"type": "yarn", **yarn}  # transformers 4.x, vLLM, SGLang, DeepSeek
-        d["rope_parameters"] = {"rope_type": "yarn", "rope_theta": att.rope_theta, **yarn}  # transformers >= 5
+        d["rope_parameters"] = {"rope_type": "yarn", "rope_theta": plan.padding.rope_theta, **yarn}  # transformers >= 5
     else:
-        d["rope_parameters"] = {"rope_type": "default", "rope_theta": att.rope_theta}
+        d["rope_parameters"] = {"rope_type": "default", "rope_theta": plan.padding.rope_theta}
     return d
 
 
@@ -437,7 +569,8 @@ class _Exporter:
         att = _mla(plan.config)
         self.plan, self.dtype = plan, dtype
         self.h, self.dn, self.dr, self.dv = att.num_heads, att.qk_nope_head_dim, att.qk_rope_head_dim, att.v_head_dim
-        self.to_il = _rope_to_interleaved(self.dr)
+        self.pad = plan.padding
+        self.to_il = _rope_to_interleaved(self.pad.qk_rope_head_dim)
         self.state = model.state_dict()
 
     def entries(self) -> list[Entry]:
@@ -480,9 +613,13 @@ class _Exporter:
         return self.state[prefix + mp.mlakit[0].removesuffix(".bias") + ".weight"].shape[0]
 
     def _query_rows(self, w: torch.Tensor) -> torch.Tensor:
-        h, dn, dr = self.h, self.dn, self.dr
+        """Each head's ``[nope ; rope]`` rows, rope rows padded (zero pairs) and interleaved, all rows
+        times ``query_scale`` (the wider head's softmax scale)."""
+        h, dn, dr, width = self.h, self.dn, self.dr, self.pad.qk_rope_head_dim
         w = w.view(h, dn + dr, -1)  # [H, d_n + d_r, in]
-        return torch.cat((w[:, :dn], w[:, dn:][:, self.to_il]), dim=1).reshape(h * (dn + dr), -1)
+        rope = self.pad.pad_rope_rows(w[:, dn:].transpose(0, 1)).transpose(0, 1)  # [H, d_r', in]
+        out = torch.cat((w[:, :dn], rope[:, self.to_il]), dim=1).reshape(h * (dn + width), -1)
+        return out if self.pad.query_scale == 1 else out.double() * self.pad.query_scale
 
     def _latent_and_rope_key(self, mp: Mapping, prefix: str, lay: LayerLatent) -> torch.Tensor:
         """Rows ``[row_scale * w_dkv ; 0 (padding) ; w_kr interleaved]`` (weight or bias)."""
@@ -491,13 +628,14 @@ class _Exporter:
         is_bias = mp.hf.endswith(".bias")
         ref = self.state[prefix + "attn.w_dkv.weight"]
         exact = lay.row_scale == 1
+        width = self.pad.qk_rope_head_dim
         out = torch.zeros(
-            (big_r + self.dr, *(() if is_bias else ref.shape[1:])), dtype=ref.dtype if exact else torch.float64
+            (big_r + width, *(() if is_bias else ref.shape[1:])), dtype=ref.dtype if exact else torch.float64
         )
         if dkv is not None:
             out[:r] = dkv if exact else dkv.double() * lay.row_scale
         if kr is not None:
-            out[big_r:] = kr[self.to_il]
+            out[big_r:] = self.pad.pad_rope_rows(kr)[self.to_il]
         return out
 
     def _per_head_kv(self, prefix: str, lay: LayerLatent) -> torch.Tensor:
@@ -638,6 +776,8 @@ def export_hf(
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     dtype: DTypeName | None = None,
     allow_bias: bool = False,
+    pad_to: int | None = None,
+    targets: tuple[str, ...] = (),
     tokenizer_dir: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     progress: bool | None = None,
@@ -654,28 +794,44 @@ def export_hf(
         dtype: ``fp32``/``bf16``/``fp16``; default the model's parameter dtype.
         allow_bias: permit ``attention_bias: true``, needed when an attention bias is non-zero
             (e.g. a model converted from Qwen2); transformers honours it, vLLM/SGLang do not.
+        pad_to: widen the cached ``kv_lora_rank + qk_rope_head_dim`` to this many values exactly
+            (576 = 512 + 64 for FlashMLA and vLLM's CPU backend; see :mod:`mlakit.interop.pad`).
+        targets: engines the export must load in (:data:`mlakit.interop.engines.TARGETS`, e.g.
+            ``("vllm",)``); checked before anything is written.
         tokenizer_dir: where to copy tokenizer files from.
         overwrite: replace an existing ``out``.
         progress: tqdm bar over the tensors as shards are written (``None``: only on a terminal).
 
-    Returns: an :class:`ExportReport`.
+    Returns: an :class:`ExportReport` (with which engines load it and what the cache costs).
     Raises: MlakitError for models the format cannot express (baseline attention, full-RoPE MLA,
         non-zero biases without ``allow_bias``), a ``dtype`` that cannot hold a linear latent's
-        scaled rows (fp16), an existing ``out`` without ``overwrite``, or a bad source.
+        scaled rows (fp16), a ``pad_to`` below the model's cached width, a target the shapes
+        cannot meet, an existing ``out`` without ``overwrite``, or a bad source.
     """
+    source_values = None  # the source's cached values per token, when a conversion record says
     if isinstance(source, Transformer):
         model = source
     else:
         model = Transformer.from_pretrained(source)
         tokenizer_dir = tokenizer_dir if tokenizer_dir is not None else source
+        record = read_config_json(source, CONFIG_FILE, "an mlakit checkpoint").get("conversion")
+        if isinstance(record, dict):
+            source_values = record.get("source_cache_elements_per_token")
     if max_shard_size <= 0:
         raise MlakitError(f"max_shard_size={max_shard_size} must be a positive byte count")
     if dtype is not None and dtype not in FLOAT_DTYPES:
         raise MlakitError(f"dtype={dtype!r} is invalid: choose one of {', '.join(FLOAT_DTYPES)}")
-    plan = plan_export(model, allow_bias=allow_bias)
+    q_note = None
+    if allow_bias:
+        model, q_note = _query_bias_through_latent(model)
+    plan = plan_export(model, allow_bias=allow_bias, pad_to=pad_to)
+    if q_note is not None:
+        plan = dataclasses.replace(plan, notes=(*plan.notes, q_note))
     torch_dtype = FLOAT_DTYPES[dtype] if dtype is not None else model.embed.weight.dtype
     if torch_dtype not in FLOAT_DTYPES.values():
         raise MlakitError(f"model dtype {torch_dtype} cannot be exported: pass dtype='fp32', 'bf16' or 'fp16'")
+    shape = plan.cache_shape(next(k for k, v in FLOAT_DTYPES.items() if v == torch_dtype))
+    check_targets(shape, targets)
     _check_latent_dtype(model, plan, torch_dtype)
     for note in plan.notes:
         log.warning("export-hf: %s", note)
@@ -702,6 +858,19 @@ def export_hf(
     if plan.error_bound or measured:
         meta["latent_rel_error_bound"] = plan.error_bound
         meta["latent_rel_error_measured_fp32"] = measured
+    pad = plan.padding
+    if pad.pads:
+        meta["padding"] = {
+            "pad_to": pad_to,
+            "source_kv_lora_rank": pad.source_kv_lora_rank,
+            "source_qk_rope_head_dim": pad.source_qk_rope_head_dim,
+            "source_rope_theta": pad.source_rope_theta,
+            "query_scale": pad.query_scale,
+        }
+    cost = cache_bytes(meta["source_kv_lora_ranks"], pad, torch_dtype.itemsize, source_values)
+    meta["cache"] = cost.to_dict()
+    engines = tuple((e.name, why) for e, why in fits(shape))
+    meta["engines"] = {name: why or "loads" for name, why in engines}
     config = hf_config(plan, torch_dtype)
     config["mlakit_export"] = meta
     out = Path(out)
@@ -717,11 +886,15 @@ def export_hf(
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         files = [*shards, *([HF_INDEX] if len(shards) > 1 else []), CONFIG_FILE]
         files += _copy_side_files(tokenizer_dir, tmp, model.config)
-        return files, total
+        readme = export_readme(model.config.name or out.name, shape, pad, cost, plan.notes, model.config.num_layers)
+        (tmp / README).write_text(readme)
+        return [*files, README], total
 
     files, total = write_dir(out, write, overwrite=overwrite)
     log.info("export-hf: wrote %s (%d files, %d bytes)", out, len(files), total)
-    return ExportReport(out, tuple(files), total, plan.kv_lora_rank, plan.notes, measured, plan.error_bound, meta)
+    return ExportReport(
+        out, tuple(files), total, plan.kv_lora_rank, plan.notes, measured, plan.error_bound, meta, engines, cost
+    )
 
 
 def _tensor_bytes(directory: Path, shards: list[str]) -> int:
@@ -795,8 +968,23 @@ def _rope_scaling(cfg: dict[str, Any], where: str) -> tuple[float, RopeScaling |
     kind = rp.get("rope_type", rp.get("type")) if rp else None
     if kind in (None, "default"):
         return float(theta), None
+    if kind == "llama3":
+        try:
+            return float(theta), RopeScaling(
+                type="llama3",
+                factor=float(rp["factor"]),
+                original_max_position_embeddings=int(rp["original_max_position_embeddings"]),
+                low_freq_factor=float(rp["low_freq_factor"]),
+                high_freq_factor=float(rp["high_freq_factor"]),
+            )
+        except KeyError as e:
+            raise MlakitError(f"{where}: llama3 RoPE settings lack {e.args[0]!r}") from e
+        except ValueError as e:
+            raise MlakitError(f"{where}: {e}") from e
     if kind not in ("yarn", "deepseek_yarn"):
-        raise MlakitError(f"{where}: RoPE type {kind!r} is not supported (mlakit has default RoPE and DeepSeek YaRN)")
+        raise MlakitError(
+            f"{where}: RoPE type {kind!r} is not supported (mlakit has default RoPE, DeepSeek YaRN and llama3)"
+        )
     try:
         scaling = RopeScaling(
             factor=float(rp["factor"]),

@@ -135,6 +135,27 @@ def test_triton_backend_equals_reference_interpreted() -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+@pytest.mark.parametrize("storage,kernel_dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_triton_backend_gives_bf16_rows_a_bf16_query(
+    storage: str, kernel_dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine's absorbed query is fp32; over bf16 rows the kernel must see bf16 (tensor cores):
+    an fp32 query forces exact fp32 products, measured 70x slower on an H200 (BENCHMARKS.md)."""
+    from mlakit.attention.backends import triton_mla
+
+    seen = {}
+
+    def fake(q, rows, tables, lens, longest, block_size, rank, *rest):
+        seen["dtype"] = q.dtype
+        return torch.zeros(q.shape[0], q.shape[1], rank, dtype=q.dtype)
+
+    monkeypatch.setattr(triton_mla, "mla_decode_paged", fake)
+    rows, _, _, tables, lens, q_joint, _, rank = kernel_case("single", storage)
+    out = triton_mla.Backend().latent_decode(q_joint, rows, meta_for("torch", tables, lens), rank)
+    assert seen["dtype"] == kernel_dtype and out.dtype == q_joint.dtype == torch.float32
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA and triton")
 @pytest.mark.parametrize("name", KERNEL_SCENARIOS)

@@ -168,3 +168,25 @@ def test_cli_convert_heal_in_one_go(tiny_llama: Path, tmp_path: Path, capsys: py
     assert len(heal["relative_error_before"]) == len(heal["relative_error_after"]) == 2
     assert heal["config"]["steps"] == 3 and heal["reference"] == str(tiny_llama)  # same record as `mlakit heal`
     assert all(a <= b for a, b in zip(heal["relative_error_after"], heal["relative_error_before"]))
+
+
+def test_non_finite_weights_are_refused_before_anything_is_written(
+    cal_llama,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+) -> None:
+    import sys
+
+    import torch
+
+    convert_module = sys.modules["mlakit.convert.convert"]  # the package re-exports a function of that name
+    real = convert_module._model_state
+
+    def poisoned(*args, **kwargs):  # type: ignore[no-untyped-def]
+        state = real(*args, **kwargs)
+        state["layers.1.attn.w_uv.weight"][0, 0] = float("nan")
+        return state
+
+    monkeypatch.setattr(convert_module, "_model_state", poisoned)
+    with pytest.raises(MlakitError, match=r"non-finite weights \(layers.1.attn.w_uv.weight\)"):
+        convert_calibrated(cal_llama, ConversionConfig(kv_fraction=0.5, rope="full"))
+    assert torch.isfinite(cal_llama.weights[1].w_v).all()

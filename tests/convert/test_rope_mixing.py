@@ -115,15 +115,35 @@ def test_keep_first_wide(cal_llama) -> None:  # type: ignore[no-untyped-def]
 
 def test_rope_pairs_follow_the_target_context() -> None:
     from mlakit.convert.convert import ConversionConfig, default_rope_dims
-    from mlakit.convert.rope import rope_pairs_for_context
+    from mlakit.convert.rope import SourceRope, rope_pairs_for_context, source_rope_pairs
 
     # SmolLM2: theta 1e5, head dim 64 -> pair j turns by L * 1e5^(-j/32) radians over L tokens
     assert [rope_pairs_for_context(1e5, 64, n) for n in (512, 2048, 4096, 8192)] == [18, 22, 24, 26]
     assert rope_pairs_for_context(1e5, 64, 10**9) == 32
     # the rotary key takes at most half of a layer's cache: 96 values -> at most 24 pairs
-    assert default_rope_dims(192, 64, rope_theta=1e5, context_length=8192) == 52
-    assert default_rope_dims(96, 64, rope_theta=1e5, context_length=8192) == 48
-    assert default_rope_dims(48, 64, rope_theta=1e5, context_length=8192) == 24
+    smollm2 = (SourceRope(1e5),)
+    assert default_rope_dims(192, 64, ropes=smollm2, context_length=8192) == 52
+    assert default_rope_dims(96, 64, ropes=smollm2, context_length=8192) == 48
+    assert default_rope_dims(48, 64, ropes=smollm2, context_length=8192) == 24
     cfg = ConversionConfig(kv_fraction=0.5, context_length=2048)
-    assert cfg.resolved_rope_dims(64, 3, 1e5, 8192) == 44
-    assert ConversionConfig(kv_fraction=0.5, rope="full").resolved_rope_dims(64, 3, 1e5, 8192) == 0
+    assert cfg.resolved_rope_dims(64, 3, smollm2, 8192) == 44
+    assert ConversionConfig(kv_fraction=0.5, rope="full").resolved_rope_dims(64, 3, smollm2, 8192) == 0
+    # a sliding layer needs only the pairs that turn within its window; the most any RoPE needs wins
+    assert source_rope_pairs((SourceRope(1e5, window=512),), 64, 8192) == 18
+    assert source_rope_pairs((SourceRope(1e6), SourceRope(1e4, window=512)), 64, 8192) == max(
+        rope_pairs_for_context(1e6, 64, 8192), rope_pairs_for_context(1e4, 64, 512)
+    )
+
+
+def test_a_pair_no_query_reads_is_decoupled_without_nan(cal_llama) -> None:  # type: ignore[no-untyped-def]
+    # Gemma's quantised q-norm weights can zero both dims of a pair in every head
+    import dataclasses
+
+    from mlakit.convert.rope import decouple_rope
+
+    w = cal_llama.weights[0]
+    w_q = w.w_q.clone().view(w.num_heads, w.head_dim, -1)
+    w_q[:, [0, w.head_dim // 2]] = 0  # pair 0 of every head
+    dk = decouple_rope(dataclasses.replace(w, w_q=w_q.reshape(w.w_q.shape)), cal_llama.sigma[0], 4, 1e4)
+    for t in (dk.w_kr, dk.w_q_rope, dk.w_k_nope, dk.w_q_nope):
+        assert torch.isfinite(t).all()

@@ -35,12 +35,12 @@ def test_sequential_run_replays_the_converted_model(cal_llama) -> None:  # type:
         run = convert_module._SequentialRun(cal_llama, res.model.config, 4)
         model = res.model
         with torch.no_grad():
-            x = model.embed(CALIBRATION_TOKENS[:4])
+            x = model.embed_tokens(CALIBRATION_TOKENS[:4])
             assert torch.equal(x, run.hidden)
             for i, block in enumerate(model.layers):
                 x = block(x, None, None, "naive", None)
                 state = {k.split(".", 2)[2]: v for k, v in model.state_dict().items() if k.startswith(f"layers.{i}.")}
-                replay = Block(model.config, i, run.rotary)
+                replay = Block(model.config, i, run.rotary[i])
                 replay.load_state_dict(state)
                 run.hidden = replay(run.hidden, None, None, "naive", None)
                 assert (x - run.hidden).abs().max().item() < 1e-6

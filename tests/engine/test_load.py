@@ -9,7 +9,7 @@ import torch
 
 from mlakit import MlakitError
 from mlakit.engine import Engine, EngineConfig, Request
-from mlakit.engine.load import llama_to_transformer, load_model
+from mlakit.engine.load import load_model, source_to_transformer
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
 
 def test_llama_weights_map_onto_gqa_transformer(llama_dir: tuple[Path, object]) -> None:
     d, hf = llama_dir
-    model = llama_to_transformer(d)
+    model = source_to_transformer(d)
     assert model.config.attention.kind == "gqa"
     tokens = torch.randint(0, 128, (2, 9))
     with torch.no_grad():

@@ -57,3 +57,33 @@ def test_int8_rows_roundtrip_within_half_a_step() -> None:
     back = rows.read([(0, 8)], torch.float32)[slots]
     step = x.abs().amax(dim=1, keepdim=True) / 127
     assert ((back - x).abs() <= step / 2 + 1e-7).all()
+
+
+def test_scratch_block_lies_outside_the_pool_and_inside_the_budget() -> None:
+    config = ModelConfig.from_preset("tiny-mla")
+    per_block = PagedCache.block_bytes(config, 4, torch.float32)
+    plain = PagedCache.allocate(config, 10 * per_block, 4, torch.float32)
+    with_scratch = PagedCache.allocate(config, 10 * per_block, 4, torch.float32, scratch=True)
+    assert plain.scratch_block is None and plain.num_blocks == 10
+    assert with_scratch.num_blocks == 9 and with_scratch.scratch_block == 9
+    assert with_scratch.nbytes == plain.nbytes <= 10 * per_block
+    assert with_scratch.layers[0][0].data.shape[0] == 10 * 4
+    assert 9 not in with_scratch.pool.allocate(9)
+    with pytest.raises(MlakitError, match="scratch block"):
+        PagedCache.allocate(config, per_block, 4, torch.float32, scratch=True)
+
+
+def test_graph_batch_sizes_and_reasons() -> None:
+    from mlakit.attention.backends import get_backend
+    from mlakit.config import RuntimeConfig
+    from mlakit.engine.graphs import graph_batch_sizes, graph_reason
+    from mlakit.model import Transformer
+
+    assert graph_batch_sizes(1) == [1]
+    assert graph_batch_sizes(6) == [1, 2, 4, 6]
+    assert graph_batch_sizes(40) == [1, 2, 4, 8, 16, 32, 40]
+    assert graph_batch_sizes(32) == [1, 2, 4, 8, 16, 32]
+    config = ModelConfig.from_preset("tiny-mla")
+    cache = PagedCache.allocate(config, 1 << 20, 4, torch.float32, scratch=True)
+    reason = graph_reason(Transformer(config), cache, get_backend("torch"), RuntimeConfig())
+    assert "not CUDA" in reason

@@ -279,9 +279,26 @@ def test_unexportable_models_are_refused(tmp_path: Path) -> None:
     q_bias = build(tiny_mla_config(q_lora_rank=None, attention_bias=True))
     with torch.no_grad():
         q_bias.layers[1].attn.w_q.bias.fill_(0.5)
-    with pytest.raises(MlakitError, match="layer 1: w_q has a non-zero bias"):
-        export_hf(q_bias, tmp_path / "c", allow_bias=True)
+    with pytest.raises(MlakitError, match="layer 1: w_q has a non-zero bias.*--allow-bias"):
+        export_hf(q_bias, tmp_path / "c")
     assert not list(tmp_path.iterdir())
+
+
+def test_query_bias_is_written_through_a_query_latent(tmp_path: Path) -> None:
+    # q_proj has no bias in DeepSeek-V3: a Qwen2-style w_q bias travels through q_a_proj's
+    model = build(tiny_mla_config(q_lora_rank=None, attention_bias=True, kv_norm=False))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.5)
+    report = export_hf(model, tmp_path / "hf", allow_bias=True)
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["q_lora_rank"] == model.config.hidden_size + 1 and cfg["attention_bias"] is True
+    assert any("query latent" in n for n in report.notes)
+    tokens = torch.randint(0, 256, (2, 11))
+    with torch.no_grad():
+        ref = model(tokens)
+    assert max_diff(model, hf_model(tmp_path / "hf"), tokens) <= LINEAR_TOL * max(1.0, float(ref.abs().max()))
 
 
 def test_mapping_table_names_every_tensor(tmp_path: Path) -> None:

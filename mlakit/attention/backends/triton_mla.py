@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 def _mla_decode_kernel(
     q_ptr, kv_ptr, scale_ptr, table_ptr, lens_ptr, o_ptr, lse_ptr,
     stride_qb, stride_qh, stride_kvs, stride_tb, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-    num_heads, rank, rope, split_len, page,
+    num_heads, rank, rope, page,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DR: tl.constexpr,
     HAS_SCALE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -44,6 +44,9 @@ def _mla_decode_kernel(
     hb = tl.program_id(1)
     split = tl.program_id(2)
     kv_len = tl.load(lens_ptr + b)
+    # each sequence splits its own length over the grid's slices, so the grid depends only on the
+    # batch (a captured CUDA graph replays it for any lengths) and short sequences waste no slices
+    split_len = tl.cdiv(tl.cdiv(kv_len, tl.num_programs(2)), BLOCK_N) * BLOCK_N
     start = split * split_len
     stop = tl.minimum(start + split_len, kv_len)
 
@@ -120,8 +123,9 @@ def mla_decode_paged(
     """``o_latent [B, H, r]`` for ``q_joint [B, H, r + d_r]`` (pre-scaled) over paged ``rows``.
 
     ``block_tables [B, M]`` and ``context_lens [B]`` describe each sequence; ``max_context`` (a
-    host int) sizes the split grid. ``num_splits`` slices of the positions run in parallel
-    (default: enough programs to fill the device at small batch).
+    host int, an upper bound) sizes the split grid. ``num_splits`` slices of each sequence's
+    positions run in parallel (default: enough programs to fill the device at small batch); each
+    sequence divides its own length among them.
     """
     b, h, width = q_joint.shape
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
@@ -134,8 +138,6 @@ def mla_decode_paged(
     if num_splits is None:
         programs = b * triton.cdiv(h, block_h)
         num_splits = max(1, min(triton.cdiv(max_context, 256), triton.cdiv(264, programs)))
-    split_len = triton.cdiv(triton.cdiv(max_context, num_splits), block_n) * block_n
-    num_splits = triton.cdiv(max_context, split_len)
     o_part = torch.empty(b, h, num_splits, kv_lora_rank, dtype=torch.float32, device=q_joint.device)
     lse = torch.empty(b, h, num_splits, dtype=torch.float32, device=q_joint.device)
     tables = block_tables.to(torch.int32)
@@ -146,7 +148,7 @@ def mla_decode_paged(
         q_joint, kv, scale, tables, lens, o_part, lse,
         q_joint.stride(0), q_joint.stride(1), kv.stride(0), tables.stride(0),
         o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
-        h, kv_lora_rank, rope, split_len, block_size,
+        h, kv_lora_rank, rope, block_size,
         BLOCK_H=block_h, BLOCK_N=block_n,
         BLOCK_R=triton.next_power_of_2(kv_lora_rank), BLOCK_DR=max(16, triton.next_power_of_2(max(rope, 1))),
         HAS_SCALE=rows.scale is not None, UPCAST=interpret,
@@ -164,4 +166,10 @@ class Backend(TorchBackend):
     def latent_decode(
         self, q_joint: torch.Tensor, rows: PagedRows, meta: AttentionMetadata, kv_lora_rank: int
     ) -> torch.Tensor:
-        return mla_decode_paged(q_joint.contiguous(), rows, *meta.decode_tables(), meta.block_size, kv_lora_rank)
+        # bf16/fp16 rows take a query of their own dtype: the products then run on the tensor cores,
+        # where an fp32 query (the absorbed weights' default) forces exact fp32 products. The CPU
+        # kernel rounds the query the same way for bf16 rows.
+        low = rows.data.dtype in (torch.bfloat16, torch.float16)
+        q = q_joint.to(rows.data.dtype) if low else q_joint
+        o_latent = mla_decode_paged(q.contiguous(), rows, *meta.decode_tables(), meta.block_size, kv_lora_rank)
+        return o_latent.to(q_joint.dtype)
