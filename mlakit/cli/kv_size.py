@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from mlakit.config import ModelConfig
+from mlakit.dtypes import FLOAT_DTYPES
 from mlakit.errors import MlakitError
 from mlakit.kv import KVReport, kv_report
 from mlakit.model import load_config
@@ -29,7 +30,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence (default 4096)")
     p.add_argument("--batch", type=int, default=1, help="sequences (default 1)")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="bf16", help="cache dtype (default bf16)")
+    p.add_argument("--dtype", choices=tuple(FLOAT_DTYPES), default="bf16", help="cache dtype (default bf16)")
     p.add_argument("--memory", default=None, help="memory for the cache, e.g. 80GiB: report what fits")
     p.add_argument("--gqa-groups", type=int, default=None, help="KV groups of the GQA equivalent")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -233,7 +233,9 @@ def load_hf_model(model: str, *, dtype: torch.dtype = torch.float32) -> LoadedMo
     if isinstance(path, Path):
         _check_weight_bytes(config, path)
     try:
-        hf, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+        loaded: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+        hf: Any = loaded[0]
+        info: dict[str, Any] = loaded[1]
     except Exception as e:  # transformers raises many types for missing or mismatched weights
         raise MlakitError(f"{model}: cannot load weights: {e}") from e
     # transformers only warns about these and initialises the gaps at random: refuse instead

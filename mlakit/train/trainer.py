@@ -404,6 +404,8 @@ class Trainer:
         from tqdm.auto import tqdm
 
         self._trim_metrics()
+        if self.dist.is_main and self.checkpoint_root.is_dir():
+            sweep(self.checkpoint_root)  # what a killed run left while writing or pruning checkpoints
         bar = tqdm(total=c.max_steps, initial=self.step, disable=not (self.progress and self.dist.is_main), unit="step")
         start = time.perf_counter()
         first = self.step

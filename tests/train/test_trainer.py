@@ -98,3 +98,19 @@ def test_batch_larger_than_data(tmp_path: Path) -> None:
     data = build_token_file(read_text_files([tmp_path / "short.txt"]), ByteTokenizer(), tmp_path / "t.bin")
     with pytest.raises(MlakitError, match="larger than the training data"):
         tiny_trainer(data, tmp_path / "out", batch_size=4, seq_len=32)
+
+
+def test_train_clears_what_a_killed_run_left_in_checkpoints(corpus: TokenDataset, tmp_path: Path) -> None:
+    """A run killed while pruning leaves a half-deleted checkpoint aside: the next run clears it, with no step left."""
+    import subprocess
+    import sys
+
+    tiny_trainer(corpus, tmp_path / "out", max_steps=2, checkpoint_interval=1).train()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    litter = tmp_path / "out" / "checkpoints" / f".step-00000001.{dead.pid}.abc.partial"
+    (litter / "d").mkdir(parents=True)
+    again = tiny_trainer(corpus, tmp_path / "out", max_steps=2, checkpoint_interval=1)
+    assert again.resume() and again.step == 2
+    again.train()  # nothing to train: it still tidies up
+    assert not litter.exists()
