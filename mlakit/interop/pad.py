@@ -10,7 +10,7 @@ writes the same model with ``kv_lora_rank R' = N - d_r'`` and ``qk_rope_head_dim
   square, which zero rows lower by ``r/R'``: the export's two latent mappings already absorb that
   exactly (normed latents: rows x ``sqrt(R'/r)``, norm weight / the same; linear latents: the
   epsilon-dominated norm is sized for ``R'``). This is the per-layer-rank padding of
-  :mod:`mlakit.interop.deepseek_hf` with a wider ``R``.
+  :mod:`mlakit.interop.deepseek_plan` with a wider ``R``.
 * rotary key: DeepSeek-V3 has one ``rope_theta`` for ``d_r'/2`` pairs, pair ``k`` turning at
   ``theta'^(-2k/d_r')``. With ``theta' = theta^(d_r'/d_r)`` pair ``k < d_r/2`` turns at
   ``theta^(-2k/d_r)``, exactly the model's pair ``k``; so the model's pairs keep their indices

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from mlakit import MlakitError, ModelConfig, RopeScaling, SamplingConfig, Transformer, generate
 from mlakit.cli import main
 from mlakit.config import MLAConfig
-from mlakit.interop import MAPPING, deepseek_hf, export_hf, load_hf, load_pretrained
+from mlakit.interop import MAPPING, deepseek_export, deepseek_hf, export_hf, load_hf, load_pretrained
 from tests.conftest import TOLERANCES, build, tiny_mla_config
 
 transformers = pytest.importorskip("transformers")
@@ -501,7 +501,7 @@ def test_existing_output_needs_overwrite(exported: Path) -> None:
 
 
 def test_interrupted_export_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = deepseek_hf.save_file
+    real = deepseek_export.save_file
     calls = []
 
     def failing(*args: object, **kwargs: object) -> None:
@@ -510,7 +510,7 @@ def test_interrupted_export_leaves_nothing(tmp_path: Path, monkeypatch: pytest.M
             raise OSError("disk full (injected)")
         real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(deepseek_hf, "save_file", failing)
+    monkeypatch.setattr(deepseek_export, "save_file", failing)
     with pytest.raises(OSError, match="injected"):
         export_hf(build(tiny_mla_config()), tmp_path / "hf", max_shard_size=60_000)
     assert list(tmp_path.iterdir()) == []
