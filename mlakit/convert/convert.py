@@ -97,7 +97,7 @@ class ConversionConfig:
         fold_qk_norm: decoupled only, for sources with per-head q/k RMSNorms (Qwen3, Gemma 3):
             fold the norms into constant per-head scales (:func:`~mlakit.convert.layer.fold_head_norms`)
             instead of refusing. An approximation measured to break Gemma 3 270M (top-1 agreement
-            with the source 0.15 with nothing else approximated; docs/conversion.md), so off by
+            with the source 0.16-0.19 with nothing else approximated; docs/conversion.md), so off by
             default: ``--rope full`` keeps these norms exactly.
         rotation_average: decoupled only; fold the attention-weighted expected rotation into the
             position-free query (needs ``calibrate(..., rotation_windows > 0)``; measured worse,
@@ -184,7 +184,7 @@ class ConversionConfig:
             raise MlakitError(
                 f"{source}: {spec.model_type} normalises each head's query and key (q_norm, k_norm) before RoPE; "
                 "decoupled RoPE cannot absorb a key norm, and folding it into constant scales measured top-1 "
-                "agreement 0.15 on Gemma 3 270M: convert with --rope full (exact at full rank), or pass "
+                "agreement below 0.2 on Gemma 3 270M: convert with --rope full (exact at full rank), or pass "
                 "--fold-qk-norm to fold anyway"
             )
         _, g, d = _source_dims(spec)
