@@ -35,7 +35,7 @@ from mlakit.attention.backends import AttentionBackend
 from mlakit.attention.metadata import AttentionMetadata
 from mlakit.config import MLAConfig, RuntimeConfig
 from mlakit.model import Transformer
-from mlakit.paged import PagedCache
+from mlakit.paged import PagedCache, token_slots
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class DecodeGraphs:
         bs = self.cache.block_size
         scratch = self.cache.scratch_block
         assert scratch is not None
-        slots = [t[p // bs] * bs + p % bs for t, p in zip(tables, positions)]
+        slots = [token_slots(t, p, 1, bs)[0] for t, p in zip(tables, positions)]
         width = max(len(t) for t in tables)
         host = torch.tensor(
             [list(t) + [scratch] * (width - len(t)) for t in tables] + [[scratch] * width] * (padded - b),

@@ -20,20 +20,26 @@ def _byte_tokenizer(vocab_size: int):  # type: ignore[no-untyped-def]
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=alphabet[2], bos_token=alphabet[1])
 
 
+#: The tiny GQA source every conversion test builds with transformers (4 heads, 2 KV heads, head dim 16).
+TINY_SOURCE: dict[str, int] = dict(
+    vocab_size=256,
+    hidden_size=96,
+    intermediate_size=192,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=1024,
+)
+
+
 def make_hf_model(path: Path, kind: str = "llama", *, seed: int = 0, bias_std: float = 0.5) -> Path:
     """Save a 2-layer GQA model (4 heads, 2 KV heads, head dim 16, hidden 96) with a tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     kw = dict(
-        vocab_size=256,
-        hidden_size=96,
-        intermediate_size=192,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=1024,
+        **TINY_SOURCE,
         rope_theta=10000.0,
         tie_word_embeddings=False,
         bos_token_id=1,

@@ -24,7 +24,7 @@ from mlakit.convert.arch import source_spec
 from mlakit.engine.load import source_to_transformer
 from mlakit.interop import deepseek_hf, export_hf
 from mlakit.rope import rope_inv_freq
-from tests.convert.conftest import _byte_tokenizer
+from tests.convert.conftest import TINY_SOURCE, _byte_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -35,14 +35,7 @@ EXACT = 1e-4  # fp32, the issue's bar for a full-rank full-RoPE conversion
 EXPORT_TOL = 1e-5  # relative: the linear latent's epsilon-dominated kv_a_layernorm (interop docstring)
 
 BASE: dict[str, Any] = dict(
-    vocab_size=256,
-    hidden_size=96,
-    intermediate_size=192,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=1024,
+    **TINY_SOURCE,
     bos_token_id=1,
     eos_token_id=2,
 )
