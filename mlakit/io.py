@@ -364,3 +364,66 @@ def read_config_json(directory: str | os.PathLike[str], name: str, what: str) ->
     if not p.is_file():
         raise MlakitError(f"{d} has no {name}: not {what}")
     return read_json_object(p, what=what)
+
+
+#: safetensors' names of the dtypes mlakit writes.
+_SAFETENSORS_DTYPES = {"torch.float32": "F32", "torch.bfloat16": "BF16", "torch.float16": "F16"}
+
+
+class SafetensorsStream:
+    """Write one ``.safetensors`` file tensor by tensor, so memory holds one tensor, not the state dict.
+
+    The format is an 8-byte little-endian header length, a JSON header giving every tensor's dtype,
+    shape and byte range, then the bytes. With the layout known in advance (a model built on the
+    meta device gives it) the header goes first and each tensor is appended as it is made. The
+    file is the same any safetensors reader (and :meth:`mlakit.model.Transformer.from_pretrained`)
+    loads. Use it inside :func:`write_file` or :func:`write_dir`, which make the write atomic.
+
+    Args:
+        path: the file to create.
+        layout: ``name -> (dtype, shape)`` in the order the tensors will be written.
+        metadata: string pairs for the header's ``__metadata__``.
+
+    Raises:
+        MlakitError: a tensor out of order, of another shape or dtype, or a missing one at :meth:`close`.
+    """
+
+    def __init__(self, path: Path, layout: dict[str, tuple[Any, tuple[int, ...]]], metadata: dict[str, str]) -> None:
+        header: dict[str, Any] = {"__metadata__": metadata}
+        offset = 0
+        for name, (dtype, shape) in layout.items():
+            size = dtype.itemsize
+            for s in shape:
+                size *= s
+            header[name] = {
+                "dtype": _SAFETENSORS_DTYPES[str(dtype)],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + size],
+            }
+            offset += size
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        self._layout = list(layout.items())
+        self._next = 0
+        self._file = open(path, "wb")  # closed by close(), which checks completeness
+        self._file.write(len(text).to_bytes(8, "little") + text)
+
+    def write(self, name: str, tensor: Any) -> None:
+        """Append ``tensor`` (cast to the layout's dtype) as ``name``, the next tensor of the layout."""
+        if self._next >= len(self._layout) or self._layout[self._next][0] != name:
+            expected = self._layout[self._next][0] if self._next < len(self._layout) else "nothing more"
+            raise MlakitError(f"safetensors stream: got {name}, expected {expected}")
+        dtype, shape = self._layout[self._next][1]
+        if tuple(tensor.shape) != tuple(shape):
+            raise MlakitError(f"safetensors stream: {name} has shape {tuple(tensor.shape)}, the layout says {shape}")
+        import torch
+
+        t = tensor.detach().to("cpu", dtype).contiguous().reshape(-1)
+        self._file.write(memoryview(t.view(torch.uint8).numpy()))  # no copy beyond the cast
+        self._next += 1
+
+    def close(self) -> None:
+        """Finish the file; every tensor of the layout must have been written."""
+        self._file.close()
+        if self._next != len(self._layout):
+            raise MlakitError(f"safetensors stream: {self._layout[self._next][0]} was never written")

@@ -235,9 +235,8 @@ class Transformer(nn.Module):
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
-        header = {"format": FORMAT, "config": self.config.to_dict(), **(metadata or {})}
         write_file(out / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
-        write_json(out / CONFIG_FILE, header)
+        save_config(out, self.config, metadata)
         return out
 
     @classmethod
@@ -355,6 +354,11 @@ def is_mlakit_checkpoint(directory: str | os.PathLike[str]) -> bool:
         return False
     header = read_json(path)
     return isinstance(header, dict) and header.get("format") == FORMAT
+
+
+def save_config(directory: str | os.PathLike[str], config: ModelConfig, metadata: dict[str, Any] | None = None) -> None:
+    """Write an mlakit checkpoint's ``config.json``: the format tag, ``config`` and ``metadata``'s entries."""
+    write_json(Path(directory) / CONFIG_FILE, {"format": FORMAT, "config": config.to_dict(), **(metadata or {})})
 
 
 def load_config(directory: str | os.PathLike[str]) -> ModelConfig:

@@ -65,6 +65,19 @@ def llama3_inv_freq(inv_freq: torch.Tensor, scaling: RopeScaling) -> torch.Tenso
     return torch.where(wavelen < orig / hi, inv_freq, out)
 
 
+def unscaled_rope_dim(dim: int, theta: float, scaling: RopeScaling | None) -> int | None:
+    """The widest rotary width (even, <= ``dim``) whose pairs ``scaling`` leaves unchanged; None without scaling.
+
+    Llama 3's scaling and YaRN keep the high frequencies and rescale the low ones; a decoupled
+    conversion keeps the highest-frequency pairs first, so a rotary key this wide carries no
+    scaling (what engines that rewrite every scaling as DeepSeek's YaRN need: vLLM, SGLang).
+    """
+    if scaling is None:
+        return None
+    same = (rope_inv_freq(dim, theta, scaling, torch.float64) == rope_inv_freq(dim, theta, None, torch.float64)).long()
+    return 2 * int(same.cumprod(0).sum())
+
+
 def rope_attention_factor(scaling: RopeScaling | None) -> float:
     """Multiplier on the cos/sin tables (Hugging Face's YaRN ``attention_factor``; 1 for Llama 3)."""
     if scaling is None or scaling.type != "yarn":

@@ -12,6 +12,10 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 # module names under mlakit.cli, in the order `mlakit --help` lists them
 COMMAND_MODULES: tuple[str, ...] = (
@@ -26,6 +30,25 @@ COMMAND_MODULES: tuple[str, ...] = (
     "bench",
     "train",
 )
+
+
+def device_arg(name: str) -> torch.device:
+    """``--device`` as a torch device (``auto``: cuda when present), refusing one this machine does not have."""
+    import torch
+
+    from mlakit.errors import MlakitError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise MlakitError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, ...)") from e
+    if device.type not in ("cpu", "cuda"):
+        raise MlakitError(f"--device {name!r}: only cpu and cuda are supported")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MlakitError(f"--device {name!r}: no CUDA device is available here")
+    return device
 
 
 def build_parser() -> argparse.ArgumentParser:

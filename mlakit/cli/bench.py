@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from mlakit.cli import device_arg
 from mlakit.cli.generate import add_engine_args, engine_config
 from mlakit.config import ModelConfig
 from mlakit.errors import MlakitError
@@ -48,19 +49,6 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _device(name: str) -> torch.device:
-    """``--device`` as a torch device, refusing one this machine does not have."""
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise MlakitError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, ...)") from e
-    if device.type not in ("cpu", "cuda"):
-        raise MlakitError(f"--device {name!r}: only cpu and cuda are supported")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MlakitError(f"--device {name!r}: no CUDA device is available here")
-    return device
-
-
 def run(args: argparse.Namespace) -> int:
     from mlakit.engine.bench import admitted_sequences, decode_throughput, memory_bandwidth, prefill_throughput
     from mlakit.model import Transformer
@@ -72,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         raise MlakitError("--batch, --context and --steps must be positive")
     if args.prefill_len < 0:
         raise MlakitError(f"--prefill-len must be >= 0, got {args.prefill_len}")
-    device = _device(args.device)
+    device = device_arg(args.device)
     if args.model:
         from mlakit.engine.load import load_model
 

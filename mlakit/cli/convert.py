@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mlakit.cli import device_arg
 from mlakit.cli.heal import add_heal_options, heal_config
 from mlakit.errors import MlakitError
 
@@ -151,9 +152,22 @@ def register(sub: Any) -> None:
     p.add_argument("--calibration-windows", type=int, default=32, help="calibration sequences (default 32)")
     p.add_argument("--calibration-seq-len", type=int, default=512, help="tokens per sequence (default 512)")
     p.add_argument(
+        "--dtype",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        default="auto",
+        help="weight dtype of the output (default auto: the source's, e.g. bf16 for published checkpoints)",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="where the calibration forwards run: cpu, cuda, cuda:N (default auto: cuda when present); the "
+        "conversion reads one layer at a time, so memory scales with one layer (docs/conversion.md)",
+    )
+    p.add_argument(
         "--heal",
         action="store_true",
-        help="after converting, heal the model (what `mlakit heal` does; the --heal-* options tune it)",
+        help="after converting, heal the model (what `mlakit heal` does; the --heal-* options tune it). Healing "
+        "holds the whole source and the result in float32 (about 8 bytes per source parameter)",
     )
     add_heal_options(p, prefix="heal-")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -161,9 +175,14 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mlakit.config import RopeScaling
     from mlakit.convert import ConversionConfig, calibrate, convert_calibrated, load_hf_model, save_converted
     from mlakit.convert.arch import source_spec
     from mlakit.convert.heal import heal_recorded
+    from mlakit.convert.load import source_directory
+    from mlakit.convert.stream import convert_checkpoint
+    from mlakit.dtypes import float_dtype
+    from mlakit.rope import unscaled_rope_dim
     from mlakit.text.corpus import files_corpus
 
     if Path(args.out).exists() and not args.overwrite:
@@ -194,13 +213,27 @@ def run(args: argparse.Namespace) -> int:
     )  # validated before the slow load
     hcfg = heal_config(args, prefix="heal-") if args.heal else None
     corpus = files_corpus(args.calibration_text) if args.calibration_text else None
-    loaded = load_hf_model(args.model)
-    cfg.check_source(source_spec(loaded.model.config, loaded.source), loaded.source)  # before calibrating
-    cal = calibrate(
-        loaded, windows=args.calibration_windows, seq_len=args.calibration_seq_len, corpus=corpus, progress=True
-    )
-    result = convert_calibrated(cal, cfg, progress=True)
-    if hcfg is not None:
+    dtype = None if args.dtype == "auto" else float_dtype(args.dtype, "--dtype")
+    device = device_arg(args.device)
+    if hcfg is None:  # layer by layer: memory for one layer of the source
+        r = convert_checkpoint(
+            source_directory(args.model),
+            args.out,
+            cfg,
+            corpus=corpus,
+            dtype=dtype,
+            device=device,
+            overwrite=args.overwrite,
+            progress=True,
+        )
+        out = Path(args.out)
+    else:
+        loaded = load_hf_model(args.model)
+        cfg.check_source(source_spec(loaded.model.config, loaded.source), loaded.source)  # before calibrating
+        cal = calibrate(
+            loaded, windows=args.calibration_windows, seq_len=args.calibration_seq_len, corpus=corpus, progress=True
+        )
+        result = convert_calibrated(cal, cfg, progress=True)
         heal_recorded(
             result.model,
             cal.loaded.model,
@@ -211,8 +244,10 @@ def run(args: argparse.Namespace) -> int:
             corpus=corpus,
             progress=True,
         )
-    out = save_converted(result, args.out, overwrite=args.overwrite)
-    r = result.record
+        if dtype is not None:
+            result.model.to(dtype)
+        out = save_converted(result, args.out, overwrite=args.overwrite)
+        r = result.record
     print(f"wrote {out}")
     seq = r["calibration"]["sequential_tokens"]
     print(
@@ -228,7 +263,14 @@ def run(args: argparse.Namespace) -> int:
     if cfg.rope == "decoupled":
         width = max(r["kv_lora_ranks"]) + r["qk_rope_head_dim"]
         shape = f"{max(r['kv_lora_ranks'])} + {r['qk_rope_head_dim']} = {width} values/token/layer"
-        if width <= 576 and r["qk_rope_head_dim"] <= 64:
+        scaling = r["rope_scaling"]
+        if scaling is not None and scaling["type"] == "llama3":
+            keep = unscaled_rope_dim(r["qk_rope_head_dim"], r["rope_theta"], RopeScaling(**scaling))
+            print(
+                f"  serve: caches {shape} with Llama 3's RoPE scaling, which vLLM and SGLang compute as DeepSeek's "
+                f"YaRN: mlakit's engine and transformers serve it exactly; for vLLM convert with --rope-dim {keep}"
+            )
+        elif width <= 576 and r["qk_rope_head_dim"] <= 64:
             print(f"  serve: caches {shape}; vLLM and FlashMLA take 512 + 64: mlakit export-hf {out} OUT --pad-to 576")
         else:
             print(f"  serve: caches {shape}, wider than vLLM's 512 + 64: transformers only (mlakit export-hf)")

@@ -379,22 +379,29 @@ def attention_weights(spec: SourceSpec, get: Getter, layer: int) -> AttentionWei
     )
 
 
+def baseline_layer_state(spec: SourceSpec, get: Getter, layer: int) -> dict[str, torch.Tensor]:
+    """One block of :meth:`SourceSpec.baseline_config`'s model (names below ``layers.{layer}.``):
+    the source layer's weights, renamed (the query scale folded as :func:`baseline_state` says)."""
+    p = f"model.layers.{layer}."
+    state = block_weights(spec, get, layer)
+    for src, dst in ATTENTION.items():
+        for kind in ("weight", "bias"):
+            t = get(f"{p}{src}.{kind}")
+            if t is not None and (kind == "weight" or dst != "attn.w_o"):
+                state[f"{dst}.{kind}"] = t
+    norms = head_norms(spec, get, layer)
+    if norms is not None:
+        state["attn.q_head_norm.weight"], state["attn.k_head_norm.weight"] = norms
+    elif spec.query_scale != 1.0:
+        state["attn.w_q.weight"] = state["attn.w_q.weight"].float() * spec.query_scale
+        if "attn.w_q.bias" in state:
+            state["attn.w_q.bias"] = state["attn.w_q.bias"].float() * spec.query_scale
+    return state
+
+
 def baseline_state(spec: SourceSpec, get: Getter) -> dict[str, torch.Tensor]:
     """The state dict of :meth:`SourceSpec.baseline_config`'s model: the source's weights, renamed."""
     state = model_weights(spec, get)
     for i in range(spec.num_layers):
-        p, q = f"model.layers.{i}.", f"layers.{i}."
-        state.update({q + k: v for k, v in block_weights(spec, get, i).items()})
-        for src, dst in ATTENTION.items():
-            for kind in ("weight", "bias"):
-                t = get(f"{p}{src}.{kind}")
-                if t is not None and (kind == "weight" or dst != "attn.w_o"):
-                    state[f"{q}{dst}.{kind}"] = t
-        norms = head_norms(spec, get, i)
-        if norms is not None:
-            state[q + "attn.q_head_norm.weight"], state[q + "attn.k_head_norm.weight"] = norms
-        elif spec.query_scale != 1.0:
-            state[q + "attn.w_q.weight"] = state[q + "attn.w_q.weight"].float() * spec.query_scale
-            if q + "attn.w_q.bias" in state:
-                state[q + "attn.w_q.bias"] = state[q + "attn.w_q.bias"].float() * spec.query_scale
+        state.update({f"layers.{i}.{k}": v for k, v in baseline_layer_state(spec, get, i).items()})
     return state

@@ -1,9 +1,7 @@
-"""Calibration statistics: the second moment of every attention layer's input.
+"""Calibration statistics beyond the input moments (study options).
 
-``sigma_l = E[x~ x~^T]`` with ``x~ = [x; 1]`` (``x`` = the input of layer ``l``'s attention, i.e.
-after its RMSNorm), accumulated in float64 over calibration windows of the *original* model.
-Everything the factorization needs (key, value and query covariances) is a quadratic form in it.
-
+The input moments ``sigma_l = E[x~ x~^T]`` that every conversion needs are measured layer by layer
+in :mod:`mlakit.convert.source` (:func:`~mlakit.convert.source.attention_input_moments`).
 :func:`attention_rotation_moments` measures, per head and RoPE pair, the attention-weighted mean
 rotation ``E[cos(w_f (t - s))]``, ``E[sin(w_f (t - s))]`` between a query at ``t`` and the keys
 at ``s`` it attends to: the best position-free stand-in for a rotation that the decoupled form
@@ -15,48 +13,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
-
-@torch.no_grad()
-def attention_input_moments(
-    hf_model: Any, windows: torch.Tensor, *, batch_size: int = 4, progress: bool = False
-) -> list[torch.Tensor]:
-    """``[num_layers]`` list of ``[n+1, n+1]`` float64 second moments over ``windows [N, T]``."""
-
-    layers = hf_model.model.layers
-    n = hf_model.config.hidden_size
-    sigma = [torch.zeros(n + 1, n + 1, dtype=torch.float64) for _ in layers]
-
-    def make_hook(i: int) -> Any:
-        def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            x = x.detach().reshape(-1, n).double()  # [B*T, n]
-            x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)  # [B*T, n+1]
-            sigma[i].add_(x.T @ x)
-
-        return hook
-
-    _run_hooked(hf_model, layers, make_hook, windows, batch_size, "calibrate", progress)
-    count = windows.numel()
-    return [s / count for s in sigma]
-
-
-@torch.no_grad()
-def attention_inputs(hf_model: Any, windows: torch.Tensor, *, batch_size: int = 4) -> list[torch.Tensor]:
-    """Per layer, the attention inputs ``x`` themselves, ``[N*T, n]`` float32 (for sequential conversion)."""
-    layers = hf_model.model.layers
-    n = hf_model.config.hidden_size
-    xs: list[list[torch.Tensor]] = [[] for _ in layers]
-
-    def make_hook(i: int) -> Any:
-        def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            xs[i].append(x.detach().reshape(-1, n).float())
-
-        return hook
-
-    _run_hooked(hf_model, layers, make_hook, windows, batch_size, "original inputs", False)
-    return [torch.cat(x) for x in xs]
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ import datetime
 import logging
 import os
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +31,7 @@ import torch
 
 from mlakit.config import MLAConfig, ModelConfig, RopeScaling
 from mlakit.convert.arch import (
+    Getter,
     SourceSpec,
     attention_weights,
     block_weights,
@@ -37,16 +39,13 @@ from mlakit.convert.arch import (
     model_weights,
     source_spec,
 )
-from mlakit.convert.calibrate import (
-    attention_input_moments,
-    attention_inputs,
-    attention_rotation_moments,
-)
+from mlakit.convert.calibrate import attention_rotation_moments
 from mlakit.convert.factorize import AttentionWeights, energy_spectrum, single_thread
 from mlakit.convert.layer import LayerRecipe, convert_layer, fold_head_norms, layer_dims, metrics
 from mlakit.convert.load import LoadedModel, load_hf_model
 from mlakit.convert.ranks import Allocation, check_ranks, greedy_ranks, latent_budget, uniform_ranks
 from mlakit.convert.rope import SourceRope, decouple_rope, decoupled_rope_theta, source_rope_pairs
+from mlakit.convert.source import OriginalLayers, attention_input_moments, run_block
 from mlakit.errors import MlakitError
 from mlakit.io import write_dir, write_json
 from mlakit.model import Transformer
@@ -252,6 +251,11 @@ class Calibrated:
     windows: torch.Tensor | None = None
     _inputs: dict[int, list[torch.Tensor]] = field(default_factory=dict, repr=False)
 
+    @property
+    def get(self) -> Getter:
+        """Reads one source tensor by its Hugging Face name."""
+        return self.loaded.model.state_dict().get  # type: ignore[no-any-return]
+
     def original_inputs(self, num_windows: int) -> list[torch.Tensor]:
         """Attention inputs of the original model on the first ``num_windows`` calibration
         windows, per layer ``[N*T, n]`` (computed once, then reused by every conversion)."""
@@ -259,7 +263,11 @@ class Calibrated:
             raise MlakitError("sequential conversion needs the calibration windows: calibrate() keeps them")
         if num_windows not in self._inputs:
             self._inputs.clear()
-            self._inputs[num_windows] = attention_inputs(self.loaded.model, self.windows[:num_windows])
+            windows = self.windows[:num_windows]
+            run = OriginalLayers(self.spec, self.get, windows.shape[1])
+            self._inputs[num_windows] = [
+                attention_input(blk, h).reshape(-1, h.shape[-1]) for _, blk, h in run.layers(windows)
+            ]
         return self._inputs[num_windows]
 
 
@@ -270,6 +278,12 @@ class ConversionResult:
     model: Transformer
     record: dict[str, Any]
     tokenizer: Any
+
+
+def attention_input(block: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """What layer ``block``'s attention reads: its RMSNorm of ``hidden [N, T, n]``."""
+    with torch.no_grad():
+        return block.attn_norm(hidden)  # type: ignore[no-any-return]
 
 
 def _source_dims(spec: SourceSpec) -> tuple[int, int, int]:
@@ -307,6 +321,8 @@ def calibrate(
             (only needed for ``ConversionConfig(rotation_average=True)``; 0 skips it).
         config: the conversion to come, checked against the source before the calibration pass.
     """
+    from tqdm.auto import tqdm
+
     loaded = model if isinstance(model, LoadedModel) else load_hf_model(model)
     spec = source_spec(loaded.model.config, loaded.source)
     if config is not None:
@@ -326,14 +342,23 @@ def calibrate(
     else:
         name = "given tokens"
     logger.info("calibrating on %d x %d tokens of %s", tokens.shape[0], tokens.shape[1], name)
-    sigma = attention_input_moments(loaded.model, tokens, progress=progress)
+    get = loaded.model.state_dict().get
+    sigma = [
+        attention_input_moments(blk, h)
+        for _, blk, h in tqdm(
+            OriginalLayers(spec, get, tokens.shape[1]).layers(tokens),
+            total=spec.num_layers,
+            desc="calibrate",
+            disable=not progress,
+            leave=False,
+        )
+    ]
     rotation = (
         attention_rotation_moments(loaded.model, tokens[:rotation_windows], spec.rope_theta, progress=progress)
         if rotation_windows > 0
         else None
     )
-    hf_state = loaded.model.state_dict()
-    weights = [attention_weights(spec, hf_state.get, i) for i in range(spec.num_layers)]
+    weights = [attention_weights(spec, get, i) for i in range(spec.num_layers)]
     return Calibrated(
         loaded=loaded,
         spec=spec,
@@ -346,25 +371,41 @@ def calibrate(
     )
 
 
-def _max_rank(cal: Calibrated) -> int:
+def max_latent_rank(spec: SourceSpec, has_bias: bool) -> int:
     """Largest useful latent rank: the K+V width, or the input width (+1 with biases)."""
-    _, g, d = _source_dims(cal.spec)
-    has_bias = bool(any(w.w_k[:, -1].abs().max() > 0 or w.w_v[:, -1].abs().max() > 0 for w in cal.weights))
-    return min(2 * g * d, cal.spec.hidden_size + int(has_bias))
+    _, g, d = _source_dims(spec)
+    return min(2 * g * d, spec.hidden_size + int(has_bias))
+
+
+def has_qkv_bias(weights: Iterable[AttentionWeights]) -> bool:
+    """Whether any layer's q, k or v projection has a non-zero bias (the last column)."""
+    return any(bool(w.w_q[:, -1].any() or w.w_k[:, -1].any() or w.w_v[:, -1].any()) for w in weights)
 
 
 def plan_ranks(cal: Calibrated, config: ConversionConfig) -> tuple[int, ...]:
     """Per-layer ``kv_lora_rank`` for ``config`` (explicit, or from the budget)."""
-    _, g, d = _source_dims(cal.spec)
-    n_layers = len(cal.weights)
-    max_rank = _max_rank(cal)
     config.check_source(cal.spec, str(cal.loaded.source))
+    recipe = _recipe(cal.spec, config)
+
+    def spectra() -> list[torch.Tensor]:
+        return [spectrum(cal.spec, cal.get, i, w, s, recipe) for i, (w, s) in enumerate(zip(cal.weights, cal.sigma))]
+
+    return source_ranks(cal.spec, config, max_latent_rank(cal.spec, has_qkv_bias(cal.weights)), spectra)
+
+
+def source_ranks(
+    spec: SourceSpec, config: ConversionConfig, max_rank: int, spectra: Callable[[], list[torch.Tensor]]
+) -> tuple[int, ...]:
+    """:func:`plan_ranks` for a source; ``spectra()`` (greedy allocation only) gives every layer's spectrum."""
+    _, g, d = _source_dims(spec)
+    n_layers = spec.num_layers
     if config.ranks is not None:
         return check_ranks(config.ranks, n_layers, max_rank)
-    rope_dims = config.resolved_rope_dims(d, g, cal.spec.ropes(), _source_context(cal.spec))
+    rope_dims = config.resolved_rope_dims(d, g, spec.ropes(), _source_context(spec))
     if rope_dims > d:
         raise MlakitError(f"rope_dims={rope_dims} exceeds the head dim {d}")
     total = latent_budget(config.kv_fraction, original_per_layer=2 * g * d, num_layers=n_layers, rope_dims=rope_dims)
+    greedy = config.allocation == "greedy" and config.method != "svd"
     wide = config.keep_first_wide
     if wide:
         if wide >= n_layers:
@@ -376,46 +417,48 @@ def plan_ranks(cal: Calibrated, config: ConversionConfig) -> tuple[int, ...]:
                 f"for the other {n_layers - wide} layers at kv_fraction={config.kv_fraction}; keep fewer layers wide"
             )
         head = (max_rank,) * wide
-        if config.allocation == "uniform" or config.method == "svd":
+        if not greedy:
             return head + uniform_ranks(rest, n_layers - wide, max_rank)
-        return head + greedy_ranks(_spectra(cal, config)[wide:], rest, max_rank)
-    if config.allocation == "uniform" or config.method == "svd":
+        return head + greedy_ranks(spectra()[wide:], rest, max_rank)
+    if not greedy:
         return uniform_ranks(total, n_layers, max_rank)
-    return greedy_ranks(_spectra(cal, config), total, max_rank)
+    return greedy_ranks(spectra(), total, max_rank)
 
 
-def _spectra(cal: Calibrated, config: ConversionConfig) -> list[torch.Tensor]:
-    """Per layer, the weighted K/V energy spectrum greedy allocation ranks against."""
-    _, g, d = _source_dims(cal.spec)
-    recipe = config.recipe(d, g, cal.spec.ropes(), _source_context(cal.spec))
-    spectra = []
-    for i, (w, s) in enumerate(zip(cal.weights, cal.sigma)):
-        w = _layer_weights(cal, i, w, s, recipe)
-        m_k, m_v = metrics(w, s, recipe)
-        w_k = w.w_k
-        if recipe.rope == "decoupled":
-            w_k = decouple_rope(
-                w,
-                s,
-                recipe.rope_pairs,
-                cal.spec.rope_theta,
-                query_weighted=recipe.rope_query_weighted,
-                complex_mixing=recipe.complex_mixing,
-            ).w_k_nope
-        spectra.append(energy_spectrum(w_k, w.w_v, s, m_k, m_v, recipe.key_weight))
-    return spectra
+def _recipe(spec: SourceSpec, config: ConversionConfig) -> LayerRecipe:
+    _, g, d = _source_dims(spec)
+    return config.recipe(d, g, spec.ropes(), _source_context(spec))
+
+
+def spectrum(
+    spec: SourceSpec, get: Getter, layer: int, w: AttentionWeights, sigma: torch.Tensor, recipe: LayerRecipe
+) -> torch.Tensor:
+    """Layer ``layer``'s weighted K/V energy spectrum, what greedy allocation ranks against."""
+    w = _layer_weights(spec, get, layer, w, sigma, recipe)
+    m_k, m_v = metrics(w, sigma, recipe)
+    w_k = w.w_k
+    if recipe.rope == "decoupled":
+        w_k = decouple_rope(
+            w,
+            sigma,
+            recipe.rope_pairs,
+            spec.rope_theta,
+            query_weighted=recipe.rope_query_weighted,
+            complex_mixing=recipe.complex_mixing,
+        ).w_k_nope
+    return energy_spectrum(w_k, w.w_v, sigma, m_k, m_v, recipe.key_weight)
 
 
 def _layer_weights(
-    cal: Calibrated, layer: int, w: AttentionWeights, sigma: torch.Tensor, recipe: LayerRecipe
+    spec: SourceSpec, get: Getter, layer: int, w: AttentionWeights, sigma: torch.Tensor, recipe: LayerRecipe
 ) -> AttentionWeights:
     """Layer ``layer``'s weights as the chosen form factorises them: with per-head q/k norms
     (Qwen3, Gemma 3) and decoupled RoPE, the norms are folded into calibrated constant scales
     (:func:`~mlakit.convert.layer.fold_head_norms`, an approximation); otherwise unchanged."""
-    norms = head_norms(cal.spec, cal.loaded.model.state_dict().get, layer)
+    norms = head_norms(spec, get, layer)
     if norms is None or recipe.rope == "full":
         return w
-    return fold_head_norms(w, *norms, sigma, cal.spec.rms_norm_eps)
+    return fold_head_norms(w, *norms, sigma, spec.rms_norm_eps)
 
 
 def _decoupled_scaling(scaling: RopeScaling | None, theta: float, rope_dim: int) -> RopeScaling | None:
@@ -427,30 +470,29 @@ def _decoupled_scaling(scaling: RopeScaling | None, theta: float, rope_dim: int)
     return None if torch.equal(scaled, rope_inv_freq(rope_dim, theta, None, torch.float64)) else scaling
 
 
-def convert_calibrated(cal: Calibrated, config: ConversionConfig, *, progress: bool = False) -> ConversionResult:
-    """Convert a calibrated source model (see :func:`calibrate`) under ``config``."""
-    from tqdm.auto import tqdm
+@dataclass(frozen=True)
+class ConversionPlan:
+    """What every layer of one conversion shares: the ranks, the recipe and the converted model's config."""
 
-    t0 = time.time()
-    spec = cal.spec
-    config.check_source(spec, str(cal.loaded.source))
-    h, g, d = _source_dims(spec)
-    theta = spec.rope_theta
-    if config.rotation_average and config.rope == "decoupled" and cal.rotation is None:
-        raise MlakitError("rotation_average=True needs rotation statistics: calibrate(..., rotation_windows=8)")
-    ranks = plan_ranks(cal, config)
-    recipe = config.recipe(d, g, spec.ropes(), _source_context(spec))
-    has_bias = any(
-        w.w_q[:, -1].abs().max() > 0 or w.w_k[:, -1].abs().max() > 0 or w.w_v[:, -1].abs().max() > 0
-        for w in cal.weights
-    )
+    ranks: tuple[int, ...]
+    recipe: LayerRecipe
+    model: ModelConfig
+    has_bias: bool
+    sequential: bool
+
+
+def plan_conversion(
+    spec: SourceSpec, config: ConversionConfig, ranks: tuple[int, ...], has_bias: bool, name: str
+) -> ConversionPlan:
+    """The converted model's config for ``ranks`` (RoPE bases and scaling for the chosen form)."""
+    h, _, d = _source_dims(spec)
+    recipe = _recipe(spec, config)
     dn, dr = layer_dims(recipe, d)
     full = config.rope == "full"
-    new_theta = theta if full else decoupled_rope_theta(theta, recipe.rope_pairs, d)
+    new_theta = spec.rope_theta if full else decoupled_rope_theta(spec.rope_theta, recipe.rope_pairs, d)
     local_theta = spec.local_rope_theta
     if local_theta is not None and not full:
         local_theta = decoupled_rope_theta(local_theta, recipe.rope_pairs, d)
-    scaling = spec.rope_scaling if full else _decoupled_scaling(spec.rope_scaling, new_theta, dr)
     att = MLAConfig(
         hidden_size=spec.hidden_size,
         num_heads=h,
@@ -460,7 +502,7 @@ def convert_calibrated(cal: Calibrated, config: ConversionConfig, *, progress: b
         v_head_dim=d,
         q_lora_rank=None,
         rope_theta=new_theta,
-        rope_scaling=scaling,
+        rope_scaling=spec.rope_scaling if full else _decoupled_scaling(spec.rope_scaling, new_theta, dr),
         rms_norm_eps=spec.rms_norm_eps,
         rope_mode=config.rope,
         kv_norm=False,
@@ -469,34 +511,52 @@ def convert_calibrated(cal: Calibrated, config: ConversionConfig, *, progress: b
         logit_softcap=spec.attn_softcap,
     )
     mc = spec.model_config(
-        att,
-        kv_lora_ranks=ranks,
-        local_rope_theta=local_theta,
-        name=f"{Path(str(cal.loaded.source)).name}-mla-{config.rope}",
+        att, kv_lora_ranks=ranks, local_rope_theta=local_theta, name=f"{Path(name).name}-mla-{config.rope}"
     )
-    max_rank = _max_rank(cal)
     # nothing to correct when no layer is compressed (full RoPE at full rank is exact)
-    compressed = any(r < max_rank for r in ranks) or not full
+    compressed = any(r < max_latent_rank(spec, has_bias) for r in ranks) or not full
     sequential = config.resolved_sequential() and config.method == "pca" and compressed
-    layer_states = []
-    run = _SequentialRun(cal, mc, config.sequential_windows) if sequential else None
-    for i in tqdm(
-        range(len(cal.weights)), desc=f"convert ({config.rope}, {config.method})", disable=not progress, leave=False
-    ):
-        rot = cal.rotation[i] if cal.rotation is not None else None
-        w, sigma = run.layer_inputs(i) if run is not None else (cal.weights[i], cal.sigma[i])
-        st, _ = convert_layer(_layer_weights(cal, i, w, sigma, recipe), sigma, ranks[i], recipe, theta, rot)
-        layer_states.append(st)
-        if run is not None:
-            run.advance(i, st, has_bias)
-    state = _model_state(cal, layer_states, has_bias)
+    return ConversionPlan(ranks=ranks, recipe=recipe, model=mc, has_bias=has_bias, sequential=sequential)
+
+
+def convert_block(
+    spec: SourceSpec,
+    get: Getter,
+    plan: ConversionPlan,
+    layer: int,
+    w: AttentionWeights,
+    sigma: torch.Tensor,
+    rotation: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Layer ``layer`` converted: its whole mlakit block state (names below ``layers.{layer}.``), float32."""
+    w = _layer_weights(spec, get, layer, w, sigma, plan.recipe)
+    st, _ = convert_layer(w, sigma, plan.ranks[layer], plan.recipe, spec.rope_theta, rotation)
+    state = _layer_state(spec, get, layer, st, plan.has_bias)
     bad = [k for k, v in state.items() if not bool(torch.isfinite(v).all())]
     if bad:
         raise MlakitError(
-            f"{cal.loaded.source}: the conversion produced non-finite weights ({bad[0]}"
+            f"layer {layer}: the conversion produced non-finite weights ({bad[0]}"
             f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); nothing was written"
         )
-    model = Transformer.from_state_dict(mc, state, source=f"the conversion of {cal.loaded.source}")
+    return state
+
+
+def conversion_record(
+    spec: SourceSpec,
+    config: ConversionConfig,
+    plan: ConversionPlan,
+    *,
+    source: str,
+    corpus: str,
+    tokens: int,
+    sequential_tokens: int,
+    seconds: float,
+) -> dict[str, Any]:
+    """What ``conversion.json`` records: the source, the config, the shapes, the calibration."""
+    _, g, d = _source_dims(spec)
+    att = plan.model.attention
+    assert isinstance(att, MLAConfig)
+    ranks, dr, full = plan.ranks, att.qk_rope_head_dim, config.rope == "full"
     original = 2 * g * d * len(ranks)
     cached = sum(ranks) + dr * len(ranks)
     approximations = []
@@ -505,36 +565,70 @@ def convert_calibrated(cal: Calibrated, config: ConversionConfig, *, progress: b
             "per-head q/k RMSNorm folded into constant per-head scales (1 / calibrated RMS): decoupled RoPE "
             "cannot absorb a key norm"
         )
-    record = {
-        "source": str(cal.loaded.source),
+    return {
+        "source": source,
         "source_architecture": spec.model_type,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()},
         "kv_lora_ranks": list(ranks),
         "qk_rope_head_dim": dr,
-        "rope_theta": new_theta,
-        "source_rope_theta": theta,
-        "local_rope_theta": local_theta,
-        "rope_scaling": dataclasses.asdict(scaling) if scaling is not None else None,
+        "rope_theta": att.rope_theta,
+        "source_rope_theta": spec.rope_theta,
+        "local_rope_theta": plan.model.local_rope_theta,
+        "rope_scaling": dataclasses.asdict(att.rope_scaling) if att.rope_scaling is not None else None,
         "approximations": approximations,
         "cache_elements_per_token": cached,
         "source_cache_elements_per_token": original,
         "kv_fraction_achieved": cached / original,
-        "calibration": {
-            "corpus": cal.corpus,
-            "tokens": cal.tokens,
-            "sequential_tokens": run.tokens if run is not None else 0,
-        },
-        "seconds": round(time.time() - t0, 1),
+        "calibration": {"corpus": corpus, "tokens": tokens, "sequential_tokens": sequential_tokens},
+        "seconds": round(seconds, 1),
     }
+
+
+def convert_calibrated(cal: Calibrated, config: ConversionConfig, *, progress: bool = False) -> ConversionResult:
+    """Convert a calibrated source model (see :func:`calibrate`) under ``config``."""
+    from tqdm.auto import tqdm
+
+    t0 = time.time()
+    spec, get = cal.spec, cal.get
+    config.check_source(spec, str(cal.loaded.source))
+    if config.rotation_average and config.rope == "decoupled" and cal.rotation is None:
+        raise MlakitError("rotation_average=True needs rotation statistics: calibrate(..., rotation_windows=8)")
+    plan = plan_conversion(spec, config, plan_ranks(cal, config), has_qkv_bias(cal.weights), str(cal.loaded.source))
+    run = None
+    if plan.sequential:
+        assert cal.windows is not None
+        run = SequentialRun(spec, get, plan, cal.windows[: config.sequential_windows])
+        x_orig = cal.original_inputs(config.sequential_windows)
+    state = {k: v.detach().to(torch.float32).contiguous().clone() for k, v in model_weights(spec, get).items()}
+    for i in tqdm(
+        range(spec.num_layers), desc=f"convert ({config.rope}, {config.method})", disable=not progress, leave=False
+    ):
+        rot = cal.rotation[i] if cal.rotation is not None else None
+        w, sigma = run.layer_inputs(i, cal.weights[i], x_orig[i]) if run is not None else (cal.weights[i], cal.sigma[i])
+        layer = convert_block(spec, get, plan, i, w, sigma, rot)
+        state.update({f"layers.{i}.{k}": v for k, v in layer.items()})
+        if run is not None:
+            run.advance(i, layer)
+    model = Transformer.from_state_dict(plan.model, state, source=f"the conversion of {cal.loaded.source}")
+    record = conversion_record(
+        spec,
+        config,
+        plan,
+        source=str(cal.loaded.source),
+        corpus=cal.corpus,
+        tokens=cal.tokens,
+        sequential_tokens=run.tokens if run is not None else 0,
+        seconds=time.time() - t0,
+    )
     return ConversionResult(model=model, record=record, tokenizer=cal.loaded.tokenizer)
 
 
-def _layer_state(cal: Calibrated, layer: int, ls: dict[str, torch.Tensor], has_bias: bool) -> dict[str, torch.Tensor]:
+def _layer_state(
+    spec: SourceSpec, get: Getter, layer: int, ls: dict[str, torch.Tensor], has_bias: bool
+) -> dict[str, torch.Tensor]:
     """One mlakit block's state (names relative to the block): converted attention ``ls`` plus
     the source layer's norms and MLP (and the per-head q/k norms when ``ls`` keeps them: full RoPE)."""
-    spec = cal.spec
-    get = cal.loaded.model.state_dict().get
     st = block_weights(spec, get, layer)
     for k, v in ls.items():
         if k.endswith(".bias") and not has_bias:
@@ -546,18 +640,6 @@ def _layer_state(cal: Calibrated, layer: int, ls: dict[str, torch.Tensor], has_b
     if has_bias:
         st["attn.w_o.bias"] = torch.zeros(spec.hidden_size, dtype=torch.float64)
     return {k: v.detach().to(torch.float32).contiguous().clone() for k, v in st.items()}
-
-
-def _model_state(
-    cal: Calibrated, layer_states: list[dict[str, torch.Tensor]], has_bias: bool
-) -> dict[str, torch.Tensor]:
-    """Full mlakit state dict: converted attention plus everything else copied from the source."""
-    st = model_weights(cal.spec, cal.loaded.model.state_dict().get)
-    st = {k: v.detach().to(torch.float32).contiguous().clone() for k, v in st.items()}
-    for i, ls in enumerate(layer_states):
-        for k, v in _layer_state(cal, i, ls, has_bias).items():
-            st[f"layers.{i}.{k}"] = v
-    return st
 
 
 def sequential_correction(
@@ -595,44 +677,53 @@ def sequential_correction(
     return t_aug, xa.T @ xa / num
 
 
-class _SequentialRun:
-    """Runs the calibration windows through the model as it is being converted, layer by layer."""
+class SequentialRun:
+    """Runs the calibration windows through the model as it is being converted, layer by layer.
 
-    def __init__(self, cal: Calibrated, config: ModelConfig, num_windows: int) -> None:
-        self.cal, self.config = cal, config
-        self.x_orig = cal.original_inputs(num_windows)
-        assert cal.windows is not None
-        windows = cal.windows[:num_windows]
+    Args:
+        windows: ``[N, T]`` token ids (the first ``sequential_windows`` calibration windows).
+        device: where the converted blocks run.
+    """
+
+    def __init__(
+        self,
+        spec: SourceSpec,
+        get: Getter,
+        plan: ConversionPlan,
+        windows: torch.Tensor,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.spec, self.get, self.config = spec, get, plan.model
         self.tokens = windows.numel()
         with torch.device("meta"):
-            shell = Transformer(dataclasses.replace(config, max_seq_len=max(config.max_seq_len, windows.shape[1])))
-        shell.reset_rope_tables("cpu")
-        self.rotary = {i: shell.rotary_of(i) for i in range(config.num_layers)}  # the converted model's own tables
-        shell.embed.weight = torch.nn.Parameter(
-            model_weights(cal.spec, cal.loaded.model.state_dict().get)["embed.weight"]
-        )
-        with torch.no_grad():
-            self.hidden = shell.embed_tokens(windows).float()  # [N, T, n], scaled as the converted model does
+            longest = max(self.config.max_seq_len, windows.shape[1])
+            shell = Transformer(dataclasses.replace(self.config, max_seq_len=longest))
+        shell.reset_rope_tables(device)
+        self.device = torch.device(device)
+        self.rotary = {i: shell.rotary_of(i) for i in range(self.config.num_layers)}  # the converted model's own tables
+        self.hidden = OriginalLayers(spec, get, windows.shape[1], device).embed(windows)  # [N, T, n]
 
-    def layer_inputs(self, i: int) -> tuple[AttentionWeights, torch.Tensor]:
-        """Layer ``i``'s weights regressed onto the converted inputs, and their second moment."""
-        hf_layer = self.cal.loaded.model.model.layers[i]
+    def layer_inputs(self, i: int, w: AttentionWeights, x_orig: torch.Tensor) -> tuple[AttentionWeights, torch.Tensor]:
+        """Layer ``i``'s weights ``w`` regressed from the original inputs ``x_orig [N*T, n]`` onto
+        the converted model's, and the second moment of the converted inputs."""
+        from mlakit.layers import RMSNorm
+
+        norm = RMSNorm(self.spec.hidden_size, self.spec.rms_norm_eps).to(self.device)
+        norm.weight.data = block_weights(self.spec, self.get, i)["attn_norm.weight"].to(self.device, torch.float32)
         with torch.no_grad():
-            x_conv = hf_layer.input_layernorm(self.hidden).reshape(-1, self.hidden.shape[-1])
-        t, sigma = sequential_correction(self.x_orig[i], x_conv)
-        w = self.cal.weights[i]
+            x_conv = norm(self.hidden).reshape(-1, self.hidden.shape[-1]).cpu()
+        t, sigma = sequential_correction(x_orig.cpu(), x_conv)
         # queries keep the original weights: also regressing them measured worse (docs/conversion.md)
         return dataclasses.replace(w, w_k=w.w_k @ t, w_v=w.w_v @ t), sigma
 
-    def advance(self, i: int, state: dict[str, torch.Tensor], has_bias: bool) -> None:
-        """Run the converted layer ``i`` over the hidden states."""
+    def advance(self, i: int, state: dict[str, torch.Tensor]) -> None:
+        """Run the converted layer ``i`` (its block state) over the hidden states."""
         from mlakit.model import Block
 
-        block = Block(self.config, i, self.rotary[i])
-        block.load_state_dict(_layer_state(self.cal, i, state, has_bias))
-        block.eval()
-        with torch.no_grad():
-            self.hidden = torch.cat([block(x, None, None, "naive", None) for x in self.hidden.split(4)])
+        with torch.device("meta"):
+            block = Block(self.config, i, self.rotary[i])
+        block.load_state_dict({k: v.to(self.device) for k, v in state.items()}, strict=True, assign=True)
+        self.hidden = run_block(block.eval(), self.hidden)
 
 
 def save_converted(result: ConversionResult, out: str | os.PathLike[str], *, overwrite: bool = False) -> Path:

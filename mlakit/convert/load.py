@@ -23,7 +23,7 @@ from mlakit.io import cache_dir, read_json_object, write_dir
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "LoadedModel", "load_hf_model", "resolve_model_path"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "LoadedModel", "load_hf_model", "resolve_model_path", "source_directory"]
 
 #: Built-in aliases: name -> (PyPI package holding the file, file name).
 ALIASES: dict[str, tuple[str, str]] = {
@@ -208,6 +208,27 @@ def resolve_model_path(model: str) -> Path | str:
             f"{model}: no such file or directory (and not a hub id 'org/name' or an alias: {', '.join(ALIASES)})"
         )
     return model  # hub id: transformers downloads it
+
+
+def source_directory(model: str) -> Path:
+    """``--model`` as a local Hugging Face directory: itself, the GGUF cache, or a hub download.
+
+    A hub id (``org/name``) is fetched with ``huggingface_hub`` (config, tokenizer and safetensors
+    files only) into its usual cache; nothing else in mlakit downloads.
+
+    Raises:
+        MlakitError: what :func:`resolve_model_path` raises, or a failed download.
+    """
+    path = resolve_model_path(model)
+    if isinstance(path, Path):
+        return path
+    from huggingface_hub import snapshot_download
+
+    logger.info("downloading %s (config, tokenizer, safetensors) from the Hugging Face hub", path)
+    try:
+        return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"]))
+    except Exception as e:  # network, authentication (gated models), a wrong id
+        raise MlakitError(f"{model}: cannot download from the Hugging Face hub: {e}") from e
 
 
 def load_hf_model(model: str, *, dtype: torch.dtype = torch.float32) -> LoadedModel:

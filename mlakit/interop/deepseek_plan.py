@@ -47,10 +47,11 @@ What the format cannot say, and what export does about it (recorded under ``mlak
   epsilon-dominated ``q_a_layernorm``, and ``q_b_proj = u [w_q | b]`` (see
   :func:`_query_bias_through_latent`). Only transformers honours the bias (as above).
 * Llama 3 RoPE scaling (``RopeScaling(type='llama3')``, a conversion of Llama 3.x): written as
-  ``rope_type: llama3``, which transformers' DeepSeek-V3 computes like Llama's. vLLM's
-  DeepSeek-V2/V3 model rewrites every non-default ``rope_type`` to ``deepseek_yarn``
+  ``rope_type: llama3``, which transformers' DeepSeek-V3 computes like Llama's. vLLM's and
+  SGLang's DeepSeek-V2/V3 models rewrite every non-default ``rope_type`` to ``deepseek_yarn``
   (``vllm/model_executor/models/deepseek_v2.py``), which is not Llama 3's rescaling: the note says
-  so. Conversion drops the scaling when it leaves every kept rotary frequency unchanged.
+  so and the engine table refuses them (``--target vllm``). Conversion drops the scaling when it
+  leaves every kept rotary frequency unchanged (``--rope-dim`` at most the unscaled width).
 
 Not expressible at all (clear error): ``rope_mode='full'`` MLA and MHA/GQA/MQA baselines, and the
 converted-source features DeepSeek-V3 has no field for (:func:`inexpressible_features`: per-head
@@ -71,6 +72,7 @@ from mlakit.interop.deepseek_map import MAPPING, _mla, _mla_layer
 from mlakit.interop.engines import CacheShape
 from mlakit.interop.pad import Padding, plan_padding
 from mlakit.model import Transformer
+from mlakit.rope import unscaled_rope_dim
 
 # Worst-case relative error of a linear latent's epsilon-dominated RMSNorm. 400x below bf16's
 # rounding (2^-8), the dtype engines serve in, and at the level of fp32 rounding in the matmuls
@@ -120,6 +122,8 @@ class ExportPlan:
             qk_nope_head_dim=att.qk_nope_head_dim,
             dtype=dtype,
             attention_bias=self.attention_bias,
+            rope_scaling=att.rope_scaling.type if att.rope_scaling is not None else None,
+            unscaled_rope_dim=unscaled_rope_dim(att.qk_rope_head_dim, att.rope_theta, att.rope_scaling),
         )
 
     @property
@@ -193,10 +197,15 @@ def plan_export(model: Transformer, allow_bias: bool = False, pad_to: int | None
     if att.attention_bias and not biased:
         notes.append("attention_bias=True but every attention bias is zero: written without biases")
     if att.rope_scaling is not None and att.rope_scaling.type == "llama3":
+        keep = unscaled_rope_dim(att.qk_rope_head_dim, att.rope_theta, att.rope_scaling)
         notes.append(
-            "rope_scaling llama3: transformers reproduces it; vLLM's DeepSeek-V2/V3 model rewrites any non-default "
-            "rope_type to deepseek_yarn, which rescales the rotary frequencies differently (vLLM does not serve "
-            "this export exactly)"
+            "rope_scaling llama3: transformers reproduces it; vLLM's and SGLang's DeepSeek-V2/V3 models compute any "
+            "scaling as DeepSeek's YaRN, so they do not serve this export exactly"
+            + (
+                f" (convert with --rope-dim {keep} to keep only the rotary pairs the scaling leaves unchanged)"
+                if keep
+                else ""
+            )
         )
     padding = plan_padding(att, max(ranks), pad_to)
     big_r = padding.kv_lora_rank

@@ -46,6 +46,8 @@ class CacheShape:
     qk_nope_head_dim: int
     dtype: str = "bf16"
     attention_bias: bool = False
+    rope_scaling: str | None = None  # its type ("yarn", "llama3"); None: plain RoPE
+    unscaled_rope_dim: int | None = None  # the widest rotary key this model's scaling would leave unchanged
 
     @property
     def head_size(self) -> int:
@@ -71,6 +73,7 @@ class Engine:
     qk_nope_head_dims: tuple[int, ...] | None = None
     dtypes: tuple[str, ...] = ("fp32", "bf16", "fp16")
     biases: bool = False  # honours attention_bias (vLLM and SGLang build these projections without bias)
+    rope_scalings: tuple[str, ...] | None = None  # RoPE scaling types it computes as written (None: any)
     block_size: str = "any"
     source: str = ""
     verified: bool = False
@@ -91,6 +94,12 @@ class Engine:
             return f"qk_nope_head_dim = {shape.qk_nope_head_dim} (it takes {_alternatives(self.qk_nope_head_dims)})"
         if shape.attention_bias and not self.biases:
             return "attention_bias = true (it drops attention biases)"
+        if shape.rope_scaling is not None and self.rope_scalings is not None:
+            if shape.rope_scaling not in self.rope_scalings:
+                return (
+                    f"rope_scaling = {shape.rope_scaling} exactly (its DeepSeek model computes every RoPE scaling "
+                    f"as DeepSeek's YaRN)"
+                )
         return None
 
 
@@ -99,6 +108,9 @@ def _alternatives(values: tuple[object, ...]) -> str:
 
 
 _VLLM = "vllm-project/vllm v0.32.0 "
+#: vLLM's and SGLang's DeepSeek-V2/V3 attention sets ``rope_scaling["rope_type"] = "deepseek_yarn"`` for any
+#: scaling it is given (vllm/model_executor/models/deepseek_v2.py; sglang python/sglang/srt/models/deepseek_v2.py)
+_DEEPSEEK_YARN = ("yarn",)
 _HALF = ("bf16", "fp16")
 
 ENGINES: tuple[Engine, ...] = (
@@ -120,6 +132,7 @@ ENGINES: tuple[Engine, ...] = (
         rope_dims=(64,),
         dtypes=("bf16", "fp16", "fp32"),
         block_size="16 (forced by the CPU platform for MLA)",
+        rope_scalings=_DEEPSEEK_YARN,
         source=_VLLM + "vllm/v1/attention/backends/mla/cpu_mla.py: decode kernel only for head_dim=576, "
         "v_head_dim=512 (the latent), block_size=16",
         verified=True,
@@ -134,6 +147,7 @@ ENGINES: tuple[Engine, ...] = (
         rope_dims=(64,),
         dtypes=_HALF,
         block_size="64",
+        rope_scalings=_DEEPSEEK_YARN,
         source=_VLLM + "vllm/v1/attention/backends/mla/flashmla.py (block size 64, head_dim_v=kv_lora_rank) and "
         "deepseek-ai/FlashMLA: kernel instantiated for head_dim 576, head_dim_v 512",
         how="the default MLA backend on Hopper/Blackwell",
@@ -147,6 +161,7 @@ ENGINES: tuple[Engine, ...] = (
         rope_dims=(64,),
         dtypes=_HALF,
         block_size="128",
+        rope_scalings=_DEEPSEEK_YARN,
         source=_VLLM + "vllm/v1/attention/backends/mla/cutlass_mla.py: asserts D_latent == 512, D_rope == 64",
         how="--attention-backend CUTLASS_MLA",
     ),
@@ -158,6 +173,7 @@ ENGINES: tuple[Engine, ...] = (
         qk_nope_head_dims=(64, 128, 192),
         dtypes=_HALF,
         block_size="32 or 64",
+        rope_scalings=_DEEPSEEK_YARN,
         source=_VLLM + "vllm/v1/attention/backends/mla/flashinfer_mla.py: qk_nope_head_dim in [64, 128, 192]; "
         "head sizes of MLACommonBackend (mla_attention.py): 320, 512, 576",
         how="--attention-backend FLASHINFER_MLA",
@@ -169,6 +185,7 @@ ENGINES: tuple[Engine, ...] = (
         head_sizes=VLLM_MLA_HEAD_SIZES,
         dtypes=_HALF,
         block_size="multiple of 16",
+        rope_scalings=_DEEPSEEK_YARN,
         source=_VLLM + "vllm/v1/attention/backends/mla/flashattn_mla.py: head sizes of MLACommonBackend "
         "(mla_attention.py): 320, 512, 576",
         how="--attention-backend FLASH_ATTN_MLA",
@@ -180,6 +197,7 @@ ENGINES: tuple[Engine, ...] = (
         head_sizes=VLLM_MLA_HEAD_SIZES,
         dtypes=_HALF,
         block_size="multiple of 16",
+        rope_scalings=_DEEPSEEK_YARN,
         source=_VLLM + "vllm/v1/attention/backends/mla/triton_mla.py (any size itself); MLACommonMetadata "
         "(mla_attention.py) admits 320, 512, 576",
         how="--attention-backend TRITON_MLA (the fallback where no other MLA backend applies)",
@@ -193,6 +211,7 @@ ENGINES: tuple[Engine, ...] = (
         rope_dims=(64,),
         dtypes=_HALF,
         block_size="64 (FlashMLA page size)",
+        rope_scalings=_DEEPSEEK_YARN,
         source="sgl-project/sglang python/sglang/srt/layers/attention/flashmla_backend.py (FlashMLA kernel: "
         "576 = 512 + 64, PAGE_SIZE = 64); its Triton MLA backend (triton_ops/decode_attention.py) takes "
         "other widths",
@@ -255,6 +274,12 @@ def _fix_hint(e: Engine, shape: CacheShape) -> str:
         return "export without --allow-bias (re-convert without biases) or choose target transformers"
     if e.qk_nope_head_dims is not None and shape.qk_nope_head_dim not in e.qk_nope_head_dims:
         return "padding cannot change qk_nope_head_dim (the source's head_dim): choose another target"
+    if e.why_not(dataclasses.replace(shape, rope_scaling=None)) is None:
+        keep = f"--rope-dim {shape.unscaled_rope_dim} or less" if shape.unscaled_rope_dim else "a narrower --rope-dim"
+        return (
+            f"convert with {keep}: the rotary pairs the {shape.rope_scaling} scaling leaves unchanged, so the "
+            "conversion drops the scaling (longer wavelengths become position-free), or choose target transformers"
+        )
     if e.rope_dims is not None and shape.qk_rope_head_dim > max(e.rope_dims):
         return f"padding only widens: convert with --rope-dim {max(e.rope_dims)} or less"
     if e.kv_lora_ranks is not None and shape.kv_lora_rank > max(e.kv_lora_ranks):

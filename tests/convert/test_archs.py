@@ -4,7 +4,8 @@ Per architecture: the source runs unchanged as an mlakit GQA baseline; a full-ra
 conversion reproduces its logits (fp32, 1e-4) over a sequence longer than every threshold (Llama 3's
 scaling bands, sliding windows); a 50% conversion runs (its error is printed); the absorbable form
 (decoupled RoPE) exports to DeepSeek-V3 and reloads in transformers, or is refused with one error
-naming what DeepSeek-V3 cannot express.
+naming what DeepSeek-V3 cannot express; the layer-by-layer path gives the in-memory path's
+weights exactly.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from mlakit import MlakitError, SamplingConfig, Transformer, generate
 from mlakit.config import MLAConfig, RopeScaling, RuntimeConfig
 from mlakit.convert import ConversionConfig, calibrate, convert_calibrated, save_converted
 from mlakit.convert.arch import source_spec
+from mlakit.convert.stream import convert_checkpoint
 from mlakit.engine.load import source_to_transformer
 from mlakit.interop import deepseek_hf, export_hf
 from mlakit.rope import rope_inv_freq
@@ -181,6 +183,22 @@ def test_half_cache_runs_and_reports_its_error(arch: str, cal: Any, rope: str) -
     assert 0 < err < 1.0
 
 
+@pytest.mark.parametrize("rope", ["full", "decoupled"])
+def test_layer_by_layer_equals_the_in_memory_path(arch: str, source: Path, cal: Any, rope: str, tmp_path: Path) -> None:
+    # the lean path reads one layer at a time from the shards; the conversion must not change
+    cfg = conversion(kv_fraction=0.5, rope=rope, rope_dims=8)  # type: ignore[arg-type]
+    ref = convert_calibrated(cal, cfg)
+    record = convert_checkpoint(source, tmp_path / "lean", cfg, tokens=CALIBRATION)
+    lean = Transformer.from_pretrained(tmp_path / "lean")
+    assert record["kv_lora_ranks"] == ref.record["kv_lora_ranks"]
+    assert record["calibration"] == ref.record["calibration"]
+    want, got = ref.model.state_dict(), lean.state_dict()
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+    assert json.loads((tmp_path / "lean" / "conversion.json").read_text())["kv_lora_ranks"] == record["kv_lora_ranks"]
+
+
 @pytest.mark.parametrize("arch", ["llama3"], indirect=True)
 def test_llama3_scaling_is_carried_into_both_forms(cal: Any) -> None:
     full = convert_calibrated(cal, ConversionConfig(kv_fraction=1.0, rope="full")).model.config.attention
@@ -193,6 +211,35 @@ def test_llama3_scaling_is_carried_into_both_forms(cal: Any) -> None:
     # only the highest pair: a band the scaling leaves alone, so the rotary key needs no scaling
     one = convert_calibrated(cal, ConversionConfig(kv_fraction=0.5, rope="decoupled", rope_dims=2))
     assert one.model.config.attention.rope_scaling is None
+
+
+@pytest.mark.parametrize("arch", ["llama3"], indirect=True)
+def test_convert_says_which_rotary_width_vllm_serves_exactly(
+    source: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mlakit.cli import main
+
+    args = ["convert", "--model", str(source), "--calibration-windows", "2", "--calibration-seq-len", "96"]
+    assert main([*args, "--rope-dim", "8", "--out", str(tmp_path / "a")]) == 0
+    assert "for vLLM convert with --rope-dim 2" in capsys.readouterr().out
+    assert main([*args, "--rope-dim", "2", "--out", str(tmp_path / "b")]) == 0
+    assert "--pad-to 576" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("arch", ["llama3"], indirect=True)
+def test_vllm_target_refuses_llama3_scaling_and_names_the_rotary_width_that_drops_it(cal: Any, tmp_path: Path) -> None:
+    # vLLM and SGLang compute every DeepSeek RoPE scaling as YaRN: a llama3-scaled export is not theirs
+    scaled = convert_calibrated(cal, conversion(kv_fraction=0.5, rope="decoupled", rope_dims=8)).model
+    with pytest.raises(MlakitError, match=r"rope_scaling = llama3 exactly.*convert with --rope-dim 2 or less"):
+        export_hf(scaled, tmp_path / "a", pad_to=576, targets=("vllm",))
+    assert not (tmp_path / "a").exists()
+    unscaled = convert_calibrated(cal, conversion(kv_fraction=0.5, rope="decoupled", rope_dims=2)).model
+    report = export_hf(unscaled, tmp_path / "b", pad_to=576, targets=("vllm",))
+    assert report.measured_rel_error <= report.error_bound
+    assert not any("llama3" in n for n in report.notes)
+    assert "rope_scaling" not in json.loads((tmp_path / "b" / "config.json").read_text()) or json.loads(
+        (tmp_path / "b" / "config.json").read_text()
+    )["rope_scaling"] in (None, {})
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "gemma3"], indirect=True)

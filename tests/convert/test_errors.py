@@ -179,14 +179,18 @@ def test_non_finite_weights_are_refused_before_anything_is_written(
     import torch
 
     convert_module = sys.modules["mlakit.convert.convert"]  # the package re-exports a function of that name
-    real = convert_module._model_state
+    real = convert_module.convert_layer
+
+    calls: list[int] = []
 
     def poisoned(*args, **kwargs):  # type: ignore[no-untyped-def]
-        state = real(*args, **kwargs)
-        state["layers.1.attn.w_uv.weight"][0, 0] = float("nan")
-        return state
+        state, theta = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:  # layer 1
+            state["w_uv.weight"][0, 0] = float("nan")
+        return state, theta
 
-    monkeypatch.setattr(convert_module, "_model_state", poisoned)
-    with pytest.raises(MlakitError, match=r"non-finite weights \(layers.1.attn.w_uv.weight\)"):
+    monkeypatch.setattr(convert_module, "convert_layer", poisoned)
+    with pytest.raises(MlakitError, match=r"layer 1: .*non-finite weights \(attn.w_uv.weight\)"):
         convert_calibrated(cal_llama, ConversionConfig(kv_fraction=0.5, rope="full"))
     assert torch.isfinite(cal_llama.weights[1].w_v).all()

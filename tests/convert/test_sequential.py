@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from types import SimpleNamespace
 
 import torch
 
@@ -32,7 +33,8 @@ def test_sequential_run_replays_the_converted_model(cal_llama) -> None:  # type:
         cfg = ConversionConfig(kv_fraction=0.5, rope=rope, rope_dims=8, sequential=True, sequential_windows=4)  # type: ignore[arg-type]
         res = convert_calibrated(cal_llama, cfg)
         assert res.record["calibration"]["sequential_tokens"] == 4 * CALIBRATION_TOKENS.shape[1]
-        run = convert_module._SequentialRun(cal_llama, res.model.config, 4)
+        plan = SimpleNamespace(model=res.model.config)  # all the run reads of the plan
+        run = convert_module.SequentialRun(cal_llama.spec, cal_llama.get, plan, CALIBRATION_TOKENS[:4])
         model = res.model
         with torch.no_grad():
             x = model.embed_tokens(CALIBRATION_TOKENS[:4])
