@@ -96,6 +96,19 @@ def llama_dir(tmp: Path) -> Path:
     return make_hf_model(tmp / "llama")
 
 
+def missing_shard(tmp: Path) -> None:
+    """A Llama directory whose index names a second shard that is not there."""
+    import json
+
+    from safetensors import safe_open
+
+    d = llama_dir(tmp)
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    weight_map = {n: "model.safetensors" for n in names} | {names[-1]: "model-00002-of-00002.safetensors"}
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
 def deepseek_dir(tmp: Path) -> Path:
     torch.manual_seed(0)
     export_hf(Transformer(ModelConfig.from_preset("tiny-mla")), tmp / "ds")
@@ -165,6 +178,8 @@ CASES: list[Case] = [
     Case("convert-malformed-config", "CLI", "`mlakit convert --model` a directory whose config.json is not JSON",
          then(lambda t: (llama_dir(t) / "config.json").write_text("{'a': 1}"),
               cli("convert", "--model", "{tmp}/llama", "--out", "{tmp}/out"))),
+    Case("convert-missing-shard", "CLI", "`mlakit convert --model` a sharded checkpoint missing a shard",
+         then(missing_shard, cli("convert", "--model", "{tmp}/llama", "--out", "{tmp}/out"))),
     Case("convert-out-exists", "CLI", "`mlakit convert --out` an existing directory, no `--overwrite`",
          then(lambda t: (t / "out").mkdir(), cli("convert", "--model", "{tmp}/x", "--out", "{tmp}/out"))),
     Case("convert-kv-fraction", "CLI", "`mlakit convert --kv-fraction 1.5`",

