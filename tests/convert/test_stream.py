@@ -18,7 +18,7 @@ from mlakit.convert import ConversionConfig, calibrate, convert_calibrated
 from mlakit.convert.source import CheckpointSource
 from mlakit.convert.stream import convert_checkpoint
 from mlakit.io import SafetensorsStream
-from tests.convert.conftest import CALIBRATION_TOKENS, _byte_tokenizer
+from tests.convert.conftest import CALIBRATION_TOKENS, TINY_SOURCE, _byte_tokenizer
 
 convert_module = sys.modules["mlakit.convert.convert"]
 
@@ -35,18 +35,9 @@ def _bf16_source(path: Path, shard: str | None = None) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(1)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=256,
-            hidden_size=96,
-            intermediate_size=192,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=1024,
-            tie_word_embeddings=True,
-        )
-    ).to(torch.bfloat16)
+    model = LlamaForCausalLM(LlamaConfig(**dict(TINY_SOURCE, num_hidden_layers=3), tie_word_embeddings=True)).to(
+        torch.bfloat16
+    )
     model.save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
     _byte_tokenizer(256).save_pretrained(path)
     return path
