@@ -69,7 +69,8 @@ class StreamEvent:
     token: int | None
     text: str = ""  # new text (with a tokenizer); held back while it ends inside a UTF-8 character
     finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "budget" | "error"
+    # "stop" | "length" | "cancelled" | "budget" | "error" (and the server's "internal_error")
+    finish_reason: str | None = None
     error: str | None = None
     logprob: float | None = None  # with SamplingConfig.logprobs: the token's log-probability
     top_logprobs: tuple[tuple[int, float], ...] | None = None  # ... and the most likely tokens'

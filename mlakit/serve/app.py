@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from mlakit.engine import StreamEvent
 from mlakit.errors import MlakitError
 from mlakit.generate import SamplingConfig
-from mlakit.serve.worker import EngineWorker
+from mlakit.serve.worker import INTERNAL_ERROR, EngineWorker
 
 logger = logging.getLogger(__name__)
 
@@ -277,19 +277,21 @@ def build_app(worker: EngineWorker, tokenizer: Any, config: ServeConfig, eos_ids
                 worker.cancel(rid)
 
     async def collect(events: AsyncIterator[StreamEvent]) -> tuple[list[StreamEvent], str, int]:
-        """A non-streamed request's events, its text and token count; its error as an APIError.
-
-        The engine refusing a request (e.g. a prompt larger than the whole cache budget) is the
-        client's error (400); a failed engine step is the server's (500).
-        """
+        """A non-streamed request's events, its text and token count; its error as an APIError (:func:`error_kind`)."""
         got = [ev async for ev in events]
         if not got:
             raise APIError(499, "client closed the request")
         if got[-1].error:
-            internal = got[-1].error.startswith("internal error")
-            kind = "internal_error" if internal else "invalid_request_error"
-            raise APIError(500 if internal else 400, got[-1].error, kind)
+            raise APIError(*error_kind(got[-1]))
         return got, "".join(ev.text for ev in got), sum(ev.token is not None for ev in got)
+
+    def error_kind(ev: StreamEvent) -> tuple[int, str, str]:
+        """``(status, message, type)`` of a failed request: the engine refusing it (e.g. a prompt larger
+        than the whole cache budget) is the client's error (400); a failed engine step is the server's (500)."""
+        assert ev.error is not None
+        if ev.finish_reason == INTERNAL_ERROR:
+            return 500, ev.error, "internal_error"
+        return 400, ev.error, "invalid_request_error"
 
     def usage(prompt: list[int], n: int) -> dict[str, int]:
         return {"prompt_tokens": len(prompt), "completion_tokens": n, "total_tokens": len(prompt) + n}
@@ -341,7 +343,8 @@ def build_app(worker: EngineWorker, tokenizer: Any, config: ServeConfig, eos_ids
                 n, offset = 0, 0
                 async for ev in events:
                     if ev.error:
-                        yield sse({"error": {"message": ev.error, "type": "internal_error", "code": 500}})
+                        status, message, kind = error_kind(ev)
+                        yield sse({"error": {"message": message, "type": kind, "code": status}})
                         break
                     n += ev.token is not None
                     if ev.token is None and not ev.finished:
@@ -398,7 +401,8 @@ def build_app(worker: EngineWorker, tokenizer: Any, config: ServeConfig, eos_ids
                 n = 0
                 async for ev in events:
                     if ev.error:
-                        yield sse({"error": {"message": ev.error, "type": "internal_error", "code": 500}})
+                        status, message, kind = error_kind(ev)
+                        yield sse({"error": {"message": message, "type": kind, "code": status}})
                         break
                     n += ev.token is not None
                     if ev.text:

@@ -28,6 +28,9 @@ from mlakit.generate import SamplingConfig
 
 logger = logging.getLogger(__name__)
 
+#: ``finish_reason`` of a request failed by the server itself (a failed engine step), not by its input
+INTERNAL_ERROR = "internal_error"
+
 
 @dataclass
 class _Pending:
@@ -135,7 +138,11 @@ class EngineWorker:
                     self._deliver(
                         pending,
                         StreamEvent(
-                            pending.request_id, None, finished=True, finish_reason="error", error=f"internal error: {e}"
+                            pending.request_id,
+                            None,
+                            finished=True,
+                            finish_reason=INTERNAL_ERROR,
+                            error=f"internal error: {e}",
                         ),
                     )
                 self.engine = self._make_engine()

@@ -231,6 +231,38 @@ def test_full_queue_answers_429(checkpoint: Path) -> None:
         s.stop()
 
 
+def test_a_failed_engine_step_is_a_500_and_the_server_goes_on(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real, failures = Engine.step, [1]
+
+    def step(self: Engine) -> object:
+        if failures:
+            failures.pop()
+            raise RuntimeError("boom")
+        return real(self)
+
+    monkeypatch.setattr(Engine, "step", step)
+    s = Served(checkpoint)
+    # the engine the worker makes after the failure holds 64 tokens: a 200-token prompt is refused
+    per_token = s.model.config.cache_elements_per_token() * 4
+    s.engine_config = EngineConfig(kv_memory=str(64 * per_token), block_size=4, max_batch_size=8, cache_dtype="fp32")
+    try:
+        body = {"model": "tiny", "prompt": "hello", "max_tokens": 4}
+        r = httpx.post(f"{s.base}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 500, r.text
+        assert r.json()["error"]["type"] == "internal_error" and "boom" in r.json()["error"]["message"]
+        ok = httpx.post(f"{s.base}/v1/completions", json=body, timeout=60)  # the worker made a new engine
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4
+        # an engine refusing a request is the client's error, streamed or not
+        big = {"model": "tiny", "prompt": [1] * 200, "max_tokens": 4, "stream": True}
+        lines = [ln for ln in httpx.post(f"{s.base}/v1/completions", json=big, timeout=60).text.splitlines() if ln]
+        errors = [json.loads(ln[6:])["error"] for ln in lines if ln.startswith("data: {") and '"error"' in ln]
+        assert errors and all(e["code"] == 400 and e["type"] == "invalid_request_error" for e in errors), lines
+    finally:
+        s.stop()
+
+
 def test_cli_serves_and_drains_on_sigterm(checkpoint: Path, tmp_path: Path) -> None:
     """`mlakit serve` as users start it: answers, then on SIGTERM lets a running stream finish and exits 0."""
     import os
