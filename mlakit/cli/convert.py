@@ -110,7 +110,14 @@ def register(sub: Any) -> None:
         help="decoupled, Qwen3/Gemma 3 sources: fold their per-head q/k norms into constant scales "
         "(an approximation measured to break Gemma 3 270M; refused without this flag; --rope full is exact)",
     )
-    p.add_argument("--allocation", choices=("uniform", "greedy"), default="uniform", help="rank allocation")
+    p.add_argument(
+        "--allocation",
+        choices=("uniform", "greedy", "sensitivity"),
+        default="uniform",
+        help="rank allocation over layers: uniform (default), greedy (by calibrated spectra) or sensitivity (by "
+        "the measured loss of converting each layer alone; better on SmolLM2 at both lengths, holds the whole "
+        "model in float32 and adds minutes)",
+    )
     p.add_argument(
         "--keep-first-wide",
         type=int,
@@ -215,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
     corpus = files_corpus(args.calibration_text) if args.calibration_text else None
     dtype = None if args.dtype == "auto" else float_dtype(args.dtype, "--dtype")
     device = device_arg(args.device)
-    if hcfg is None:  # layer by layer: memory for one layer of the source
+    if hcfg is None and cfg.allocation != "sensitivity":  # layer by layer: memory for one layer of the source
         r = convert_checkpoint(
             source_directory(args.model),
             args.out,
@@ -234,16 +241,17 @@ def run(args: argparse.Namespace) -> int:
             loaded, windows=args.calibration_windows, seq_len=args.calibration_seq_len, corpus=corpus, progress=True
         )
         result = convert_calibrated(cal, cfg, progress=True)
-        heal_recorded(
-            result.model,
-            cal.loaded.model,
-            cal.loaded.tokenizer,
-            result.record,
-            reference_name=str(args.model),
-            config=hcfg,
-            corpus=corpus,
-            progress=True,
-        )
+        if hcfg is not None:
+            heal_recorded(
+                result.model,
+                cal.loaded.model,
+                cal.loaded.tokenizer,
+                result.record,
+                reference_name=str(args.model),
+                config=hcfg,
+                corpus=corpus,
+                progress=True,
+            )
         if dtype is not None:
             result.model.to(dtype)
         out = save_converted(result, args.out, overwrite=args.overwrite)

@@ -67,7 +67,12 @@ def register(sub: Any) -> None:
         metavar="N",
         help="tokens of real text the generation check continues (default 3072; 0 skips it)",
     )
-    p.add_argument("--allocation", choices=("uniform", "greedy"), default="uniform", help="rank allocation")
+    p.add_argument(
+        "--allocation",
+        choices=("uniform", "greedy", "sensitivity"),
+        default="uniform",
+        help="rank allocation (sensitivity: by the measured loss of each layer alone, +1-2 minutes per conversion)",
+    )
     heal = p.add_argument_group("healing (the 'decoupled + heal' rows)")
     add_heal_options(heal, prefix="heal-")  # type: ignore[arg-type]
     p.add_argument("--json", action="store_true", help="print the JSON result instead of the table")

@@ -43,8 +43,16 @@ from mlakit.convert.calibrate import attention_rotation_moments
 from mlakit.convert.factorize import AttentionWeights, energy_spectrum, single_thread
 from mlakit.convert.layer import LayerRecipe, convert_layer, fold_head_norms, layer_dims, metrics
 from mlakit.convert.load import LoadedModel, load_hf_model
-from mlakit.convert.ranks import Allocation, check_ranks, greedy_ranks, latent_budget, uniform_ranks
+from mlakit.convert.ranks import (
+    Allocation,
+    check_ranks,
+    greedy_ranks,
+    latent_budget,
+    sensitivity_ranks,
+    uniform_ranks,
+)
 from mlakit.convert.rope import SourceRope, decouple_rope, decoupled_rope_theta, source_rope_pairs
+from mlakit.convert.sensitivity import rank_grid
 from mlakit.convert.source import OriginalLayers, attention_input_moments, run_block
 from mlakit.errors import MlakitError
 from mlakit.io import write_dir, write_json
@@ -72,7 +80,10 @@ class ConversionConfig:
             keeps every frequency pair that turns by a radian or more over it
             (:func:`mlakit.convert.rope.rope_pairs_for_context`). ``None``: the source's
             ``max_position_embeddings``, at most 4096 (the longest length measured).
-        allocation: ``"uniform"`` or ``"greedy"`` rank allocation under the budget.
+        allocation: rank allocation under the budget: ``"uniform"``, ``"greedy"`` (by calibrated
+            spectra) or ``"sensitivity"`` (by the measured loss of converting each layer alone at a
+            few ranks; needs the whole model: the in-memory path only, +1-2 minutes on SmolLM2;
+            measured better at both lengths and budgets, docs/conversion.md).
         key_metric / value_metric / key_weight: see :mod:`mlakit.convert.factorize` (defaults
             measured best on SmolLM2, docs/conversion.md).
         rope_mixing: decoupled only; how RoRoPE mixes the KV heads of one frequency into the
@@ -142,8 +153,8 @@ class ConversionConfig:
             raise bad("rope_dims", "must be a positive even number (RoPE rotates pairs of dims)")
         if self.context_length is not None and (not isinstance(self.context_length, int) or self.context_length < 2):
             raise bad("context_length", "must be an integer >= 2 (tokens), or None for the source's context")
-        if self.allocation not in ("uniform", "greedy"):
-            raise bad("allocation", "must be 'uniform' or 'greedy'")
+        if self.allocation not in ("uniform", "greedy", "sensitivity"):
+            raise bad("allocation", "must be 'uniform', 'greedy' or 'sensitivity'")
         if self.key_metric not in ("balanced", "query", "query_diag"):
             raise bad("key_metric", "must be 'balanced', 'query' or 'query_diag'")
         if self.value_metric not in ("balanced", "output"):
@@ -382,7 +393,7 @@ def has_qkv_bias(weights: Iterable[AttentionWeights]) -> bool:
     return any(bool(w.w_q[:, -1].any() or w.w_k[:, -1].any() or w.w_v[:, -1].any()) for w in weights)
 
 
-def plan_ranks(cal: Calibrated, config: ConversionConfig) -> tuple[int, ...]:
+def plan_ranks(cal: Calibrated, config: ConversionConfig, *, progress: bool = False) -> tuple[int, ...]:
     """Per-layer ``kv_lora_rank`` for ``config`` (explicit, or from the budget)."""
     config.check_source(cal.spec, str(cal.loaded.source))
     recipe = _recipe(cal.spec, config)
@@ -390,13 +401,24 @@ def plan_ranks(cal: Calibrated, config: ConversionConfig) -> tuple[int, ...]:
     def spectra() -> list[torch.Tensor]:
         return [spectrum(cal.spec, cal.get, i, w, s, recipe) for i, (w, s) in enumerate(zip(cal.weights, cal.sigma))]
 
-    return source_ranks(cal.spec, config, max_latent_rank(cal.spec, has_qkv_bias(cal.weights)), spectra)
+    def sensitivity(grid: tuple[int, ...]) -> torch.Tensor:
+        from mlakit.convert.sensitivity import layer_sensitivity
+
+        return layer_sensitivity(cal, config, grid, progress=progress)
+
+    return source_ranks(cal.spec, config, max_latent_rank(cal.spec, has_qkv_bias(cal.weights)), spectra, sensitivity)
 
 
 def source_ranks(
-    spec: SourceSpec, config: ConversionConfig, max_rank: int, spectra: Callable[[], list[torch.Tensor]]
+    spec: SourceSpec,
+    config: ConversionConfig,
+    max_rank: int,
+    spectra: Callable[[], list[torch.Tensor]],
+    sensitivity: Callable[[tuple[int, ...]], torch.Tensor] | None = None,
 ) -> tuple[int, ...]:
-    """:func:`plan_ranks` for a source; ``spectra()`` (greedy allocation only) gives every layer's spectrum."""
+    """:func:`plan_ranks` for a source; ``spectra()`` (greedy allocation) gives every layer's spectrum,
+    ``sensitivity(grid)`` (sensitivity allocation; None where the model is not in memory) the
+    ``[L, len(grid)]`` measured losses (:func:`mlakit.convert.sensitivity.layer_sensitivity`)."""
     _, g, d = _source_dims(spec)
     n_layers = spec.num_layers
     if config.ranks is not None:
@@ -407,6 +429,16 @@ def source_ranks(
     total = latent_budget(config.kv_fraction, original_per_layer=2 * g * d, num_layers=n_layers, rope_dims=rope_dims)
     greedy = config.allocation == "greedy" and config.method != "svd"
     wide = config.keep_first_wide
+    if config.allocation == "sensitivity" and config.method != "svd":
+        if wide:
+            raise MlakitError("allocation='sensitivity' measures every layer: it does not combine with keep_first_wide")
+        if sensitivity is None:
+            raise MlakitError(
+                "allocation='sensitivity' runs the whole model many times: it needs the in-memory path "
+                "(`mlakit convert --allocation sensitivity` takes it; in Python calibrate() + convert_calibrated())"
+            )
+        grid = rank_grid(total, n_layers, max_rank)
+        return sensitivity_ranks(sensitivity(grid), grid, total, max_rank)
     if wide:
         if wide >= n_layers:
             raise MlakitError(f"keep_first_wide={wide} must be below the number of layers ({n_layers})")
@@ -594,7 +626,9 @@ def convert_calibrated(cal: Calibrated, config: ConversionConfig, *, progress: b
     config.check_source(spec, str(cal.loaded.source))
     if config.rotation_average and config.rope == "decoupled" and cal.rotation is None:
         raise MlakitError("rotation_average=True needs rotation statistics: calibrate(..., rotation_windows=8)")
-    plan = plan_conversion(spec, config, plan_ranks(cal, config), has_qkv_bias(cal.weights), str(cal.loaded.source))
+    plan = plan_conversion(
+        spec, config, plan_ranks(cal, config, progress=progress), has_qkv_bias(cal.weights), str(cal.loaded.source)
+    )
     run = None
     if plan.sequential:
         assert cal.windows is not None

@@ -171,6 +171,18 @@ class OriginalLayers:
         finally:
             self._shell.embed.weight = meta  # the table is dropped with this call
 
+    @torch.no_grad()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[N, T, n]`` last hidden states -> ``[N, T, vocab]`` float32: the final norm and the head."""
+        top = {k: v.to(self.device, torch.float32) for k, v in model_weights(self.spec, self.get).items()}
+        meta = self._shell.norm.weight, self._shell.lm_head.weight
+        self._shell.norm.weight = torch.nn.Parameter(top["norm.weight"], requires_grad=False)
+        self._shell.lm_head.weight = torch.nn.Parameter(top["lm_head.weight"], requires_grad=False)
+        try:
+            return self._shell.logits(hidden).float()
+        finally:
+            self._shell.norm.weight, self._shell.lm_head.weight = meta
+
     def block(self, layer: int) -> Any:
         """Layer ``layer`` as an mlakit :class:`~mlakit.model.Block` holding the source's weights (float32)."""
         from mlakit.model import Block, check_state_shapes
