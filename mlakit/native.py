@@ -1,11 +1,13 @@
 """mlakit's C kernels (``mlakit/csrc/*.c``): built for this CPU on first use, cached, called via ctypes.
 
-Two kernels, one library:
+Three kernels, one library:
 
 * ``paged_decode.c``: decode attention over the paged cache (the ``cpu`` attention backend,
   :mod:`mlakit.attention.backends.cpu`);
 * ``int8_gemv.c``: int8 weight x int8 activation products for a few rows with AVX512-VNNI
-  (:class:`mlakit.quant.Int8Linear` at decode).
+  (:class:`mlakit.quant.Int8Linear` at decode);
+* ``decode_step.c``: every layer of an absorbed MLA decode step in one call, built on the two
+  above (the engine's fused CPU decode, :mod:`mlakit.engine.cpu_step`).
 
 The library is compiled with the system C compiler for *this* CPU (``-O3 -march=native
 -ffast-math -fopenmp``: AVX2, AVX-512, BF16 and VNNI as the machine has them) into
@@ -83,6 +85,9 @@ class NativeKernels:
         self._int8_gemv.argtypes = _INT8_GEMV
         self._int8_gemv.restype = ctypes.c_int
         self.has_int8_gemv = bool(lib.mlakit_int8_gemv_available())
+        # argtypes are set by mlakit.engine.cpu_step, which owns the structures it takes
+        self.mla_decode_step = lib.mlakit_mla_decode_step
+        self.mla_decode_step.restype = ctypes.c_int
 
     def paged_decode(
         self,
