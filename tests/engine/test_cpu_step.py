@@ -1,0 +1,171 @@
+"""The fused CPU decode step (:mod:`mlakit.engine.cpu_step`) against the model's own paged decode.
+
+Two engines over the same model, ``fused_decode`` on and off, prefill the same prompts (the
+model's path in both) and then decode step by step; each step's logits must agree within the
+weights' tolerance and greedy generation must give the same tokens. fp32 weights run the same
+maths in the same precision (tight); int8 weights run bf16 activations in the model's path where
+the CPU has bf16 arithmetic, fp32 in the fused step (looser).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from mlakit import ModelConfig, SamplingConfig, Transformer
+from mlakit.engine import Engine, EngineConfig, Request
+from mlakit.engine.cpu_step import fused_decode_reason
+from mlakit.native import load_native
+from mlakit.quant import prepare_weights
+from tests.conftest import build, tiny_mla_config
+
+NATIVE = load_native()
+needs_native = pytest.mark.skipif(NATIVE is None, reason="needs a C compiler")
+needs_vnni = pytest.mark.skipif(NATIVE is None or not NATIVE.has_int8_gemv, reason="needs AVX512-VNNI")
+PROMPTS = [[5, 9, 2, 77, 3], [100], [8, 8, 8, *range(40)], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
+
+# shapes whose every projection has a multiple of 16 outputs (the int8 kernel's tile)
+MODELS = {
+    "q_lora": lambda: tiny_mla_config(kv_lora_rank=40),  # fused input 48 + 40 + 8
+    "no_q_lora": lambda: tiny_mla_config(q_lora_rank=None, kv_lora_rank=24),  # 96 + 24 + 8
+    "ranks_per_layer_no_kv_norm": lambda: dataclasses.replace(
+        tiny_mla_config(q_lora_rank=None, kv_lora_rank=40, kv_norm=False), kv_lora_ranks=(24, 40)
+    ),
+    "geglu_bias": lambda: dataclasses.replace(
+        tiny_mla_config(kv_lora_rank=40, attention_bias=True), mlp_act="gelu_tanh"
+    ),
+}
+# max |logit difference| / logit range, per weight format
+TOL = {
+    "fp32": 1e-4,
+    "int8": 3e-2,
+    "int8-fp32": 1e-2,
+}  # int8 activation blocks round differently on tiny input differences
+
+
+def prepared(name: str, weights: str) -> Transformer:
+    """``weights``: a format of :func:`prepare_weights`, or ``int8-fp32`` (int8 weights, fp32 activations,
+    what ``int8`` gives on a CPU without bf16 arithmetic)."""
+    model = build(MODELS[name]())
+    with torch.no_grad():  # peaked attention (random init attends almost uniformly, hiding RoPE or score bugs)
+        for n, p in model.named_parameters():
+            if ".attn.w_" in n and n.endswith("weight"):
+                p.mul_(6.0)
+    prepare_weights(model, weights.removesuffix("-fp32"))
+    return model.float() if weights.endswith("-fp32") else model
+
+
+def engines(model: Transformer, **config: object) -> dict[bool, Engine]:
+    out = {}
+    for fused in (False, True):
+        settings: dict = {"kv_memory": "1MiB", "block_size": 4, **config}
+        out[fused] = Engine(model, EngineConfig(fused_decode=fused, **settings))
+    assert out[False].runner.fused is None
+    assert out[True].runner.fused is not None, fused_decode_reason(
+        model, out[True].cache, out[True].runner.backend, out[True].runner.runtime
+    )
+    return out
+
+
+def step_logits(engine: Engine, batch: list[list[int]], steps: int) -> torch.Tensor:
+    """Prefill each prompt over a fragmented table, then ``steps`` batched decode steps: ``[steps, B, vocab]``.
+
+    The decoded tokens are fixed (teacher forcing), so both paths see the same inputs at every step.
+    """
+    pool = engine.cache.pool
+    tables = []
+    for prompt in batch:
+        pool.allocate(1)  # a hole before each sequence: tables are not one run
+        tables.append(pool.allocate(-(-(len(prompt) + steps) // 4)))
+    for p, t in zip(batch, tables):
+        engine.runner.prefill(p, 0, t)
+    out = []
+    for s in range(steps):
+        tokens = [(17 * s + 31 * i + 3) % 256 for i in range(len(batch))]
+        out.append(engine.runner.decode(tokens, [len(p) + s for p in batch], tables))  # [B, vocab]
+    return torch.stack(out)
+
+
+@needs_native
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("weights", ["fp32", *(pytest.param(w, marks=needs_vnni) for w in ("int8", "int8-fp32"))])
+def test_fused_step_equals_the_model_decode(name: str, weights: str) -> None:
+    model = prepared(name, weights)
+    e = engines(model)
+    batch = [PROMPTS[0], PROMPTS[2], PROMPTS[1]]  # ragged lengths
+    want, got = step_logits(e[False], batch, 6), step_logits(e[True], batch, 6)
+    err = (got - want).abs().max() / (want.max() - want.min())
+    assert err < TOL[weights], f"{err:.2e}"
+
+
+@needs_native
+@pytest.mark.parametrize("cache_dtype", ["bf16", "int8"])
+def test_fused_step_writes_and_reads_low_precision_caches(cache_dtype: str) -> None:
+    """bf16 and int8 rows: the fused step rounds and quantizes the new row as PagedRows.write does."""
+    model = prepared("q_lora", "fp32")
+    e = engines(model, cache_dtype=cache_dtype)
+    batch = [PROMPTS[3], PROMPTS[0]]
+    want, got = step_logits(e[False], batch, 5), step_logits(e[True], batch, 5)
+    err = (got - want).abs().max() / (want.max() - want.min())
+    assert err < 1e-3, f"{err:.2e}"
+    rows = {f: e[f].cache.layers[1][0] for f in e}
+    used = slice(0, 4 * e[False].cache.pool.num_used)
+    assert torch.equal(rows[True].data[used], rows[False].data[used])  # the same bytes in the cache
+    if cache_dtype == "int8":
+        assert torch.allclose(rows[True].scale[used], rows[False].scale[used], rtol=1e-5)  # type: ignore[index]
+
+
+@needs_native
+def test_fused_greedy_generation_equals_the_model() -> None:
+    """Same tokens with fp32 weights. With int8 weights the activations are quantized in blocks, and
+    on a random model a 1e-6 change of the input already flips greedy tokens of the model's own
+    path (measured), so int8 is held to the teacher-forced logits above."""
+    model = prepared("no_q_lora", "fp32")
+    e = engines(model)
+    sampling = SamplingConfig(max_new_tokens=12)
+    outs = {f: [o.tokens for o in e[f].generate([Request(p, sampling) for p in PROMPTS])] for f in e}
+    assert outs[True] == outs[False]
+
+
+@needs_native
+def test_more_rows_than_the_kernel_takes_run_through_the_model() -> None:
+    model = prepared("q_lora", "fp32")
+    e = engines(model, kv_memory="4MiB")
+    batch = [[i + 1, 7] for i in range(17)]
+    calls = 0
+    fused = e[True].runner.fused
+    assert fused is not None
+    run = fused.run
+
+    def counting(*args: object) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        return run(*args)  # type: ignore[arg-type]
+
+    fused.run = counting  # type: ignore[method-assign]
+    want, got = step_logits(e[False], batch, 2), step_logits(e[True], batch, 2)
+    assert calls == 0 and torch.allclose(got, want, atol=1e-5)  # 17 > 16 rows: the model's path
+    step_logits(e[True], batch[:3], 1)
+    assert calls == 1
+
+
+@needs_native
+def test_reasons_for_running_through_the_model() -> None:
+    def reason(model: Transformer, **config: object) -> str:
+        engine = Engine(model, EngineConfig(kv_memory="1MiB", **config))  # type: ignore[arg-type]
+        assert engine.runner.fused is None
+        r = engine.runner
+        return fused_decode_reason(model, engine.cache, r.backend, r.runtime)
+
+    assert "not fused" in reason(build(MODELS["q_lora"]()))  # not prepared for inference
+    assert "backend 'torch'" in reason(prepared("q_lora", "fp32"), attention_backend="torch")
+    assert "absorbed" in reason(prepared("q_lora", "fp32"), decode_path="naive")
+    assert "bfloat16" in reason(prepared("q_lora", "bf16"))
+    gqa = build(ModelConfig.from_preset("tiny-gqa"))
+    prepare_weights(gqa, "fp32")
+    assert "absorbed MLA" in reason(gqa)
+    post = build(dataclasses.replace(MODELS["q_lora"](), post_norms=True))
+    prepare_weights(post, "fp32")
+    assert "post-norms" in reason(post)
