@@ -35,7 +35,7 @@ enum { ACT_SILU = 0, ACT_GELU_TANH = 1 };
 typedef struct {
     int64_t kind; /* LIN_* */
     int64_t n, k, kp; /* out features, in features, in features padded to 64 (int8) */
-    const void *w;       /* int8: uint8 [n, kp] (+128); fp32: float [n, k] */
+    const void *w;       /* int8: uint8 tiles [n / 16, kp / 64, 16, 64] (+128, int8_gemv.c); fp32: float [n, k] */
     const float *scale;  /* int8: per output channel; else NULL */
     const float *bias;   /* [n] or NULL */
 } Linear;

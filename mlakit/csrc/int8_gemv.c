@@ -2,14 +2,17 @@
  *
  *   y[m, n] = s_w[n] * sum_b s_x[m, b] * sum_{k in b} x_q[m, k] * w_q[n, k]   (+ bias[n])
  *
- * Weights: int8 per output channel (scale s_w), stored offset by +128 as uint8 [N, Kp] (Kp = K
- * rounded up to 64, zero weights = 128 in the padding). Activations: quantized here per row in
+ * Weights: int8 per output channel (scale s_w), stored offset by +128 as uint8 in tiles of 16 rows:
+ * [N / 16, Kp / 64, 16, 64] (Kp = K rounded up to 64, zero weights = 128 in the padding), so the
+ * kernel streams each tile's 16 rows x 64 bytes from one sequential address range. Row-major
+ * [N, Kp] made it read 16 interleaved streams, which the hardware prefetchers follow badly:
+ * 9.5 GB/s against 21 GB/s tiled on one AMD EPYC core (24 GB/s read bandwidth). Activations: quantized here per row in
  * blocks of 64 values (scale s_x[m, b] = max|x| / 127 over the block), as llama.cpp quantizes its
  * activations to Q8 blocks before its integer dot products. VPDPBUSD multiplies unsigned bytes by
  * signed bytes, 64 products per instruction; the +128 offset of the weights adds
  * 128 * sum_{k in b} x_q[m, k] to each block's sum, subtracted once per row.
  *
- * Work: rows of W in chunks of 16 over the OpenMP threads; each weight block is loaded once and
+ * Work: tiles of 16 rows of W over the OpenMP threads; each weight block is loaded once and
  * multiplied with every activation row (M <= MAX_ROWS), per-block int32 sums are scaled into fp32
  * accumulators, and 16 rows are reduced at once with a transposing tree.
  */
@@ -56,7 +59,7 @@ static inline float load_x(const void *x, int bf16, size_t i) {
     return f;
 }
 
-/* x [M, K] -> y [M, N], both fp32 (bf16 = 0) or both bf16 (bf16 = 1). w_u8 [N, Kp] (int8 weights + 128),
+/* x [M, K] -> y [M, N], both fp32 (bf16 = 0) or both bf16 (bf16 = 1). w_u8 [N / 16, Kp / 64, 16, 64] (int8 weights + 128),
  * w_scale [N] fp32, bias [N] fp32 or NULL. */
 int mlakit_int8_gemv(int M, int N, int K, int Kp, const void *x, const uint8_t *w_u8, const float *w_scale,
                      const float *bias, void *y, int bf16, int n_threads) {
@@ -96,11 +99,12 @@ int mlakit_int8_gemv(int M, int N, int K, int Kp, const void *x, const uint8_t *
             __m512 acc[16];
             for (int j = 0; j < 16; j++) acc[j] = _mm512_setzero_ps();
             const int8_t *xr = xq + (size_t)m * Kp;
+            const uint8_t *tile = w_u8 + (size_t)n0 * Kp; /* [nb, 16, 64] */
             for (int b = 0; b < nb; b++) {
                 __m512i xv = _mm512_load_si512((const void *)(xr + b * 64));
                 __m512 sx = _mm512_set1_ps(xs[m * nb + b]);
                 for (int j = 0; j < 16; j++) {
-                    __m512i wv = _mm512_loadu_si512((const void *)(w_u8 + (size_t)(n0 + j) * Kp + b * 64));
+                    __m512i wv = _mm512_loadu_si512((const void *)(tile + ((size_t)b * 16 + j) * 64));
                     __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv);
                     acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sx, acc[j]);
                 }

@@ -211,7 +211,7 @@ class FusedDecode:
                 kind=_LIN_INT8,
                 n=module.out_features,
                 k=module.in_features,
-                kp=w.shape[1],
+                kp=w.shape[1] * 64,  # weight_u8 is [N / 16, Kp / 64, 16, 64]
                 w=w.data_ptr(),
                 scale=scale.data_ptr(),
                 bias=None if bias is None else bias.data_ptr(),
