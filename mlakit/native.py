@@ -127,17 +127,17 @@ class NativeKernels:
         return out
 
     def int8_gemv(
-        self, x: torch.Tensor, w_u8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, k: int
+        self, x: torch.Tensor, w_u8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, k: int, n_out: int
     ) -> torch.Tensor:
         """``x [M, K]`` (M <= 16, fp32 or bf16) times int8 weights stored +128 as ``w_u8`` -> ``[M, N]``.
 
-        ``w_u8`` is ``[N / 16, Kp / 64, 16, 64]``: tiles of 16 rows, 64 bytes of each row after
-        another (:func:`mlakit.quant.pack_int8_tiles`).
+        ``w_u8`` is ``[ceil(N / 16), Kp / 64, 16, 64]``: tiles of 16 rows, 64 bytes of each row
+        after another (:func:`mlakit.quant.pack_int8_tiles`); ``N = n_out``.
 
         The result has ``x``'s dtype; ``w_scale`` and ``bias`` are fp32.
         """
         m = x.shape[0]
-        n, kp = w_u8.shape[0] * 16, w_u8.shape[1] * 64
+        n, kp = n_out, w_u8.shape[1] * 64
         bf16 = x.dtype == torch.bfloat16
         if not bf16:
             x = x.to(torch.float32)

@@ -88,7 +88,7 @@ class Int8Linear(nn.Module):
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self.native = native if native is not None and native.has_int8_gemv and self.out_features % 16 == 0 else None
+        self.native = native if native is not None and native.has_int8_gemv else None
         if self.native is not None:
             kp = -(-self.in_features // 64) * 64
             self.register_buffer("weight", None)
@@ -117,8 +117,8 @@ class Int8Linear(nn.Module):
             return self.weight
         assert self.weight_u8 is not None
         t, nb = self.weight_u8.shape[:2]
-        rows = self.weight_u8.permute(0, 2, 1, 3).reshape(t * 16, nb * 64)  # [out, Kp]
-        return (rows[:, : self.in_features] ^ 128).view(torch.int8)  # (w + 128) ^ 0x80 == w as a byte
+        rows = self.weight_u8.permute(0, 2, 1, 3).reshape(t * 16, nb * 64)  # [16 * tiles, Kp]
+        return (rows[: self.out_features, : self.in_features] ^ 128).view(torch.int8)  # (w + 128) ^ 0x80 == w as a byte
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """``W_q * s`` in ``dtype``, ``[out, in]``."""
@@ -130,7 +130,9 @@ class Int8Linear(nn.Module):
         m = x2.shape[0]
         if self.native is not None and m <= INT8_GEMV_MAX_ROWS and x2.device.type == "cpu":
             assert self.weight_u8 is not None
-            y = self.native.int8_gemv(x2, self.weight_u8, self._scale_f32, self._bias_f32, self.in_features)
+            y = self.native.int8_gemv(
+                x2, self.weight_u8, self._scale_f32, self._bias_f32, self.in_features, self.out_features
+            )
             return y.view(*shape[:-1], self.out_features).to(x.dtype)
         if self.weight is not None and m <= INT8_GEMV_ROWS and x2.device.type == "cpu":
             y = torch._weight_int8pack_mm(x2.contiguous(), self.weight, self.scale.to(x2.dtype))  # [M, out]
@@ -146,16 +148,18 @@ class Int8Linear(nn.Module):
 
 
 def pack_int8_tiles(weight: torch.Tensor, kp: int) -> torch.Tensor:
-    """int8 ``weight [N, K]`` (N a multiple of 16) as ``int8_gemv``'s uint8 tiles ``[N / 16, kp / 64, 16, 64]``.
+    """int8 ``weight [N, K]`` as ``int8_gemv``'s uint8 tiles ``[ceil(N / 16), kp / 64, 16, 64]``.
 
     Each value is stored + 128 (VPDPBUSD multiplies unsigned by signed bytes); columns ``K .. kp - 1``
-    hold 128 (a zero weight). Tile ``t``, block ``b`` holds bytes ``64 b .. 64 b + 63`` of rows
-    ``16 t .. 16 t + 15`` one after another, so the kernel reads each tile as one sequential stream.
+    and the rows past ``N`` in the last tile hold 128 (a zero weight). Tile ``t``, block ``b``
+    holds bytes ``64 b .. 64 b + 63`` of rows ``16 t .. 16 t + 15`` one after another, so the
+    kernel reads each tile as one sequential stream.
     """
     n, k = weight.shape
-    rows = torch.full((n, kp), 128, dtype=torch.uint8)
-    rows[:, :k] = (weight.to(torch.int16) + 128).to(torch.uint8)
-    return rows.view(n // 16, 16, kp // 64, 64).permute(0, 2, 1, 3).contiguous()  # [N/16, Kp/64, 16, 64]
+    tiles = -(-n // 16)
+    rows = torch.full((tiles * 16, kp), 128, dtype=torch.uint8)
+    rows[:n, :k] = (weight.to(torch.int16) + 128).to(torch.uint8)
+    return rows.view(tiles, 16, kp // 64, 64).permute(0, 2, 1, 3).contiguous()  # [N/16, Kp/64, 16, 64]
 
 
 def prepare_weights(model: nn.Module, weights: str = "fp32", device: torch.device | str = "cpu") -> str:
