@@ -152,16 +152,31 @@ class NativeKernels:
         return y
 
 
-def _build(target: Path, cc: str) -> None:
+def _build(target: Path, cc: str, flags: tuple[str, ...] = FLAGS) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
 
     def compile_to(tmp: Path) -> None:
-        cmd = [cc, *FLAGS, *map(str, SOURCES), "-o", str(tmp), "-lm"]
+        cmd = [cc, *flags, *map(str, SOURCES), "-o", str(tmp), "-lm"]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise OSError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-500:]}")
 
     write_file(target, compile_to)
+
+
+def build_kernels(target: Path, march: str) -> NativeKernels | None:
+    """Build the kernels for ``-march=<march>`` (not this CPU's) at ``target`` and load them.
+
+    For tests of the code other CPUs run: ``haswell`` gives the AVX2-only build (no AVX-512, no
+    VNNI, no BF16 instructions) that runs on this machine too. ``None`` without a compiler.
+
+    Raises: OSError when the build fails.
+    """
+    cc = _compiler()
+    if cc is None:
+        return None
+    _build(target, cc, tuple(f"-march={march}" if f == "-march=native" else f for f in FLAGS))
+    return NativeKernels(target)
 
 
 @functools.lru_cache(maxsize=1)  # build and load once per process

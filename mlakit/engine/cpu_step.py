@@ -131,13 +131,14 @@ def fused_decode_reason(
 class FusedDecode:
     """Decode steps of ``model`` over ``cache`` in one C call (see the module docstring).
 
-    Build it only where :func:`fused_decode_reason` returns ``""``. Holds fp32 copies of the
+    Build it only where :func:`fused_decode_reason` returns ``""``; ``native``: the kernels to call
+    (default: this CPU's, :func:`mlakit.native.load_native`). Holds fp32 copies of the
     norms, the absorbed ``W_UK`` / ``W_UV`` and the RoPE tables; the weights themselves are read
     in place (the model's int8 or fp32 buffers), so the model must not be modified afterwards.
     """
 
-    def __init__(self, model: Transformer, cache: PagedCache) -> None:
-        native = load_native()
+    def __init__(self, model: Transformer, cache: PagedCache, native: NativeKernels | None = None) -> None:
+        native = native or load_native()
         assert native is not None
         self.native: NativeKernels = native
         self.native.mla_decode_step.argtypes = _STEP_ARGS

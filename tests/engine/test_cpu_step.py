@@ -10,14 +10,15 @@ the CPU has bf16 arithmetic, fp32 in the fused step (looser).
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 
 from mlakit import ModelConfig, SamplingConfig, Transformer
 from mlakit.engine import Engine, EngineConfig, Request
-from mlakit.engine.cpu_step import fused_decode_reason
-from mlakit.native import load_native
+from mlakit.engine.cpu_step import FusedDecode, fused_decode_reason
+from mlakit.native import build_kernels, cpu_flags, load_native
 from mlakit.quant import prepare_weights
 from tests.conftest import build, tiny_mla_config
 
@@ -168,3 +169,19 @@ def test_reasons_for_running_through_the_model() -> None:
     post = build(dataclasses.replace(MODELS["q_lora"](), post_norms=True))
     prepare_weights(post, "fp32")
     assert "post-norms" in reason(post)
+
+
+@needs_native
+@pytest.mark.skipif("avx2" not in cpu_flags(), reason="runs the AVX2 build, needs an AVX2 CPU")
+def test_the_avx2_only_build_runs_the_fused_step(tmp_path: Path) -> None:
+    """The code CPUs without AVX-512 run (``-march=haswell``: generic vectors, no VNNI/BF16 kernels),
+    on fp32 weights (``auto`` there) and a bf16 cache, against the model's decode."""
+    native = build_kernels(tmp_path / "haswell.so", "haswell")
+    assert native is not None and not native.has_int8_gemv
+    model = prepared("q_lora", "fp32")
+    e = engines(model, cache_dtype="bf16")
+    runner = e[True].runner
+    runner.fused = FusedDecode(model, e[True].cache, native)
+    batch = [PROMPTS[3], PROMPTS[0]]
+    want, got = step_logits(e[False], batch, 4), step_logits(e[True], batch, 4)
+    assert ((got - want).abs().max() / (want.max() - want.min())) < 1e-3
