@@ -28,6 +28,7 @@ import ctypes
 import logging
 import math
 from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -35,7 +36,7 @@ from torch import nn
 from mlakit.attention.backends import AttentionBackend
 from mlakit.attention.mla import MultiHeadLatentAttention
 from mlakit.config import MLAConfig, RuntimeConfig
-from mlakit.model import Transformer
+from mlakit.model import Block, Transformer
 from mlakit.native import DTYPE_CODES, NativeKernels, load_native
 from mlakit.paged import PagedCache
 from mlakit.quant import Int8Linear
@@ -72,7 +73,7 @@ class _Dims(ctypes.Structure):  # Dims in decode_step.c
     ]
 
 
-_STEP_ARGS = [
+_STEP_ARGS: list[Any] = [
     ctypes.POINTER(_Dims), ctypes.c_int, ctypes.POINTER(_Layer), ctypes.c_int, _p, _p, _p, _p, _i64, _p,
     ctypes.c_int, ctypes.c_int, ctypes.c_int,
 ]  # fmt: skip
@@ -104,7 +105,7 @@ def fused_decode_reason(
     if model.attention_path(runtime, decode=True) != "absorbed":
         return "only the absorbed MLA decode is fused"
     first = c.attention
-    for i, layer in enumerate(model.layers):
+    for i, layer in enumerate(cast(list[Block], list(model.layers))):
         att, attn = c.layer_attention(i), layer.attn
         if not isinstance(att, MLAConfig) or not isinstance(attn, MultiHeadLatentAttention):
             return f"layer {i} is not MLA"
@@ -161,11 +162,11 @@ class FusedDecode:
             inter=c.intermediate_size,
             act=_ACTS[c.mlp_act],
             eps=att.rms_norm_eps,
-            softmax_scale=model.layers[0].attn.scale,
+            softmax_scale=cast(Block, model.layers[0]).attn.scale,
         )
         tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.layers = (_Layer * c.num_layers)()
-        for i, layer in enumerate(model.layers):
+        for i, layer in enumerate(cast(list[Block], list(model.layers))):
             attn = layer.attn
             assert isinstance(attn, MultiHeadLatentAttention)
             rot = attn.rotary
