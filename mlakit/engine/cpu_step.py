@@ -36,6 +36,7 @@ from torch import nn
 from mlakit.attention.backends import AttentionBackend
 from mlakit.attention.mla import MultiHeadLatentAttention
 from mlakit.config import MLAConfig, RuntimeConfig
+from mlakit.errors import MlakitError
 from mlakit.model import Block, Transformer
 from mlakit.native import DTYPE_CODES, NativeKernels, load_native
 from mlakit.paged import PagedCache
@@ -165,6 +166,7 @@ class FusedDecode:
             softmax_scale=cast(Block, model.layers[0]).attn.scale,
         )
         tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.max_positions = c.max_seq_len
         self.layers = (_Layer * c.num_layers)()
         for i, layer in enumerate(cast(list[Block], list(model.layers))):
             attn = layer.attn
@@ -173,6 +175,7 @@ class FusedDecode:
             if id(rot) not in tables:  # fp32 tables (a bf16 model's buffers were rounded)
                 tables[id(rot)] = rope_tables(rot.dim, rot.max_positions, rot.theta, rot.scaling)
             cos, sin = tables[id(rot)]
+            self.max_positions = min(self.max_positions, cos.shape[0])
             w_uk, w_uv = attn._absorbed_weights()  # [H, d_nope, r], [H, r, d_v]; copied to fp32 below
             rows = cache.layers[i][0]
             mlp = layer.mlp
@@ -237,9 +240,12 @@ class FusedDecode:
     def run(self, tokens: Sequence[int], positions: Sequence[int], tables: Sequence[Sequence[int]]) -> torch.Tensor:
         """One decode step: ``tokens[b]`` at ``positions[b]`` of sequence ``b`` (block ``tables[b]``).
 
-        Returns: fp32 logits ``[B, vocab]``. Raises: MemoryError when the kernel cannot allocate
-        its buffers, RuntimeError when it refuses the shapes.
+        Returns: fp32 logits ``[B, vocab]``. Raises: MlakitError for a position outside the RoPE
+        tables (the C code does not check), MemoryError when the kernel cannot allocate its
+        buffers, RuntimeError when it refuses the shapes.
         """
+        if min(positions) < 0 or max(positions) >= self.max_positions:
+            raise MlakitError(f"positions must lie in [0, {self.max_positions}) (the model's context); got {positions}")
         b, bs = len(tokens), self.block_size
         width = max(len(t) for t in tables)
         pos = torch.tensor(positions, dtype=torch.int64)

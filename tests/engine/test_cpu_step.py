@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlakit import ModelConfig, SamplingConfig, Transformer
+from mlakit import MlakitError, ModelConfig, SamplingConfig, Transformer
 from mlakit.engine import Engine, EngineConfig, Request
 from mlakit.engine.cpu_step import FusedDecode, fused_decode_reason
 from mlakit.native import build_kernels, cpu_flags, load_native
@@ -149,6 +149,15 @@ def test_more_rows_than_the_kernel_takes_run_through_the_model() -> None:
     assert calls == 0 and torch.allclose(got, want, atol=1e-5)  # 17 > 16 rows: the model's path
     step_logits(e[True], batch[:3], 1)
     assert calls == 1
+
+
+@needs_native
+def test_a_position_outside_the_context_is_refused_not_read() -> None:
+    model = prepared("q_lora", "fp32")
+    fused = engines(model)[True].runner.fused
+    assert fused is not None
+    with pytest.raises(MlakitError, match="positions must lie in"):
+        fused.run([1], [model.config.max_seq_len], [[0] * (model.config.max_seq_len // 4 + 1)])
 
 
 @needs_native
