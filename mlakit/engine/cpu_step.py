@@ -146,6 +146,7 @@ class FusedDecode:
         self.native.mla_decode_step.argtypes = _STEP_ARGS
         self.model = model
         self.block_size = cache.block_size
+        self.split_rows = 512  # fewest cached rows per attention work item (below, one item per sequence)
         self.dtype = model.embed.weight.dtype
         c = model.config
         att = c.attention
@@ -255,7 +256,7 @@ class FusedDecode:
         x = self.model.embed_tokens(torch.tensor(tokens).unsqueeze(0))[0].to(torch.float32).contiguous()  # [B, hidden]
         threads = torch.get_num_threads()
         longest = max(positions) + 1
-        splits = max(1, min(math.ceil(longest / 512), math.ceil(2 * threads / b)))
+        splits = max(1, min(math.ceil(longest / self.split_rows), math.ceil(2 * threads / b)))
         rc = self.native.mla_decode_step(
             ctypes.byref(self.dims), len(self.layers), self.layers, b, x.data_ptr(), pos.data_ptr(),
             slots.data_ptr(), table.data_ptr(), table.stride(0), lens.data_ptr(), bs, splits, threads,
