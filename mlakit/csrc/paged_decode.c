@@ -58,6 +58,15 @@ typedef float v16 __attribute__((vector_size(64))); /* 16 floats: one zmm, or tw
 #define VL 16
 #define ROUND16(n) (((n) + VL - 1) / VL * VL)
 
+/* cache slots of positions t0 .. t0 + n - 1 through a block table: one division per tile, not per row */
+static inline void tile_slots(const int64_t *table, int block_size, int64_t t0, int n, int64_t *slots) {
+    int64_t blk = t0 / block_size, off = t0 % block_size;
+    for (int j = 0; j < n; j++) {
+        slots[j] = table[blk] * block_size + off;
+        if (++off == block_size) off = 0, blk++;
+    }
+}
+
 static inline float hsum(v16 v) {
     float s = 0.f;
     for (int i = 0; i < VL; i++) s += v[i];
@@ -258,12 +267,10 @@ static void attend_range_mla_bf16(const __m512bh *qb, int nq, int dk, int dv, co
     for (int64_t t0 = p0; t0 < p1; t0 += TILE) {
         int n = (int)((p1 - t0) < TILE ? (p1 - t0) : TILE), ng = (n + 15) / 16, npk = (n + 1) / 2;
         const uint16_t *rp[TILE];
-        int64_t blk = t0 / block_size, off = t0 % block_size; /* one division per tile, not per row */
-        for (int j = 0; j < n; j++) {
-            rp[j] = base + (table[blk] * block_size + off) * stride;
-            if (++off == block_size) off = 0, blk++;
-        }
-        for (int j = n; j < ng * 16; j++) rp[j] = rp[n - 1]; /* past n: repeat the last row (weight zero) */
+        int64_t slots[TILE];
+        tile_slots(table, block_size, t0, n, slots);
+        for (int j = 0; j < ng * 16; j++) /* past n: repeat the last row (weight zero) */
+            rp[j] = base + slots[j < n ? j : n - 1] * stride;
         for (int g = 0; g < ng; g++)
             for (int k = 0; k < nchunk; k++) {
                 __mmask32 mk = dk - 32 * k >= 32 ? 0xffffffffu : ((1u << (dk - 32 * k)) - 1u);
@@ -353,12 +360,13 @@ static void attend_range(const float *restrict q, int nq, int dk, int dv, const 
     for (int64_t t0 = p0; t0 < p1; t0 += TILE) {
         int n = (int)((p1 - t0) < TILE ? (p1 - t0) : TILE);
         int n16 = (n + VL - 1) / VL * VL; /* rows past n hold zeros or stale finite values: scored, never used */
+        int64_t slots[TILE];
+        tile_slots(table, block_size, t0, n, slots);
 #ifdef HAVE_DPBF16
         if (qb != NULL) { /* bf16 rows: keep them as they are for the scores, convert only the values */
             const uint16_t *rp[TILE];
             for (int j = 0; j < n16; j++) {
-                int64_t p = t0 + (j < n ? j : n - 1); /* past n: repeat the last row (scored, never used) */
-                int64_t slot = table[p / block_size] * block_size + p % block_size;
+                int64_t slot = slots[j < n ? j : n - 1]; /* past n: repeat the last row (scored, never used) */
                 rp[j] = (const uint16_t *)k_base + slot * k_stride + k_off;
                 if (j < n) load_row(v_base, dtype, slot * v_stride + v_off, dv, 1.f, vt + (size_t)j * dvp);
             }
@@ -374,8 +382,7 @@ static void attend_range(const float *restrict q, int nq, int dk, int dv, const 
         }
 #endif
         for (int j = 0; j < n; j++) {
-            int64_t p = t0 + j;
-            int64_t slot = table[p / block_size] * block_size + p % block_size;
+            int64_t slot = slots[j];
             float ks = k_scale ? k_scale[slot] : 1.f;
             load_row(k_base, dtype, slot * k_stride + k_off, dk, ks, kt + (size_t)j * dkp);
             if (!same_row) {
