@@ -276,6 +276,17 @@ static void attend_range_mla_bf16(const __m512bh *qb, int nq, int dk, int dv, co
         tile_slots(table, block_size, t0, n, slots);
         for (int j = 0; j < ng * 16; j++) /* past n: repeat the last row (weight zero) */
             rp[j] = base + slots[j < n ? j : n - 1] * stride;
+        if (t0 + TILE < p1) { /* the next tile's rows into the cache while this one is computed: the
+                                 strided row loads of the transposes defeat the hardware prefetchers */
+            int nn = (int)((p1 - t0 - TILE) < TILE ? (p1 - t0 - TILE) : TILE);
+            int64_t next[TILE];
+            tile_slots(table, block_size, t0 + TILE, nn, next);
+            for (int j = 0; j < nn; j++) {
+                const char *row = (const char *)(base + next[j] * stride);
+                for (int b = 0; b < 2 * dk; b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
+                _mm_prefetch(row + 2 * dk - 1, _MM_HINT_T0);
+            }
+        }
         for (int g = 0; g < ng; g++)
             for (int k = 0; k < nchunk; k++) {
                 __mmask32 mk = dk - 32 * k >= 32 ? 0xffffffffu : ((1u << (dk - 32 * k)) - 1u);
