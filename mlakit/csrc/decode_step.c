@@ -18,7 +18,7 @@
  *
  * The residual stream x stays fp32 for the whole step (the PyTorch path rounds it to the
  * activation dtype after every op; the tests bound the difference). Linear layers are int8
- * (mlakit_int8_gemv, VNNI) or fp32 (a plain loop the compiler vectorises for the CPU).
+ * (mlakit_int8_gemv, VNNI), fp32 or bf16 (plain loops the compiler vectorises for the CPU).
  * Threads: the weight products and the attention split over OpenMP threads; the small per-token
  * pieces (norms, RoPE, the absorption) run on the calling thread.
  */
@@ -27,7 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { LIN_NONE = 0, LIN_INT8 = 1, LIN_F32 = 2 };
+enum { LIN_NONE = 0, LIN_INT8 = 1, LIN_F32 = 2, LIN_BF16 = 3 };
 enum { ROW_F32 = 0, ROW_BF16 = 1, ROW_I8 = 2 };
 enum { ACT_SILU = 0, ACT_GELU_TANH = 1 };
 
@@ -35,7 +35,7 @@ enum { ACT_SILU = 0, ACT_GELU_TANH = 1 };
 typedef struct {
     int64_t kind; /* LIN_* */
     int64_t n, k, kp; /* out features, in features, in features padded to 64 (int8) */
-    const void *w;       /* int8: uint8 tiles [n / 16, kp / 64, 16, 64] (+128, int8_gemv.c); fp32: float [n, k] */
+    const void *w; /* int8: uint8 tiles [n / 16, kp / 64, 16, 64] (+128, int8_gemv.c); fp32: float [n, k]; bf16: [n, k] */
     const float *scale;  /* int8: per output channel; else NULL */
     const float *bias;   /* [n] or NULL */
 } Linear;
@@ -69,16 +69,35 @@ static int linear(const Linear *l, int M, const float *x, float *y, int n_thread
     if (l->kind == LIN_INT8)
         return mlakit_int8_gemv(M, (int)l->n, (int)l->k, (int)l->kp, x, (const uint8_t *)l->w, l->scale, l->bias, y,
                                 0, n_threads);
-    if (l->kind != LIN_F32) return 4;
-    const float *w = (const float *)l->w;
     int64_t n = l->n, k = l->k;
+    if (l->kind == LIN_F32) {
+        const float *w = (const float *)l->w;
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+        for (int64_t o = 0; o < n; o++) {
+            const float *wr = w + o * k;
+            for (int m = 0; m < M; m++) {
+                const float *xr = x + (int64_t)m * k;
+                float s = 0.f;
+                for (int64_t j = 0; j < k; j++) s += xr[j] * wr[j];
+                y[(int64_t)m * n + o] = s + (l->bias ? l->bias[o] : 0.f);
+            }
+        }
+        return 0;
+    }
+    if (l->kind != LIN_BF16) return 4;
+    const uint16_t *w = (const uint16_t *)l->w; /* bf16 weights widened in registers, products in fp32 */
 #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int64_t o = 0; o < n; o++) {
-        const float *wr = w + o * k;
+        const uint16_t *wr = w + o * k;
         for (int m = 0; m < M; m++) {
             const float *xr = x + (int64_t)m * k;
             float s = 0.f;
-            for (int64_t j = 0; j < k; j++) s += xr[j] * wr[j];
+            for (int64_t j = 0; j < k; j++) {
+                uint32_t u = (uint32_t)wr[j] << 16;
+                float f;
+                memcpy(&f, &u, 4);
+                s += xr[j] * f;
+            }
             y[(int64_t)m * n + o] = s + (l->bias ? l->bias[o] : 0.f);
         }
     }

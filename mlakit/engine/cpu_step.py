@@ -18,8 +18,8 @@ greedy tokens.
 
 What it implements: every layer MLA with decoupled RoPE (absorbed decode), with or without
 ``q_lora_rank`` and ``kv_norm``, per-layer ``kv_lora_rank``, SiLU or GeGLU MLPs, biases;
-weights int8 (the VNNI kernel) or fp32; cache rows fp32, bf16 or int8. Not: baseline
-(GQA) attention, post-norms (Gemma), bf16 weights (reason logged once; the model's path runs).
+weights int8 (the VNNI kernel), fp32 or bf16; cache rows fp32, bf16 or int8. Not: baseline
+(GQA) attention, post-norms (Gemma) (reason logged once; the model's path runs).
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ from mlakit.rope import rope_tables
 logger = logging.getLogger(__name__)
 
 MAX_ROWS = 16  # the int8 kernel's row limit (INT8_GEMV_MAX_ROWS); larger batches run the model
-_LIN_NONE, _LIN_INT8, _LIN_F32 = 0, 1, 2
+_LIN_NONE, _LIN_INT8, _LIN_F32, _LIN_BF16 = 0, 1, 2, 3
+_FLOAT_LINEARS = {torch.float32: _LIN_F32, torch.bfloat16: _LIN_BF16}
 _ACTS = {"silu": 0, "gelu_tanh": 1}
 _i64, _p = ctypes.c_int64, ctypes.c_void_p
 
@@ -85,8 +86,8 @@ def _linear_reason(name: str, module: nn.Module | None) -> str:
         return "" if module.native is not None else f"{name} is int8 without the VNNI kernel (AVX512-VNNI absent?)"
     if type(module) is nn.Linear:
         dt = module.weight.dtype
-        return "" if dt == torch.float32 else f"{name} weights are {str(dt).removeprefix('torch.')} (int8 or fp32 only)"
-    return f"{name} is {type(module).__name__} (fused projections of int8 or fp32 weights only)"
+        return "" if dt in _FLOAT_LINEARS else f"{name} weights are {str(dt).removeprefix('torch.')} (int8, fp32, bf16)"
+    return f"{name} is {type(module).__name__} (fused projections of int8, fp32 or bf16 weights only)"
 
 
 def fused_decode_reason(
@@ -136,7 +137,7 @@ class FusedDecode:
     Build it only where :func:`fused_decode_reason` returns ``""``; ``native``: the kernels to call
     (default: this CPU's, :func:`mlakit.native.load_native`). Holds fp32 copies of the
     norms, the absorbed ``W_UK`` / ``W_UV`` and the RoPE tables; the weights themselves are read
-    in place (the model's int8 or fp32 buffers), so the model must not be modified afterwards.
+    in place (the model's int8, fp32 or bf16 tensors), so the model must not be modified afterwards.
     """
 
     def __init__(self, model: Transformer, cache: PagedCache, native: NativeKernels | None = None) -> None:
@@ -224,12 +225,14 @@ class FusedDecode:
             )
         assert isinstance(module, nn.Linear)
         b = module.bias
+        w = module.weight.detach().contiguous()  # fp32 or bf16, read in place
+        self._keep.append(w)
         return _Linear(
-            kind=_LIN_F32,
+            kind=_FLOAT_LINEARS[w.dtype],
             n=module.out_features,
             k=module.in_features,
             kp=module.in_features,
-            w=self._ptr(module.weight),
+            w=w.data_ptr(),
             scale=None,
             bias=None if b is None else self._ptr(b),
         )
