@@ -60,7 +60,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "--no-fused-decode",
         dest="fused_decode",
         action="store_false",
-        help="on CPU, run decode steps through the model instead of the fused C step (absorbed MLA models)",
+        help="on CPU, run decode steps through the model instead of the fused C step (absorbed MLA and GQA models)",
     )
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 

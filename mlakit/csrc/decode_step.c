@@ -50,10 +50,16 @@ typedef struct {
     float *row_scale;                                     /* int8 storage: [slots]; else NULL */
     int64_t row_dtype, row_stride;                        /* ROW_*, elements between rows */
     int64_t rank;                                         /* this layer's kv_lora_rank (conversions vary it) */
+    /* baseline (MHA/GQA/MQA) layers: K rows in rows/row_scale, V rows here; per-head norms or NULL */
+    void *v_rows;
+    float *v_row_scale;
+    const float *q_head_norm, *k_head_norm; /* [head_dim] */
 } Layer;
 
-typedef struct { /* rank: the largest of the layers' ranks (sizes the buffers) */
-    int64_t hidden, heads, q_lora, rank, d_nope, d_rope, d_v, inter, act;
+/* MLA models: heads, q_lora, rank (the largest of the layers' ranks: it sizes the buffers), d_nope,
+ * d_rope, d_v. Baseline models (mla = 0): heads, kv_heads, head_dim (RoPE over the whole head). */
+typedef struct {
+    int64_t hidden, heads, q_lora, rank, d_nope, d_rope, d_v, inter, act, mla, kv_heads, head_dim;
     float eps, softmax_scale;
 } Dims;
 
@@ -129,22 +135,24 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
     return (uint16_t)(u >> 16);
 }
 
-static void write_row(const Layer *L, int64_t slot, const float *row, int64_t w) {
-    if (L->row_dtype == ROW_F32) {
-        memcpy((float *)L->rows + slot * L->row_stride, row, sizeof(float) * w);
-    } else if (L->row_dtype == ROW_BF16) {
-        uint16_t *dst = (uint16_t *)L->rows + slot * L->row_stride;
+/* one row of w values into storage `rows` (dtype ROW_*, `stride` elements per slot; int8: + per-row scale) */
+static void write_row(void *rows, float *row_scale, int64_t dtype, int64_t stride, int64_t slot, const float *row,
+                      int64_t w) {
+    if (dtype == ROW_F32) {
+        memcpy((float *)rows + slot * stride, row, sizeof(float) * w);
+    } else if (dtype == ROW_BF16) {
+        uint16_t *dst = (uint16_t *)rows + slot * stride;
         for (int64_t i = 0; i < w; i++) dst[i] = f32_to_bf16(row[i]);
     } else { /* symmetric int8, one scale per row (mlakit.paged.PagedRows.write) */
         float amax = 0.f;
         for (int64_t i = 0; i < w; i++) amax = fabsf(row[i]) > amax ? fabsf(row[i]) : amax;
         float s = (amax > 1e-12f ? amax : 1e-12f) / 127.f;
-        int8_t *dst = (int8_t *)L->rows + slot * L->row_stride;
+        int8_t *dst = (int8_t *)rows + slot * stride;
         for (int64_t i = 0; i < w; i++) {
             float q = nearbyintf(row[i] / s);
             dst[i] = (int8_t)(q > 127.f ? 127.f : q < -127.f ? -127.f : q);
         }
-        L->row_scale[slot] = s;
+        row_scale[slot] = s;
     }
 }
 
@@ -153,96 +161,139 @@ static inline float act(float g, int64_t kind) {
     return 0.5f * g * (1.f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
 }
 
+typedef struct { /* one step's batch, as the entry point received it */
+    int M;
+    const int64_t *positions, *slots, *tables, *ctx_lens;
+    int64_t table_stride;
+    int block_size, n_splits, n_threads;
+} Step;
+
+/* MLA attention of one layer: h [M, hidden] (normed input) -> o [M, H * d_v]; y, q, qj, ol scratch */
+static int mla_attention(const Dims *d, const Layer *L, const Step *S, const float *h, float *y, float *q, float *qj,
+                         float *ol, float *o) {
+    int M = S->M;
+    int64_t H = d->heads, r = L->rank, dn = d->d_nope, dr = d->d_rope, dv = d->d_v;
+    int64_t qk = dn + dr, jw = r + dr, q_out = d->q_lora ? d->q_lora : H * qk, in_w = q_out + r + dr;
+    int rc;
+    if ((rc = linear(&L->w_in, M, h, y, S->n_threads))) return rc;
+    const float *qsrc = y; /* queries [M, H * qk] at row stride qs */
+    int64_t qs = in_w;
+    if (d->q_lora) {
+        for (int m = 0; m < M; m++) rmsnorm(y + m * in_w, L->q_norm, d->q_lora, d->eps, q + m * d->q_lora);
+        if ((rc = linear(&L->w_uq, M, q, o, S->n_threads))) return rc; /* o: free until the attention below */
+        qsrc = o;
+        qs = H * qk;
+    }
+    for (int m = 0; m < M; m++) {
+        int64_t p = S->positions[m];
+        const float *cs = L->cos + p * dr, *sn = L->sin + p * dr;
+        const float *yr = y + m * in_w;
+        float row[jw];
+        if (L->kv_norm)
+            rmsnorm(yr + q_out, L->kv_norm, r, d->eps, row);
+        else
+            memcpy(row, yr + q_out, sizeof(float) * r);
+        memcpy(row + r, yr + q_out + r, sizeof(float) * dr);
+        rope(row + r, cs, sn, dr);
+        write_row(L->rows, L->row_scale, L->row_dtype, L->row_stride, S->slots[m], row, jw);
+        for (int64_t hh = 0; hh < H; hh++) {
+            const float *qh = qsrc + m * qs + hh * qk; /* [q_nope | q_rope] of head hh */
+            float *out = qj + (m * H + hh) * jw;
+            const float *wk = L->w_uk + hh * dn * r;
+            for (int64_t j = 0; j < r; j++) out[j] = 0.f;
+            for (int64_t i = 0; i < dn; i++) {
+                float a = qh[i] * d->softmax_scale;
+                for (int64_t j = 0; j < r; j++) out[j] += a * wk[i * r + j];
+            }
+            for (int64_t i = 0; i < dr; i++) out[r + i] = qh[dn + i];
+            rope(out + r, cs, sn, dr);
+            for (int64_t i = 0; i < dr; i++) out[r + i] *= d->softmax_scale;
+        }
+    }
+    if ((rc = mlakit_paged_decode(M, 1, (int)H, (int)jw, (int)r, qj, L->rows, L->rows, L->row_scale, L->row_scale,
+                                  (int)L->row_dtype, L->row_stride, L->row_stride, 0, S->tables, S->table_stride,
+                                  S->ctx_lens, S->block_size, S->n_splits, S->n_threads, ol)))
+        return rc;
+    for (int m = 0; m < M; m++)
+        for (int64_t hh = 0; hh < H; hh++) {
+            const float *a = ol + (m * H + hh) * r, *wv = L->w_uv + hh * r * dv;
+            float *out = o + m * H * dv + hh * dv;
+            for (int64_t j = 0; j < dv; j++) out[j] = 0.f;
+            for (int64_t i = 0; i < r; i++)
+                for (int64_t j = 0; j < dv; j++) out[j] += a[i] * wv[i * dv + j];
+        }
+    return 0;
+}
+
+/* Baseline (MHA/GQA/MQA) attention of one layer: h [M, hidden] -> o [M, H * D]; y, qj scratch.
+ * [q | k | v] = W_in h; per-head norms (qk_norm), RoPE on q and k, K and V rows written, then
+ * paged_decode with G groups of H / G query heads (query head h reads kv head h / (H / G)). */
+static int gqa_attention(const Dims *d, const Layer *L, const Step *S, const float *h, float *y, float *qj, float *o) {
+    int M = S->M;
+    int64_t H = d->heads, G = d->kv_heads, D = d->head_dim, in_w = (H + 2 * G) * D;
+    int rc;
+    if ((rc = linear(&L->w_in, M, h, y, S->n_threads))) return rc;
+    for (int m = 0; m < M; m++) {
+        int64_t p = S->positions[m];
+        const float *cs = L->cos + p * D, *sn = L->sin + p * D;
+        float *yr = y + m * in_w; /* rotated in place */
+        for (int64_t hh = 0; hh < H + G; hh++) { /* the H query heads, then the G key heads */
+            float *v = yr + hh * D;
+            const float *norm = hh < H ? L->q_head_norm : L->k_head_norm;
+            if (norm) rmsnorm(v, norm, D, d->eps, v);
+            rope(v, cs, sn, D);
+        }
+        for (int64_t i = 0; i < H * D; i++) qj[m * H * D + i] = yr[i] * d->softmax_scale;
+        write_row(L->rows, L->row_scale, L->row_dtype, L->row_stride, S->slots[m], yr + H * D, G * D);
+        write_row(L->v_rows, L->v_row_scale, L->row_dtype, L->row_stride, S->slots[m], yr + (H + G) * D, G * D);
+    }
+    return mlakit_paged_decode(M, (int)G, (int)(H / G), (int)D, (int)D, qj, L->rows, L->v_rows, L->row_scale,
+                               L->v_row_scale, (int)L->row_dtype, L->row_stride, L->row_stride, D, S->tables,
+                               S->table_stride, S->ctx_lens, S->block_size, S->n_splits, S->n_threads, o);
+}
+
 /* All layers for M decode tokens: x [M, hidden] fp32 (embedded tokens in, last hidden states out).
  * positions/slots [M]; tables [M, table_stride] block ids; ctx_lens [M] (= positions + 1).
  * Returns 0, or non-zero when a buffer cannot be allocated or a kernel refuses its shapes. */
 int mlakit_mla_decode_step(const Dims *d, int n_layers, const Layer *layers, int M, float *x, const int64_t *positions,
                            const int64_t *slots, const int64_t *tables, int64_t table_stride, const int64_t *ctx_lens,
                            int block_size, int n_splits, int n_threads) {
-    int64_t H = d->heads, r = d->rank, dn = d->d_nope, dr = d->d_rope, dv = d->d_v, hid = d->hidden;
-    int64_t qk = dn + dr, jw = r + dr, q_out = d->q_lora ? d->q_lora : H * qk;
-    int64_t in_w = q_out + r + dr;
-    int64_t widest = in_w > 2 * d->inter ? in_w : 2 * d->inter;
-    widest = widest > H * qk ? widest : H * qk;
-    widest = widest > hid ? widest : hid;
-    widest = widest > H * r ? widest : H * r;
-    widest = widest > H * dv ? widest : H * dv;
-    /* four [M, widest] scratch rows: h (normed input), y (product out), q (queries / gate), o (attention out) */
-    float *buf = (float *)malloc(sizeof(float) * 4 * (size_t)M * (widest + jw + 16));
-    float *qj = (float *)malloc(sizeof(float) * (size_t)M * H * jw);
-    float *ol = (float *)malloc(sizeof(float) * (size_t)M * H * r);
-    if (!buf || !qj || !ol) {
-        free(buf);
-        free(qj);
-        free(ol);
-        return 1;
+    const Step S = {M, positions, slots, tables, ctx_lens, table_stride, block_size, n_splits, n_threads};
+    int64_t H = d->heads, hid = d->hidden, I = d->inter;
+    int64_t in_w, q_w, o_w; /* widest input-projection output, query row, attention output per token */
+    if (d->mla) {
+        int64_t qk = d->d_nope + d->d_rope, jw = d->rank + d->d_rope;
+        in_w = (d->q_lora ? d->q_lora : H * qk) + jw;
+        q_w = H * (jw > qk ? jw : qk);
+        o_w = H * (d->d_v > d->rank ? d->d_v : d->rank);
+    } else {
+        in_w = (H + 2 * d->kv_heads) * d->head_dim;
+        q_w = o_w = H * d->head_dim;
     }
-    size_t st = (size_t)M * (widest + jw + 16);
-    float *h = buf, *y = buf + st, *q = buf + 2 * st, *o = buf + 3 * st;
+    int64_t widest = in_w > 2 * I ? in_w : 2 * I;
+    widest = widest > hid ? widest : hid;
+    widest = widest > q_w ? widest : q_w;
+    widest = widest > o_w ? widest : o_w;
+    /* [M, widest] scratch: h (normed input), y (product out), q (q_lora input / gate), o (attention
+     * out), qj (queries for the kernel), ol (MLA latent attention out) */
+    size_t st = (size_t)M * (widest + 16);
+    float *buf = (float *)malloc(sizeof(float) * 6 * st);
+    if (!buf) return 1;
+    float *h = buf, *y = buf + st, *q = buf + 2 * st, *o = buf + 3 * st, *qj = buf + 4 * st, *ol = buf + 5 * st;
     int rc = 0;
     for (int li = 0; li < n_layers && !rc; li++) {
         const Layer *L = layers + li;
-        r = L->rank, jw = r + dr, in_w = q_out + r + dr;
         for (int m = 0; m < M; m++) rmsnorm(x + m * hid, L->attn_norm, hid, d->eps, h + m * hid);
-        if ((rc = linear(&L->w_in, M, h, y, n_threads))) break;
-        const float *qsrc = y; /* queries [M, H * qk] at row stride qs */
-        int64_t qs = in_w;
-        if (d->q_lora) {
-            for (int m = 0; m < M; m++) rmsnorm(y + m * in_w, L->q_norm, d->q_lora, d->eps, h + m * d->q_lora);
-            if ((rc = linear(&L->w_uq, M, h, q, n_threads))) break;
-            qsrc = q;
-            qs = H * qk;
-        }
-        for (int m = 0; m < M; m++) {
-            int64_t p = positions[m];
-            const float *cs = L->cos + p * dr, *sn = L->sin + p * dr;
-            float *yr = y + m * in_w;
-            float row[jw];
-            if (L->kv_norm)
-                rmsnorm(yr + q_out, L->kv_norm, r, d->eps, row);
-            else
-                memcpy(row, yr + q_out, sizeof(float) * r);
-            memcpy(row + r, yr + q_out + r, sizeof(float) * dr);
-            rope(row + r, cs, sn, dr);
-            write_row(L, slots[m], row, jw);
-            for (int64_t hh = 0; hh < H; hh++) {
-                const float *qh = qsrc + m * qs + hh * qk; /* [q_nope | q_rope] of head hh */
-                float *out = qj + (m * H + hh) * jw;
-                const float *wk = L->w_uk + hh * dn * r;
-                for (int64_t j = 0; j < r; j++) out[j] = 0.f;
-                for (int64_t i = 0; i < dn; i++) {
-                    float a = qh[i] * d->softmax_scale;
-                    for (int64_t j = 0; j < r; j++) out[j] += a * wk[i * r + j];
-                }
-                for (int64_t i = 0; i < dr; i++) out[r + i] = qh[dn + i];
-                rope(out + r, cs, sn, dr);
-                for (int64_t i = 0; i < dr; i++) out[r + i] *= d->softmax_scale;
-            }
-        }
-        if ((rc = mlakit_paged_decode(M, 1, (int)H, (int)jw, (int)r, qj, L->rows, L->rows, L->row_scale, L->row_scale,
-                                      (int)L->row_dtype, L->row_stride, L->row_stride, 0, tables, table_stride,
-                                      ctx_lens, block_size, n_splits, n_threads, ol)))
-            break;
-        for (int m = 0; m < M; m++)
-            for (int64_t hh = 0; hh < H; hh++) {
-                const float *a = ol + (m * H + hh) * r, *wv = L->w_uv + hh * r * dv;
-                float *out = o + m * H * dv + hh * dv;
-                for (int64_t j = 0; j < dv; j++) out[j] = 0.f;
-                for (int64_t i = 0; i < r; i++)
-                    for (int64_t j = 0; j < dv; j++) out[j] += a[i] * wv[i * dv + j];
-            }
-        if ((rc = linear(&L->w_o, M, o, y, n_threads))) break;
+        rc = d->mla ? mla_attention(d, L, &S, h, y, q, qj, ol, o) : gqa_attention(d, L, &S, h, y, qj, o);
+        if (rc || (rc = linear(&L->w_o, M, o, y, n_threads))) break;
         for (int64_t i = 0; i < M * hid; i++) x[i] += y[i];
         for (int m = 0; m < M; m++) rmsnorm(x + m * hid, L->mlp_norm, hid, d->eps, h + m * hid);
         if ((rc = linear(&L->w_gate_up, M, h, y, n_threads))) break;
-        int64_t I = d->inter;
         for (int m = 0; m < M; m++)
             for (int64_t i = 0; i < I; i++) q[m * I + i] = act(y[m * 2 * I + i], d->act) * y[m * 2 * I + I + i];
         if ((rc = linear(&L->w_down, M, q, y, n_threads))) break;
         for (int64_t i = 0; i < M * hid; i++) x[i] += y[i];
     }
     free(buf);
-    free(qj);
-    free(ol);
     return rc;
 }

@@ -41,7 +41,7 @@ class EngineConfig(RuntimeConfig):
             absorbed MLA decode, the ``triton`` backend; :mod:`mlakit.engine.graphs`); elsewhere,
             or when a capture fails (logged), steps run eagerly. Ignored on CPU.
         fused_decode: on CPU, run decode-only steps of up to 16 sequences through one C call
-            for all layers where the model allows it (absorbed MLA, int8, fp32 or bf16 weights, the
+            for all layers where the model allows it (absorbed MLA or GQA, int8, fp32 or bf16 weights, the
             ``cpu`` backend; :mod:`mlakit.engine.cpu_step`); elsewhere (logged) through the model.
     """
 

@@ -1,4 +1,4 @@
-"""The fused CPU decode step: every layer of an absorbed MLA decode step in one C call.
+"""The fused CPU decode step: every layer of a decode step in one C call (absorbed MLA or GQA).
 
 At batch 1 a decode step of a small model costs more in Python and PyTorch dispatch than in
 arithmetic: SmolLM2-135M converted to MLA runs ~40 small ops per layer (norms, RoPE, splits,
@@ -6,9 +6,10 @@ casts, the absorption, residual adds) around its five weight products, 30 layers
 the CPU's counterpart of :mod:`mlakit.engine.graphs` (CUDA graphs): for decode-only steps of up
 to :data:`MAX_ROWS` sequences the runner hands the whole layer stack to ``mlakit_mla_decode_step``
 (``mlakit/csrc/decode_step.c``), which runs the same maths as
-:class:`~mlakit.attention.mla.MultiHeadLatentAttention`'s paged absorbed decode and
+:class:`~mlakit.attention.mla.MultiHeadLatentAttention`'s paged absorbed decode (or
+:class:`~mlakit.attention.mha.GroupedQueryAttention`'s paged decode) and
 :class:`~mlakit.model.Block`, with the residual stream in fp32, the weight products through
-``int8_gemv`` (VNNI) or a plain fp32 loop, and the attention through ``paged_decode``. The
+``int8_gemv`` (VNNI) or plain fp32/bf16 loops, and the attention through ``paged_decode``. The
 embedding, the final norm and the head stay the model's own (one call each).
 
 The model stays the reference: the fast path is taken only where :func:`fused_decode_reason`
@@ -17,9 +18,10 @@ batches, other models) runs the model's forward. The tests compare the two paths
 greedy tokens.
 
 What it implements: every layer MLA with decoupled RoPE (absorbed decode), with or without
-``q_lora_rank`` and ``kv_norm``, per-layer ``kv_lora_rank``, SiLU or GeGLU MLPs, biases;
-weights int8 (the VNNI kernel), fp32 or bf16; cache rows fp32, bf16 or int8. Not: baseline
-(GQA) attention, post-norms (Gemma) (reason logged once; the model's path runs).
+``q_lora_rank`` and ``kv_norm``, per-layer ``kv_lora_rank``; or every layer MHA/GQA/MQA, with
+or without ``qk_norm`` and q/k/v biases; SiLU or GeGLU MLPs, biases; weights int8 (the VNNI
+kernel), fp32 or bf16; cache rows fp32, bf16 or int8. Not: the naive (decompressing) MLA decode,
+full-RoPE MLA, post-norms (Gemma) (reason logged once; the model's path runs).
 """
 
 from __future__ import annotations
@@ -64,12 +66,29 @@ class _Layer(ctypes.Structure):  # Layer in decode_step.c
         ("row_dtype", _i64),
         ("row_stride", _i64),
         ("rank", _i64),
+        *((name, _p) for name in ("v_rows", "v_row_scale", "q_head_norm", "k_head_norm")),
     ]
 
 
 class _Dims(ctypes.Structure):  # Dims in decode_step.c
     _fields_ = [
-        *((name, _i64) for name in ("hidden", "heads", "q_lora", "rank", "d_nope", "d_rope", "d_v", "inter", "act")),
+        *(
+            (name, _i64)
+            for name in (
+                "hidden",
+                "heads",
+                "q_lora",
+                "rank",
+                "d_nope",
+                "d_rope",
+                "d_v",
+                "inter",
+                "act",
+                "mla",
+                "kv_heads",
+                "head_dim",
+            )
+        ),
         ("eps", ctypes.c_float),
         ("softmax_scale", ctypes.c_float),
     ]
@@ -104,30 +123,36 @@ def fused_decode_reason(
     c = model.config
     if c.post_norms:
         return "post-norms (Gemma 2/3) are not implemented in the fused step"
-    if model.attention_path(runtime, decode=True) != "absorbed":
-        return "only the absorbed MLA decode is fused"
     first = c.attention
+    mla = isinstance(first, MLAConfig)
+    if mla and model.attention_path(runtime, decode=True) != "absorbed":
+        return "the MLA decode path is not absorbed (only the absorbed MLA decode is fused)"
+    same = (
+        ("num_heads", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "q_lora_rank", "kv_norm")
+        if mla
+        else ("num_heads", "num_kv_heads", "head_dim", "qk_norm")
+    )
     for i, layer in enumerate(cast(list[Block], list(model.layers))):
         att, attn = c.layer_attention(i), layer.attn
-        if not isinstance(att, MLAConfig) or not isinstance(attn, MultiHeadLatentAttention):
-            return f"layer {i} is not MLA"
-        assert isinstance(first, MLAConfig)
-        same = ("num_heads", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "q_lora_rank", "rms_norm_eps")
-        if any(getattr(att, f) != getattr(first, f) for f in same) or att.kv_norm != first.kv_norm:
+        if isinstance(att, MLAConfig) != mla or isinstance(attn, MultiHeadLatentAttention) != mla:
+            return f"layer {i} is not of layer 0's attention kind"
+        if any(getattr(att, f) != getattr(first, f) for f in (*same, "rms_norm_eps")):
             return f"layer {i}'s attention differs from layer 0's beyond kv_lora_rank"
-        if att.rope_dim != att.qk_rope_head_dim or att.qk_rope_head_dim % 2:
+        if isinstance(att, MLAConfig) and (att.rope_dim != att.qk_rope_head_dim or att.qk_rope_head_dim % 2):
             return f"layer {i}'s rotary width {att.rope_dim} is not its rope head width {att.qk_rope_head_dim}"
         if attn.fused_in is None or layer.mlp.w_gate_up is None:
             return "projections are not fused (mlakit.quant.prepare_weights fuses them)"
         parts = [("fused input projection", attn.fused_in), ("w_o", attn.w_o), ("w_gate_up", layer.mlp.w_gate_up)]
-        parts += [("w_down", layer.mlp.w_down)] + ([("w_uq", attn.w_uq)] if att.q_lora_rank is not None else [])
+        parts.append(("w_down", layer.mlp.w_down))
+        if isinstance(att, MLAConfig) and att.q_lora_rank is not None:
+            parts.append(("w_uq", cast(MultiHeadLatentAttention, attn).w_uq))
         for name, module in parts:
             why = _linear_reason(name, module)
             if why:
                 return f"layer {i}: {why}"
-        rows = cache.layers[i][0]
-        if rows.data.dtype not in DTYPE_CODES:
-            return f"cache rows of {rows.data.dtype}"
+        dtypes = {rows.data.dtype for rows in cache.layers[i]}
+        if not dtypes <= set(DTYPE_CODES):
+            return f"cache rows of {', '.join(map(str, dtypes))}"
     return ""
 
 
@@ -151,57 +176,58 @@ class FusedDecode:
         self.dtype = model.embed.weight.dtype
         c = model.config
         att = c.attention
-        assert isinstance(att, MLAConfig)
+        mla = isinstance(att, MLAConfig)
         self._keep: list[torch.Tensor] = []  # everything the C structures point into
-        ranks = [c.layer_attention(i).kv_lora_rank for i in range(c.num_layers)]  # type: ignore[union-attr]
+        ranks = [getattr(c.layer_attention(i), "kv_lora_rank", 0) for i in range(c.num_layers)]
         self.dims = _Dims(
             hidden=c.hidden_size,
             heads=att.num_heads,
-            q_lora=att.q_lora_rank or 0,
-            rank=max(ranks),
-            d_nope=att.qk_nope_head_dim,
-            d_rope=att.qk_rope_head_dim,
-            d_v=att.v_head_dim,
             inter=c.intermediate_size,
             act=_ACTS[c.mlp_act],
             eps=att.rms_norm_eps,
             softmax_scale=cast(Block, model.layers[0]).attn.scale,
+            mla=int(mla),
         )
+        if isinstance(att, MLAConfig):
+            d = self.dims
+            d.q_lora, d.rank, d.d_nope = att.q_lora_rank or 0, max(ranks), att.qk_nope_head_dim
+            d.d_rope, d.d_v = att.qk_rope_head_dim, att.v_head_dim
+        else:
+            self.dims.kv_heads, self.dims.head_dim = att.num_kv_heads, att.head_dim
         tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.max_positions = c.max_seq_len
         self.layers = (_Layer * c.num_layers)()
         for i, layer in enumerate(cast(list[Block], list(model.layers))):
             attn = layer.attn
-            assert isinstance(attn, MultiHeadLatentAttention)
             rot = attn.rotary
             if id(rot) not in tables:  # fp32 tables (a bf16 model's buffers were rounded)
                 tables[id(rot)] = rope_tables(rot.dim, rot.max_positions, rot.theta, rot.scaling)
             cos, sin = tables[id(rot)]
             self.max_positions = min(self.max_positions, cos.shape[0])
-            w_uk, w_uv = attn._absorbed_weights()  # [H, d_nope, r], [H, r, d_v]; copied to fp32 below
-            rows = cache.layers[i][0]
+            rows = cache.layers[i]
             mlp = layer.mlp
             assert mlp.w_gate_up is not None and attn.fused_in is not None
-            self.layers[i] = _Layer(
-                attn_norm=self._ptr(layer.attn_norm.weight),
-                mlp_norm=self._ptr(layer.mlp_norm.weight),
-                q_norm=self._ptr(attn.q_norm.weight) if att.q_lora_rank is not None else None,
-                kv_norm=self._ptr(attn.kv_norm.weight) if att.kv_norm else None,
-                w_in=self._linear(attn.fused_in),
-                w_uq=self._linear(attn.w_uq) if att.q_lora_rank is not None else _Linear(kind=_LIN_NONE),
-                w_o=self._linear(attn.w_o),
-                w_gate_up=self._linear(mlp.w_gate_up),
-                w_down=self._linear(mlp.w_down),
-                w_uk=self._ptr(w_uk),
-                w_uv=self._ptr(w_uv),
-                cos=self._ptr(cos),
-                sin=self._ptr(sin),
-                rows=rows.data.data_ptr(),
-                row_scale=None if rows.scale is None else rows.scale.data_ptr(),
-                row_dtype=DTYPE_CODES[rows.data.dtype],
-                row_stride=rows.data.stride(0),
-                rank=ranks[i],
-            )
+            lay = self.layers[i]
+            lay.attn_norm, lay.mlp_norm = self._ptr(layer.attn_norm.weight), self._ptr(layer.mlp_norm.weight)
+            lay.w_in, lay.w_o = self._linear(attn.fused_in), self._linear(attn.w_o)
+            lay.w_gate_up, lay.w_down = self._linear(mlp.w_gate_up), self._linear(mlp.w_down)
+            lay.cos, lay.sin = self._ptr(cos), self._ptr(sin)
+            lay.rows = rows[0].data.data_ptr()
+            lay.row_scale = None if rows[0].scale is None else rows[0].scale.data_ptr()
+            lay.row_dtype, lay.row_stride = DTYPE_CODES[rows[0].data.dtype], rows[0].data.stride(0)
+            if isinstance(attn, MultiHeadLatentAttention):
+                w_uk, w_uv = attn._absorbed_weights()  # [H, d_nope, r], [H, r, d_v]; copied to fp32 below
+                lay.w_uk, lay.w_uv, lay.rank = self._ptr(w_uk), self._ptr(w_uv), ranks[i]
+                if attn.config.q_lora_rank is not None:
+                    lay.q_norm, lay.w_uq = self._ptr(attn.q_norm.weight), self._linear(attn.w_uq)
+                if attn.config.kv_norm:
+                    lay.kv_norm = self._ptr(attn.kv_norm.weight)
+            else:
+                lay.v_rows = rows[1].data.data_ptr()
+                lay.v_row_scale = None if rows[1].scale is None else rows[1].scale.data_ptr()
+                if attn.config.qk_norm:
+                    lay.q_head_norm = self._ptr(attn.q_head_norm.weight)
+                    lay.k_head_norm = self._ptr(attn.k_head_norm.weight)
 
     def _ptr(self, t: torch.Tensor) -> int:
         """Address of an fp32, contiguous copy of ``t`` (or of ``t`` itself when it already is one), kept alive."""
