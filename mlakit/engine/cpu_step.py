@@ -200,8 +200,11 @@ class FusedDecode:
         for i, layer in enumerate(cast(list[Block], list(model.layers))):
             attn = layer.attn
             rot = attn.rotary
-            if id(rot) not in tables:  # fp32 tables (a bf16 model's buffers were rounded)
-                tables[id(rot)] = rope_tables(rot.dim, rot.max_positions, rot.theta, rot.scaling)
+            if id(rot) not in tables:  # the model's tables where fp32; a bf16 model's were rounded: fp32 again
+                fp32 = rot.cos.dtype == torch.float32 and rot.cos.device.type == "cpu"
+                tables[id(rot)] = (
+                    (rot.cos, rot.sin) if fp32 else rope_tables(rot.dim, rot.max_positions, rot.theta, rot.scaling)
+                )
             cos, sin = tables[id(rot)]
             self.max_positions = min(self.max_positions, cos.shape[0])
             rows = cache.layers[i]

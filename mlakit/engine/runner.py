@@ -22,7 +22,7 @@ import torch
 from mlakit.attention.backends import AttentionBackend
 from mlakit.attention.metadata import AttentionMetadata
 from mlakit.config import ModelConfig, RuntimeConfig
-from mlakit.engine.cpu_step import FusedDecode, fused_decode_reason
+from mlakit.engine.cpu_step import MAX_ROWS, FusedDecode, fused_decode_reason
 from mlakit.engine.graphs import DecodeGraphs, graph_reason
 from mlakit.errors import MlakitError
 from mlakit.model import Transformer
@@ -77,6 +77,7 @@ class ModelRunner:
                 logger.info("decode steps run through the model, not the fused CPU step: %s", why)
             else:
                 self.fused = FusedDecode(model, cache)
+                logger.info("decode-only steps of up to %d sequences run through the fused CPU step", MAX_ROWS)
 
     @torch.inference_mode()
     def execute(
