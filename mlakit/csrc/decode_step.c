@@ -117,6 +117,17 @@ static void rmsnorm(const float *x, const float *w, int64_t n, float eps, float 
     for (int64_t i = 0; i < n; i++) out[i] = x[i] * inv * w[i];
 }
 
+/* out[0:r] = scale * sum_i a[i] * w[i, 0:r] for w [n, r] row-major (restrict: the accumulator stays in registers) */
+static void vecmat(const float *restrict a, const float *restrict w, int64_t n, int64_t r, float scale,
+                   float *restrict out) {
+    for (int64_t j = 0; j < r; j++) out[j] = 0.f;
+    for (int64_t i = 0; i < n; i++) {
+        float ai = a[i] * scale;
+        const float *restrict wi = w + i * r;
+        for (int64_t j = 0; j < r; j++) out[j] += ai * wi[j];
+    }
+}
+
 /* RoPE, halves layout: out = x * cos + [-x2, x1] * sin, in place on x [d] */
 static void rope(float *x, const float *cos, const float *sin, int64_t d) {
     int64_t half = d / 2;
@@ -199,12 +210,7 @@ static int mla_attention(const Dims *d, const Layer *L, const Step *S, const flo
         for (int64_t hh = 0; hh < H; hh++) {
             const float *qh = qsrc + m * qs + hh * qk; /* [q_nope | q_rope] of head hh */
             float *out = qj + (m * H + hh) * jw;
-            const float *wk = L->w_uk + hh * dn * r;
-            for (int64_t j = 0; j < r; j++) out[j] = 0.f;
-            for (int64_t i = 0; i < dn; i++) {
-                float a = qh[i] * d->softmax_scale;
-                for (int64_t j = 0; j < r; j++) out[j] += a * wk[i * r + j];
-            }
+            vecmat(qh, L->w_uk + hh * dn * r, dn, r, d->softmax_scale, out); /* q_nope W_UK */
             for (int64_t i = 0; i < dr; i++) out[r + i] = qh[dn + i];
             rope(out + r, cs, sn, dr);
             for (int64_t i = 0; i < dr; i++) out[r + i] *= d->softmax_scale;
@@ -215,13 +221,8 @@ static int mla_attention(const Dims *d, const Layer *L, const Step *S, const flo
                                   S->ctx_lens, S->block_size, S->n_splits, S->n_threads, ol)))
         return rc;
     for (int m = 0; m < M; m++)
-        for (int64_t hh = 0; hh < H; hh++) {
-            const float *a = ol + (m * H + hh) * r, *wv = L->w_uv + hh * r * dv;
-            float *out = o + m * H * dv + hh * dv;
-            for (int64_t j = 0; j < dv; j++) out[j] = 0.f;
-            for (int64_t i = 0; i < r; i++)
-                for (int64_t j = 0; j < dv; j++) out[j] += a[i] * wv[i * dv + j];
-        }
+        for (int64_t hh = 0; hh < H; hh++) /* o_h = o_latent W_UV */
+            vecmat(ol + (m * H + hh) * r, L->w_uv + hh * r * dv, r, dv, 1.f, o + m * H * dv + hh * dv);
     return 0;
 }
 
