@@ -6,8 +6,8 @@ Three kernels, one library:
   :mod:`mlakit.attention.backends.cpu`);
 * ``int8_gemv.c``: int8 weight x int8 activation products for a few rows with AVX512-VNNI
   (:class:`mlakit.quant.Int8Linear` at decode);
-* ``decode_step.c``: every layer of an absorbed MLA decode step in one call, built on the two
-  above (the engine's fused CPU decode, :mod:`mlakit.engine.cpu_step`).
+* ``decode_step.c``: every layer of a decode step (absorbed MLA or GQA) in one call, built on the
+  two above (the engine's fused CPU decode, :mod:`mlakit.engine.cpu_step`).
 
 The library is compiled with the system C compiler for *this* CPU (``-O3 -march=native
 -ffast-math -fopenmp``: AVX2, AVX-512, BF16 and VNNI as the machine has them) into
@@ -86,8 +86,8 @@ class NativeKernels:
         self._int8_gemv.restype = ctypes.c_int
         self.has_int8_gemv = bool(lib.mlakit_int8_gemv_available())
         # argtypes are set by mlakit.engine.cpu_step, which owns the structures it takes
-        self.mla_decode_step = lib.mlakit_mla_decode_step
-        self.mla_decode_step.restype = ctypes.c_int
+        self.decode_step = lib.mlakit_decode_step
+        self.decode_step.restype = ctypes.c_int
 
     def paged_decode(
         self,

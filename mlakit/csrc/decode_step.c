@@ -1,19 +1,22 @@
-/* A whole MLA decode step for CPUs: every decoder layer of the plain Llama-style absorbed model in
- * one call (the `cpu` fused decode of mlakit/engine/cpu_step.py).
+/* A whole decode step for CPUs: every decoder layer of a Llama-style model, absorbed MLA or
+ * MHA/GQA/MQA attention, in one call (the fused CPU decode of mlakit/engine/cpu_step.py).
  *
  * At batch 1 a decode step of a small model is ~40 small PyTorch calls per layer whose Python
  * and dispatch overhead costs more than the weight products; this routine runs the same maths
  * per layer with no Python in between (llama.cpp runs its graph the same way):
  *
  *   h        = rmsnorm(x) * attn_norm
- *   [q | c_kv | k_r] = W_in h                              (fused q / latent / rope-key product)
- *   (q_lora:  q = W_UQ (rmsnorm(c_q) * q_norm))
- *   q_rope, k_rope = RoPE(q_rope, pos), RoPE(k_r, pos)     (halves layout, fp32 tables)
- *   c_kv     = rmsnorm(c_kv) * kv_norm                     (when the model has kv_norm)
- *   cache[slot] = [c_kv | k_rope]                          (fp32, bf16 or int8 + per-row scale)
- *   q_joint  = scale * [q_nope W_UK | q_rope]              per head
- *   o_latent = softmax(q_joint . cache^T) c_kv             (mlakit_paged_decode, paged_decode.c)
- *   x       += W_O (o_latent W_UV)
+ *   MLA:  [q | c_kv | k_r] = W_in h                         (fused q / latent / rope-key product)
+ *         (q_lora:  q = W_UQ (rmsnorm(c_q) * q_norm))
+ *         q_rope, k_rope = RoPE(q_rope, pos), RoPE(k_r, pos) (halves layout, fp32 tables)
+ *         c_kv     = rmsnorm(c_kv) * kv_norm                 (when the model has kv_norm)
+ *         cache[slot] = [c_kv | k_rope]                      (fp32, bf16 or int8 + per-row scale)
+ *         q_joint  = scale * [q_nope W_UK | q_rope]          per head
+ *         o_latent = softmax(q_joint . cache^T) c_kv         (mlakit_paged_decode, paged_decode.c)
+ *         o        = o_latent W_UV                           per head
+ *   GQA:  [q | k | v] = W_in h; per-head norms (qk_norm), RoPE on q and k; K and V rows cached;
+ *         o = softmax(scale * q . K^T) V                     (paged_decode, G groups of H / G heads)
+ *   x       += W_O o
  *   x       += W_down (act(W_gate h') * W_up h'),  h' = rmsnorm(x) * mlp_norm
  *
  * The residual stream x stays fp32 for the whole step (the PyTorch path rounds it to the
@@ -256,7 +259,7 @@ static int gqa_attention(const Dims *d, const Layer *L, const Step *S, const flo
 /* All layers for M decode tokens: x [M, hidden] fp32 (embedded tokens in, last hidden states out).
  * positions/slots [M]; tables [M, table_stride] block ids; ctx_lens [M] (= positions + 1).
  * Returns 0, or non-zero when a buffer cannot be allocated or a kernel refuses its shapes. */
-int mlakit_mla_decode_step(const Dims *d, int n_layers, const Layer *layers, int M, float *x, const int64_t *positions,
+int mlakit_decode_step(const Dims *d, int n_layers, const Layer *layers, int M, float *x, const int64_t *positions,
                            const int64_t *slots, const int64_t *tables, int64_t table_stride, const int64_t *ctx_lens,
                            int block_size, int n_splits, int n_threads) {
     const Step S = {M, positions, slots, tables, ctx_lens, table_stride, block_size, n_splits, n_threads};

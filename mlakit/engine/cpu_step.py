@@ -4,7 +4,7 @@ At batch 1 a decode step of a small model costs more in Python and PyTorch dispa
 arithmetic: SmolLM2-135M converted to MLA runs ~40 small ops per layer (norms, RoPE, splits,
 casts, the absorption, residual adds) around its five weight products, 30 layers deep. This is
 the CPU's counterpart of :mod:`mlakit.engine.graphs` (CUDA graphs): for decode-only steps of up
-to :data:`MAX_ROWS` sequences the runner hands the whole layer stack to ``mlakit_mla_decode_step``
+to :data:`MAX_ROWS` sequences the runner hands the whole layer stack to ``mlakit_decode_step``
 (``mlakit/csrc/decode_step.c``), which runs the same maths as
 :class:`~mlakit.attention.mla.MultiHeadLatentAttention`'s paged absorbed decode (or
 :class:`~mlakit.attention.mha.GroupedQueryAttention`'s paged decode) and
@@ -169,7 +169,7 @@ class FusedDecode:
         native = native or load_native()
         assert native is not None
         self.native: NativeKernels = native
-        self.native.mla_decode_step.argtypes = _STEP_ARGS
+        self.native.decode_step.argtypes = _STEP_ARGS
         self.model = model
         self.block_size = cache.block_size
         self.split_rows = 512  # fewest cached rows per attention work item (below, one item per sequence)
@@ -289,7 +289,7 @@ class FusedDecode:
         threads = torch.get_num_threads()
         longest = max(positions) + 1
         splits = max(1, min(math.ceil(longest / self.split_rows), math.ceil(2 * threads / b)))
-        rc = self.native.mla_decode_step(
+        rc = self.native.decode_step(
             ctypes.byref(self.dims), len(self.layers), self.layers, b, x.data_ptr(), pos.data_ptr(),
             slots.data_ptr(), table.data_ptr(), table.stride(0), lens.data_ptr(), bs, splits, threads,
         )  # fmt: skip
