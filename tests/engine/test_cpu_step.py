@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlakit import MlakitError, ModelConfig, SamplingConfig, Transformer
+from mlakit import MlakitError, ModelConfig, SamplingConfig, Transformer, generate
 from mlakit.engine import Engine, EngineConfig, Request
 from mlakit.engine.cpu_step import FusedDecode, fused_decode_reason
 from mlakit.native import build_kernels, cpu_flags, load_native
@@ -144,6 +144,32 @@ def test_fused_greedy_generation_equals_the_model(name: str) -> None:
     sampling = SamplingConfig(max_new_tokens=12)
     outs = {f: [o.tokens for o in e[f].generate([Request(p, sampling) for p in PROMPTS])] for f in e}
     assert outs[True] == outs[False]
+
+
+@needs_native
+@pytest.mark.parametrize("name", ["q_lora", "gqa"])
+def test_continuous_batching_through_the_fused_step_equals_solo_generation(name: str) -> None:
+    """Requests joining and finishing between fused steps (ragged batches, blocks freed and reused)
+    give each request the tokens the reference ``generate`` (no engine, no paging) gives it alone."""
+    model = prepared(name, "fp32")
+    engine = engines(model, max_batch_size=3)[True]
+    fused = engine.runner.fused
+    assert fused is not None
+    batches: list[int] = []
+    run = fused.run
+
+    def counting(tokens: list[int], *args: object) -> torch.Tensor:
+        batches.append(len(tokens))
+        return run(tokens, *args)  # type: ignore[arg-type]
+
+    fused.run = counting  # type: ignore[method-assign,assignment]
+    prompts = [*PROMPTS, [7, 7, 7], list(range(60, 90))]
+    budgets = [3, 9, 5, 12, 1, 7]
+    got = engine.generate([Request(p, SamplingConfig(max_new_tokens=n)) for p, n in zip(prompts, budgets)])
+    assert len(batches) >= 5 and max(batches) == 3 and min(batches) == 1  # fused steps of ragged batches
+    for p, n, out in zip(prompts, budgets, got):
+        assert out.tokens == generate(model, [p], SamplingConfig(max_new_tokens=n))[0]
+    assert engine.cache.pool.num_free == engine.cache.num_blocks
 
 
 @needs_native
