@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -28,7 +29,7 @@ needs_vnni = pytest.mark.skipif(NATIVE is None or not NATIVE.has_int8_gemv, reas
 PROMPTS = [[5, 9, 2, 77, 3], [100], [8, 8, 8, *range(40)], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
 
 
-def _baseline(preset: str, **attention: object) -> ModelConfig:
+def _baseline(preset: str, **attention: Any) -> ModelConfig:
     base = ModelConfig.from_preset(preset)
     return dataclasses.replace(base, attention=dataclasses.replace(base.attention, **attention))
 
@@ -187,7 +188,7 @@ def test_more_rows_than_the_kernel_takes_run_through_the_model() -> None:
         calls += 1
         return run(*args)  # type: ignore[arg-type]
 
-    fused.run = counting  # type: ignore[method-assign]
+    fused.run = counting  # type: ignore[method-assign,assignment]
     want, got = step_logits(e[False], batch, 2), step_logits(e[True], batch, 2)
     assert calls == 0 and torch.allclose(got, want, atol=1e-5)  # 17 > 16 rows: the model's path
     step_logits(e[True], batch[:3], 1)
