@@ -1,11 +1,13 @@
 """mlakit's C kernels (``mlakit/csrc/*.c``): built for this CPU on first use, cached, called via ctypes.
 
-Two kernels, one library:
+Three kernels, one library:
 
 * ``paged_decode.c``: decode attention over the paged cache (the ``cpu`` attention backend,
   :mod:`mlakit.attention.backends.cpu`);
 * ``int8_gemv.c``: int8 weight x int8 activation products for a few rows with AVX512-VNNI
-  (:class:`mlakit.quant.Int8Linear` at decode).
+  (:class:`mlakit.quant.Int8Linear` at decode);
+* ``decode_step.c``: every layer of a decode step (absorbed MLA or GQA) in one call, built on the
+  two above (the engine's fused CPU decode, :mod:`mlakit.engine.cpu_step`).
 
 The library is compiled with the system C compiler for *this* CPU (``-O3 -march=native
 -ffast-math -fopenmp``: AVX2, AVX-512, BF16 and VNNI as the machine has them) into
@@ -83,6 +85,9 @@ class NativeKernels:
         self._int8_gemv.argtypes = _INT8_GEMV
         self._int8_gemv.restype = ctypes.c_int
         self.has_int8_gemv = bool(lib.mlakit_int8_gemv_available())
+        # argtypes are set by mlakit.engine.cpu_step, which owns the structures it takes
+        self.decode_step = lib.mlakit_decode_step
+        self.decode_step.restype = ctypes.c_int
 
     def paged_decode(
         self,
@@ -122,14 +127,17 @@ class NativeKernels:
         return out
 
     def int8_gemv(
-        self, x: torch.Tensor, w_u8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, k: int
+        self, x: torch.Tensor, w_u8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, k: int, n_out: int
     ) -> torch.Tensor:
-        """``x [M, K]`` (M <= 16, fp32 or bf16) times int8 weights stored +128 as ``w_u8 [N, Kp]`` -> ``[M, N]``.
+        """``x [M, K]`` (M <= 16, fp32 or bf16) times int8 weights stored +128 as ``w_u8`` -> ``[M, N]``.
+
+        ``w_u8`` is ``[ceil(N / 16), Kp / 64, 16, 64]``: tiles of 16 rows, 64 bytes of each row
+        after another (:func:`mlakit.quant.pack_int8_tiles`); ``N = n_out``.
 
         The result has ``x``'s dtype; ``w_scale`` and ``bias`` are fp32.
         """
         m = x.shape[0]
-        n, kp = w_u8.shape
+        n, kp = n_out, w_u8.shape[1] * 64
         bf16 = x.dtype == torch.bfloat16
         if not bf16:
             x = x.to(torch.float32)
@@ -144,16 +152,31 @@ class NativeKernels:
         return y
 
 
-def _build(target: Path, cc: str) -> None:
+def _build(target: Path, cc: str, flags: tuple[str, ...] = FLAGS) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
 
     def compile_to(tmp: Path) -> None:
-        cmd = [cc, *FLAGS, *map(str, SOURCES), "-o", str(tmp), "-lm"]
+        cmd = [cc, *flags, *map(str, SOURCES), "-o", str(tmp), "-lm"]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise OSError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-500:]}")
 
     write_file(target, compile_to)
+
+
+def build_kernels(target: Path, march: str) -> NativeKernels | None:
+    """Build the kernels for ``-march=<march>`` (not this CPU's) at ``target`` and load them.
+
+    For tests of the code other CPUs run: ``haswell`` gives the AVX2-only build (no AVX-512, no
+    VNNI, no BF16 instructions) that runs on this machine too. ``None`` without a compiler.
+
+    Raises: OSError when the build fails.
+    """
+    cc = _compiler()
+    if cc is None:
+        return None
+    _build(target, cc, tuple(f"-march={march}" if f == "-march=native" else f for f in FLAGS))
+    return NativeKernels(target)
 
 
 @functools.lru_cache(maxsize=1)  # build and load once per process

@@ -74,8 +74,8 @@ class Int8Linear(nn.Module):
     """A linear layer with an int8 weight and one scale per output channel (see the module docstring).
 
     Buffers: the weight, either ``weight [out, in]`` int8 (PyTorch's kernels) or, with ``native``
-    kernels on a CPU with AVX512-VNNI, ``weight_u8 [out, in rounded up to 64]`` (int8 + 128, the
-    layout ``int8_gemv`` reads; the other is then None); ``scale [out]``; ``bias [out]`` or None.
+    kernels on a CPU with AVX512-VNNI, ``weight_u8`` (int8 + 128 in the tiles ``int8_gemv`` reads,
+    :func:`pack_int8_tiles`; the other is then None); ``scale [out]``; ``bias [out]`` or None.
     """
 
     weight: torch.Tensor | None
@@ -88,13 +88,11 @@ class Int8Linear(nn.Module):
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self.native = native if native is not None and native.has_int8_gemv and self.out_features % 16 == 0 else None
+        self.native = native if native is not None and native.has_int8_gemv else None
         if self.native is not None:
             kp = -(-self.in_features // 64) * 64
-            packed = torch.full((self.out_features, kp), 128, dtype=torch.uint8)
-            packed[:, : self.in_features] = (weight.to(torch.int16) + 128).to(torch.uint8)
             self.register_buffer("weight", None)
-            self.register_buffer("weight_u8", packed)
+            self.register_buffer("weight_u8", pack_int8_tiles(weight, kp))
         else:
             self.register_buffer("weight", weight)
             self.register_buffer("weight_u8", None)
@@ -118,7 +116,9 @@ class Int8Linear(nn.Module):
         if self.weight is not None:
             return self.weight
         assert self.weight_u8 is not None
-        return (self.weight_u8[:, : self.in_features] ^ 128).view(torch.int8)  # (w + 128) ^ 0x80 == w as a byte
+        t, nb = self.weight_u8.shape[:2]
+        rows = self.weight_u8.permute(0, 2, 1, 3).reshape(t * 16, nb * 64)  # [16 * tiles, Kp]
+        return (rows[: self.out_features, : self.in_features] ^ 128).view(torch.int8)  # (w + 128) ^ 0x80 == w as a byte
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """``W_q * s`` in ``dtype``, ``[out, in]``."""
@@ -130,7 +130,9 @@ class Int8Linear(nn.Module):
         m = x2.shape[0]
         if self.native is not None and m <= INT8_GEMV_MAX_ROWS and x2.device.type == "cpu":
             assert self.weight_u8 is not None
-            y = self.native.int8_gemv(x2, self.weight_u8, self._scale_f32, self._bias_f32, self.in_features)
+            y = self.native.int8_gemv(
+                x2, self.weight_u8, self._scale_f32, self._bias_f32, self.in_features, self.out_features
+            )
             return y.view(*shape[:-1], self.out_features).to(x.dtype)
         if self.weight is not None and m <= INT8_GEMV_ROWS and x2.device.type == "cpu":
             y = torch._weight_int8pack_mm(x2.contiguous(), self.weight, self.scale.to(x2.dtype))  # [M, out]
@@ -143,6 +145,21 @@ class Int8Linear(nn.Module):
     def extra_repr(self) -> str:
         kind = "VNNI kernel" if self.native is not None else "torch kernels"
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel, {kind}"
+
+
+def pack_int8_tiles(weight: torch.Tensor, kp: int) -> torch.Tensor:
+    """int8 ``weight [N, K]`` as ``int8_gemv``'s uint8 tiles ``[ceil(N / 16), kp / 64, 16, 64]``.
+
+    Each value is stored + 128 (VPDPBUSD multiplies unsigned by signed bytes); columns ``K .. kp - 1``
+    and the rows past ``N`` in the last tile hold 128 (a zero weight). Tile ``t``, block ``b``
+    holds bytes ``64 b .. 64 b + 63`` of rows ``16 t .. 16 t + 15`` one after another, so the
+    kernel reads each tile as one sequential stream.
+    """
+    n, k = weight.shape
+    tiles = -(-n // 16)
+    rows = torch.full((tiles * 16, kp), 128, dtype=torch.uint8)
+    rows[:n, :k] = (weight.to(torch.int16) + 128).to(torch.uint8)
+    return rows.view(tiles, 16, kp // 64, 64).permute(0, 2, 1, 3).contiguous()  # [N/16, Kp/64, 16, 64]
 
 
 def prepare_weights(model: nn.Module, weights: str = "fp32", device: torch.device | str = "cpu") -> str:

@@ -95,7 +95,15 @@ def run(args: argparse.Namespace) -> int:
         "weights": weights,
         "engine": {
             k: getattr(cfg, k)
-            for k in ("kv_memory", "block_size", "cache_dtype", "decode_path", "attention_backend", "cuda_graphs")
+            for k in (
+                "kv_memory",
+                "block_size",
+                "cache_dtype",
+                "decode_path",
+                "attention_backend",
+                "cuda_graphs",
+                "fused_decode",
+            )
         },
         "decode": points,
         "prefill": prefill,

@@ -56,6 +56,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         action="store_false",
         help="on CUDA, run decode steps eagerly instead of replaying captured CUDA graphs",
     )
+    g.add_argument(
+        "--no-fused-decode",
+        dest="fused_decode",
+        action="store_false",
+        help="on CPU, run decode steps through the model instead of the fused C step (absorbed MLA and GQA models)",
+    )
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
@@ -108,6 +114,7 @@ def engine_config(args: argparse.Namespace) -> Any:
         decode_path=args.decode_path,
         attention_backend=args.attention_backend,
         cuda_graphs=args.cuda_graphs,
+        fused_decode=args.fused_decode,
     )
 
 

@@ -2,14 +2,18 @@
  *
  *   y[m, n] = s_w[n] * sum_b s_x[m, b] * sum_{k in b} x_q[m, k] * w_q[n, k]   (+ bias[n])
  *
- * Weights: int8 per output channel (scale s_w), stored offset by +128 as uint8 [N, Kp] (Kp = K
- * rounded up to 64, zero weights = 128 in the padding). Activations: quantized here per row in
+ * Weights: int8 per output channel (scale s_w), stored offset by +128 as uint8 in tiles of 16 rows:
+ * [ceil(N / 16), Kp / 64, 16, 64] (Kp = K rounded up to 64; zero weights = 128 in the padding
+ * columns and in the padding rows of the last tile), so the
+ * kernel streams each tile's 16 rows x 64 bytes from one sequential address range. Row-major
+ * [N, Kp] made it read 16 interleaved streams, which the hardware prefetchers follow badly:
+ * 9.5 GB/s against 21 GB/s tiled on one AMD EPYC core (24 GB/s read bandwidth). Activations: quantized here per row in
  * blocks of 64 values (scale s_x[m, b] = max|x| / 127 over the block), as llama.cpp quantizes its
  * activations to Q8 blocks before its integer dot products. VPDPBUSD multiplies unsigned bytes by
  * signed bytes, 64 products per instruction; the +128 offset of the weights adds
  * 128 * sum_{k in b} x_q[m, k] to each block's sum, subtracted once per row.
  *
- * Work: rows of W in chunks of 16 over the OpenMP threads; each weight block is loaded once and
+ * Work: tiles of 16 rows of W over the OpenMP threads; each weight block is loaded once and
  * multiplied with every activation row (M <= MAX_ROWS), per-block int32 sums are scaled into fp32
  * accumulators, and 16 rows are reduced at once with a transposing tree.
  */
@@ -56,11 +60,11 @@ static inline float load_x(const void *x, int bf16, size_t i) {
     return f;
 }
 
-/* x [M, K] -> y [M, N], both fp32 (bf16 = 0) or both bf16 (bf16 = 1). w_u8 [N, Kp] (int8 weights + 128),
+/* x [M, K] -> y [M, N], both fp32 (bf16 = 0) or both bf16 (bf16 = 1). w_u8 [ceil(N / 16), Kp / 64, 16, 64] (int8 weights + 128),
  * w_scale [N] fp32, bias [N] fp32 or NULL. */
 int mlakit_int8_gemv(int M, int N, int K, int Kp, const void *x, const uint8_t *w_u8, const float *w_scale,
                      const float *bias, void *y, int bf16, int n_threads) {
-    if (M > MAX_ROWS || Kp % 64 != 0 || N % 16 != 0) return 2;
+    if (M > MAX_ROWS || Kp % 64 != 0) return 2;
     int nb = Kp / 64;
     int8_t *xq = (int8_t *)aligned_alloc(64, (size_t)M * Kp);
     float *xs = (float *)malloc(sizeof(float) * M * nb);
@@ -96,22 +100,25 @@ int mlakit_int8_gemv(int M, int N, int K, int Kp, const void *x, const uint8_t *
             __m512 acc[16];
             for (int j = 0; j < 16; j++) acc[j] = _mm512_setzero_ps();
             const int8_t *xr = xq + (size_t)m * Kp;
+            const uint8_t *tile = w_u8 + (size_t)n0 * Kp; /* [nb, 16, 64] */
             for (int b = 0; b < nb; b++) {
                 __m512i xv = _mm512_load_si512((const void *)(xr + b * 64));
                 __m512 sx = _mm512_set1_ps(xs[m * nb + b]);
                 for (int j = 0; j < 16; j++) {
-                    __m512i wv = _mm512_loadu_si512((const void *)(w_u8 + (size_t)(n0 + j) * Kp + b * 64));
+                    __m512i wv = _mm512_loadu_si512((const void *)(tile + ((size_t)b * 16 + j) * 64));
                     __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv);
                     acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sx, acc[j]);
                 }
             }
             __m512 sums = _mm512_sub_ps(reduce16_ps(acc), _mm512_set1_ps(corr[m]));
-            __m512 out = _mm512_mul_ps(sums, _mm512_loadu_ps(w_scale + n0));
-            if (bias) out = _mm512_add_ps(out, _mm512_loadu_ps(bias + n0));
+            /* the last tile of N % 16 rows: its padding rows are computed and not stored */
+            __mmask16 live = N - n0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - n0)) - 1);
+            __m512 out = _mm512_mul_ps(sums, _mm512_maskz_loadu_ps(live, w_scale + n0));
+            if (bias) out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(live, bias + n0));
             if (bf16)
-                _mm256_storeu_si256((__m256i *)((uint16_t *)y + (size_t)m * N + n0), (__m256i)_mm512_cvtneps_pbh(out));
+                _mm256_mask_storeu_epi16((uint16_t *)y + (size_t)m * N + n0, live, (__m256i)_mm512_cvtneps_pbh(out));
             else
-                _mm512_storeu_ps((float *)y + (size_t)m * N + n0, out);
+                _mm512_mask_storeu_ps((float *)y + (size_t)m * N + n0, live, out);
         }
     }
     free(xq);

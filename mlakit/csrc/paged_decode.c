@@ -15,6 +15,11 @@
  * Only positions < context_len are visited, so nothing is masked and no -inf enters the maths
  * except the initial running max.
  *
+ * MLA over bf16 rows on CPUs with AVX512-BF16 takes its own routine (attend_range_mla_bf16): the
+ * tile is transposed so that 16 keys sit in the lanes of one vector (scores without reduction
+ * trees) and the value product runs on bf16 pairs of consecutive keys (probabilities rounded to
+ * bf16); 1.45x faster per layer at 4096 tokens x 9 heads of width 96.
+ *
  * Built at first use by mlakit with the C compiler, -O3 -march=native -ffast-math -fopenmp:
  * the loops over widths vectorise to whatever the CPU has (AVX2, AVX-512).
  */
@@ -57,6 +62,15 @@ static inline void load_row(const void *base, int dtype, int64_t off, int n, flo
 typedef float v16 __attribute__((vector_size(64))); /* 16 floats: one zmm, or two ymm on AVX2 */
 #define VL 16
 #define ROUND16(n) (((n) + VL - 1) / VL * VL)
+
+/* cache slots of positions t0 .. t0 + n - 1 through a block table: one division per tile, not per row */
+static inline void tile_slots(const int64_t *table, int block_size, int64_t t0, int n, int64_t *slots) {
+    int64_t blk = t0 / block_size, off = t0 % block_size;
+    for (int j = 0; j < n; j++) {
+        slots[j] = table[blk] * block_size + off;
+        if (++off == block_size) off = 0, blk++;
+    }
+}
 
 static inline float hsum(v16 v) {
     float s = 0.f;
@@ -101,30 +115,44 @@ static inline v16 dot16(const float *restrict q, const float *restrict r, int dk
     return reduce16(a);
 }
 
-/* acc[0:dvp] = acc * alpha + sum_j e[j] * rows[j][0:dvp], up to 8 vectors of acc in registers,
- * rows taken two at a time so that every accumulator has two independent chains */
+/* acc[c0 : c0 + nc * VL] = acc * alpha + sum_j e[j] * rows[j][c0 : ...], nc <= 8 vectors of acc in
+ * registers, rows taken two at a time so that every accumulator has two independent chains.
+ * Always inlined with a constant nc (see accumulate): a run-time nc left a compare and a branch
+ * around every FMA of the inner loop (a fifth of the MLA decode's time). */
+static inline __attribute__((always_inline)) void accumulate_cols(float *restrict acc, float alpha,
+                                                                  const float *restrict e,
+                                                                  const float *restrict rows, int step, int n,
+                                                                  int c0, const int nc) {
+    v16 a[8], b[8];
+    for (int c = 0; c < nc; c++) {
+        a[c] = vload(acc + c0 + c * VL) * alpha;
+        b[c] = (v16){0};
+    }
+    int j = 0;
+    for (; j + 1 < n; j += 2) {
+        const float *r0 = rows + (size_t)j * step + c0, *r1 = r0 + step;
+        for (int c = 0; c < nc; c++) {
+            a[c] += e[j] * vload(r0 + c * VL);
+            b[c] += e[j + 1] * vload(r1 + c * VL);
+        }
+    }
+    if (j < n)
+        for (int c = 0; c < nc; c++) a[c] += e[j] * vload(rows + (size_t)j * step + c0 + c * VL);
+    for (int c = 0; c < nc; c++) {
+        v16 t = a[c] + b[c];
+        memcpy(acc + c0 + c * VL, &t, sizeof(t));
+    }
+}
+
+/* acc[0:dvp] = acc * alpha + sum_j e[j] * rows[j][0:dvp] */
 static inline void accumulate(float *restrict acc, float alpha, const float *restrict e, const float *restrict rows,
                               int step, int n, int dvp) {
     for (int c0 = 0; c0 < dvp; c0 += 8 * VL) {
-        int nc = (dvp - c0) / VL < 8 ? (dvp - c0) / VL : 8;
-        v16 a[8], b[8];
-        for (int c = 0; c < nc; c++) {
-            a[c] = vload(acc + c0 + c * VL) * alpha;
-            b[c] = (v16){0};
-        }
-        int j = 0;
-        for (; j + 1 < n; j += 2) {
-            const float *r0 = rows + (size_t)j * step + c0, *r1 = r0 + step;
-            for (int c = 0; c < nc; c++) {
-                a[c] += e[j] * vload(r0 + c * VL);
-                b[c] += e[j + 1] * vload(r1 + c * VL);
-            }
-        }
-        if (j < n)
-            for (int c = 0; c < nc; c++) a[c] += e[j] * vload(rows + (size_t)j * step + c0 + c * VL);
-        for (int c = 0; c < nc; c++) {
-            v16 t = a[c] + b[c];
-            memcpy(acc + c0 + c * VL, &t, sizeof(t));
+        switch ((dvp - c0) / VL < 8 ? (dvp - c0) / VL : 8) {
+#define COLS(k) \
+    case k: accumulate_cols(acc, alpha, e, rows, step, n, c0, k); break;
+            COLS(1) COLS(2) COLS(3) COLS(4) COLS(5) COLS(6) COLS(7) COLS(8)
+#undef COLS
         }
     }
 }
@@ -162,6 +190,164 @@ static inline v16 dot16_bf16(const __m512bh *qb, const uint16_t *const *r, int d
 }
 #endif
 
+#ifdef HAVE_DPBF16
+/* 16 x 16 dwords in place: r[i] lane j -> r[j] lane i (unpacks within 128-bit lanes, then 4 x 4
+ * blocks of lanes) */
+static inline void transpose16x16(__m512i r[16]) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int g = 0; g < 4; g++) { /* u[4g + x], lane L: column 4L + x of rows 4g .. 4g + 3 */
+        u[4 * g] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+        u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+        u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+        u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+    }
+    for (int x = 0; x < 4; x++) {
+        __m512i s0 = _mm512_shuffle_i32x4(u[x], u[4 + x], 0x44), s1 = _mm512_shuffle_i32x4(u[x], u[4 + x], 0xEE);
+        __m512i s2 = _mm512_shuffle_i32x4(u[8 + x], u[12 + x], 0x44);
+        __m512i s3 = _mm512_shuffle_i32x4(u[8 + x], u[12 + x], 0xEE);
+        r[x] = _mm512_shuffle_i32x4(s0, s2, 0x88);
+        r[4 + x] = _mm512_shuffle_i32x4(s0, s2, 0xDD);
+        r[8 + x] = _mm512_shuffle_i32x4(s1, s3, 0x88);
+        r[12 + x] = _mm512_shuffle_i32x4(s1, s3, 0xDD);
+    }
+}
+
+/* acc[c0 .. c0 + nc) chunks of 16 = acc * alpha + sum_i pp[i] . vp[i] over npk key pairs, by VDPBF16PS
+ * (always inlined with a constant nc; two accumulators per chunk for independent chains) */
+static inline __attribute__((always_inline)) void accumulate_pairs(float *restrict acc, float alpha,
+                                                                   const uint32_t *restrict pp,
+                                                                   const uint32_t *restrict vp, int npk, int dvc,
+                                                                   int c0, const int nc) {
+    __m512 a[8], b[8];
+    for (int c = 0; c < nc; c++) {
+        a[c] = _mm512_mul_ps(_mm512_loadu_ps(acc + 16 * (c0 + c)), _mm512_set1_ps(alpha));
+        b[c] = _mm512_setzero_ps();
+    }
+    int i = 0;
+    for (; i + 1 < npk; i += 2) {
+        __m512bh p0 = (__m512bh)_mm512_set1_epi32((int)pp[i]), p1 = (__m512bh)_mm512_set1_epi32((int)pp[i + 1]);
+        const uint32_t *v0 = vp + ((size_t)i * dvc + c0) * 16, *v1 = v0 + (size_t)dvc * 16;
+        for (int c = 0; c < nc; c++) {
+            a[c] = _mm512_dpbf16_ps(a[c], (__m512bh)_mm512_loadu_si512(v0 + 16 * c), p0);
+            b[c] = _mm512_dpbf16_ps(b[c], (__m512bh)_mm512_loadu_si512(v1 + 16 * c), p1);
+        }
+    }
+    if (i < npk) {
+        __m512bh p0 = (__m512bh)_mm512_set1_epi32((int)pp[i]);
+        const uint32_t *v0 = vp + ((size_t)i * dvc + c0) * 16;
+        for (int c = 0; c < nc; c++) a[c] = _mm512_dpbf16_ps(a[c], (__m512bh)_mm512_loadu_si512(v0 + 16 * c), p0);
+    }
+    for (int c = 0; c < nc; c++) _mm512_storeu_ps(acc + 16 * (c0 + c), _mm512_add_ps(a[c], b[c]));
+}
+
+/* The MLA work item over bf16 rows (every head reads the same row [c_kv | k_rope], values = its
+ * first dv columns), keys in vector lanes instead of one head-row dot product per lane:
+ *   kt = the tile's keys transposed as bf16 pairs [dk / 2][TILE] (16 x 16 dword transposes), so
+ *        the scores of 16 keys for one head are dk / 2 VDPBF16PS with a broadcast query pair and
+ *        need no horizontal sums (the generic path spends as much on its reduction trees);
+ *   vp = value rows interleaved in pairs of consecutive keys, so o += p . v is one VDPBF16PS per
+ *        two keys and 16 columns, the probabilities rounded to bf16 (the normaliser l sums the
+ *        rounded values, so the weights still sum to one).
+ * Same outputs as attend_range (acc [nq, dvp], m, l). Scratch: kt >= ceil(dk / 32) * 16 * TILE
+ * dwords, vp >= TILE / 2 * dvp dwords, sc >= nq * TILE floats. */
+static void attend_range_mla_bf16(const __m512bh *qb, int nq, int dk, int dv, const uint16_t *base, int64_t stride,
+                                  const int64_t *table, int block_size, int64_t p0, int64_t p1, float *restrict acc,
+                                  float *restrict m, float *restrict l, uint32_t *restrict kt,
+                                  uint32_t *restrict vp, float *restrict sc) {
+    const int nchunk = (dk + 31) / 32, npair = nchunk * 16, dvc = (dv + 15) / 16, dvp = dvc * 16;
+    const uint32_t *qp = (const uint32_t *)qb; /* [nq, npair] bf16 pairs, zero past dk */
+    uint16_t ix[32];
+    for (int k = 0; k < 16; k++) ix[2 * k] = (uint16_t)k, ix[2 * k + 1] = (uint16_t)(32 + k);
+    const __m512i inter = _mm512_loadu_si512(ix); /* a0 b0 a1 b1 ... a15 b15 */
+    for (int h = 0; h < nq; h++) {
+        m[h] = -INFINITY;
+        l[h] = 0.f;
+    }
+    memset(acc, 0, sizeof(float) * (size_t)nq * dvp);
+    memset(kt, 0, sizeof(uint32_t) * (size_t)npair * TILE); /* columns past a short tile stay finite */
+    for (int64_t t0 = p0; t0 < p1; t0 += TILE) {
+        int n = (int)((p1 - t0) < TILE ? (p1 - t0) : TILE), ng = (n + 15) / 16, npk = (n + 1) / 2;
+        const uint16_t *rp[TILE];
+        int64_t slots[TILE];
+        tile_slots(table, block_size, t0, n, slots);
+        for (int j = 0; j < ng * 16; j++) /* past n: repeat the last row (weight zero) */
+            rp[j] = base + slots[j < n ? j : n - 1] * stride;
+        if (t0 + TILE < p1) { /* the next tile's rows into the cache while this one is computed: the
+                                 strided row loads of the transposes defeat the hardware prefetchers */
+            int nn = (int)((p1 - t0 - TILE) < TILE ? (p1 - t0 - TILE) : TILE);
+            int64_t next[TILE];
+            tile_slots(table, block_size, t0 + TILE, nn, next);
+            for (int j = 0; j < nn; j++) {
+                const char *row = (const char *)(base + next[j] * stride);
+                for (int b = 0; b < 2 * dk; b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
+                _mm_prefetch(row + 2 * dk - 1, _MM_HINT_T0);
+            }
+        }
+        for (int g = 0; g < ng; g++)
+            for (int k = 0; k < nchunk; k++) {
+                __mmask32 mk = dk - 32 * k >= 32 ? 0xffffffffu : ((1u << (dk - 32 * k)) - 1u);
+                __m512i r[16];
+                for (int t = 0; t < 16; t++) r[t] = _mm512_maskz_loadu_epi16(mk, rp[16 * g + t] + 32 * k);
+                transpose16x16(r);
+                for (int j = 0; j < 16; j++) _mm512_storeu_si512(kt + (size_t)(16 * k + j) * TILE + 16 * g, r[j]);
+            }
+        for (int i = 0; i < npk; i++)
+            for (int c = 0; c < dvc; c++) {
+                __mmask16 mv = dv - 16 * c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (dv - 16 * c)) - 1u);
+                __m512i a = _mm512_castsi256_si512(_mm256_maskz_loadu_epi16(mv, rp[2 * i] + 16 * c));
+                __m512i b = _mm512_castsi256_si512(_mm256_maskz_loadu_epi16(mv, rp[2 * i + 1] + 16 * c));
+                _mm512_storeu_si512(vp + ((size_t)i * dvc + c) * 16, _mm512_permutex2var_epi16(a, inter, b));
+            }
+        for (int h = 0; h < nq; h += 2) { /* scores, two heads at a time sharing each key load */
+            const uint32_t *q0 = qp + (size_t)h * npair, *q1 = h + 1 < nq ? q0 + npair : q0;
+            __m512 s0[TILE / 16], s1[TILE / 16];
+            for (int g = 0; g < TILE / 16; g++) s0[g] = s1[g] = _mm512_setzero_ps();
+            for (int c = 0; c < npair; c++) {
+                __m512bh b0 = (__m512bh)_mm512_set1_epi32((int)q0[c]), b1 = (__m512bh)_mm512_set1_epi32((int)q1[c]);
+                for (int g = 0; g < TILE / 16; g++) {
+                    __m512bh kv = (__m512bh)_mm512_loadu_si512(kt + (size_t)c * TILE + 16 * g);
+                    s0[g] = _mm512_dpbf16_ps(s0[g], kv, b0);
+                    s1[g] = _mm512_dpbf16_ps(s1[g], kv, b1);
+                }
+            }
+            for (int g = 0; g < TILE / 16; g++) {
+                _mm512_storeu_ps(sc + (size_t)h * TILE + 16 * g, s0[g]);
+                if (h + 1 < nq) _mm512_storeu_ps(sc + (size_t)(h + 1) * TILE + 16 * g, s1[g]);
+            }
+        }
+        for (int h = 0; h < nq; h++) {
+            float *s = sc + (size_t)h * TILE;
+            float mx = m[h];
+            for (int j = 0; j < n; j++) mx = s[j] > mx ? s[j] : mx;
+            float alpha = m[h] == -INFINITY ? 0.f : expf(m[h] - mx);
+            for (int j = 0; j < n; j++) s[j] = expf(s[j] - mx);
+            for (int j = n; j < TILE; j++) s[j] = 0.f;
+            uint32_t *pp = (uint32_t *)s; /* the probabilities as bf16 pairs, over the scores */
+            for (int g = 0; g < TILE / 16; g += 2)
+                _mm512_storeu_si512(pp + 8 * g, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(s + 16 * g + 16),
+                                                                             _mm512_loadu_ps(s + 16 * g)));
+            float sum = 0.f;
+            for (int j = 0; j < n; j++) sum += bf16_to_f32(((const uint16_t *)pp)[j]);
+            l[h] = l[h] * alpha + sum;
+            m[h] = mx;
+            float *ah = acc + (size_t)h * dvp;
+            for (int c0 = 0; c0 < dvc; c0 += 8) {
+                switch (dvc - c0 < 8 ? dvc - c0 : 8) {
+#define PAIRS(k) \
+    case k: accumulate_pairs(ah, alpha, pp, vp, npk, dvc, c0, k); break;
+                    PAIRS(1) PAIRS(2) PAIRS(3) PAIRS(4) PAIRS(5) PAIRS(6) PAIRS(7) PAIRS(8)
+#undef PAIRS
+                }
+            }
+        }
+    }
+}
+#endif
+
 /* One work item: positions [p0, p1) of one (sequence, group). q [nq, dkp] zero-padded;
  * writes acc [nq, dvp], m [nq], l [nq]. kt [TILE, dkp], vt [TILE, dvp], sc [nq, TILE] scratch. */
 static void attend_range(const float *restrict q, int nq, int dk, int dv, const void *k_base, const void *v_base,
@@ -172,6 +358,11 @@ static void attend_range(const float *restrict q, int nq, int dk, int dv, const 
     int dkp = ROUND16(dk), dvp = ROUND16(dv);
 #ifdef HAVE_DPBF16
     const __m512bh *qb = (const __m512bh *)qbv;
+    if (qb != NULL && same_row && k_off == 0) { /* MLA over bf16 rows */
+        attend_range_mla_bf16(qb, nq, dk, dv, (const uint16_t *)k_base, k_stride, table, block_size, p0, p1, acc, m, l,
+                              (uint32_t *)kt, (uint32_t *)vt, sc);
+        return;
+    }
 #else
     (void)qbv;
 #endif
@@ -185,12 +376,13 @@ static void attend_range(const float *restrict q, int nq, int dk, int dv, const 
     for (int64_t t0 = p0; t0 < p1; t0 += TILE) {
         int n = (int)((p1 - t0) < TILE ? (p1 - t0) : TILE);
         int n16 = (n + VL - 1) / VL * VL; /* rows past n hold zeros or stale finite values: scored, never used */
+        int64_t slots[TILE];
+        tile_slots(table, block_size, t0, n, slots);
 #ifdef HAVE_DPBF16
         if (qb != NULL) { /* bf16 rows: keep them as they are for the scores, convert only the values */
             const uint16_t *rp[TILE];
             for (int j = 0; j < n16; j++) {
-                int64_t p = t0 + (j < n ? j : n - 1); /* past n: repeat the last row (scored, never used) */
-                int64_t slot = table[p / block_size] * block_size + p % block_size;
+                int64_t slot = slots[j < n ? j : n - 1]; /* past n: repeat the last row (scored, never used) */
                 rp[j] = (const uint16_t *)k_base + slot * k_stride + k_off;
                 if (j < n) load_row(v_base, dtype, slot * v_stride + v_off, dv, 1.f, vt + (size_t)j * dvp);
             }
@@ -206,8 +398,7 @@ static void attend_range(const float *restrict q, int nq, int dk, int dv, const 
         }
 #endif
         for (int j = 0; j < n; j++) {
-            int64_t p = t0 + j;
-            int64_t slot = table[p / block_size] * block_size + p % block_size;
+            int64_t slot = slots[j];
             float ks = k_scale ? k_scale[slot] : 1.f;
             load_row(k_base, dtype, slot * k_stride + k_off, dk, ks, kt + (size_t)j * dkp);
             if (!same_row) {

@@ -40,6 +40,9 @@ class EngineConfig(RuntimeConfig):
         cuda_graphs: capture decode-only steps as CUDA graphs where they can be (a CUDA model,
             absorbed MLA decode, the ``triton`` backend; :mod:`mlakit.engine.graphs`); elsewhere,
             or when a capture fails (logged), steps run eagerly. Ignored on CPU.
+        fused_decode: on CPU, run decode-only steps of up to 16 sequences through one C call
+            for all layers where the model allows it (absorbed MLA or GQA, int8, fp32 or bf16 weights, the
+            ``cpu`` backend; :mod:`mlakit.engine.cpu_step`); elsewhere (logged) through the model.
     """
 
     cache_dtype: CacheDType = "auto"
@@ -49,6 +52,7 @@ class EngineConfig(RuntimeConfig):
     prefill_chunk: int = 512
     attention_backend: str = "auto"
     cuda_graphs: bool = True
+    fused_decode: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()

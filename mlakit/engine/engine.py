@@ -117,7 +117,8 @@ class Engine:
         graphs = c.cuda_graphs and device.type == "cuda"  # padding rows of captured steps need a scratch block
         self.cache = PagedCache.allocate(mc, c.kv_bytes, c.block_size, c.cache_storage(dtype), device, scratch=graphs)
         graph_batch = c.max_batch_size if graphs else 0
-        self.runner = ModelRunner(model, self.cache, backend, runtime, max_graph_batch=graph_batch)
+        fused = c.fused_decode and device.type == "cpu"
+        self.runner = ModelRunner(model, self.cache, backend, runtime, max_graph_batch=graph_batch, fused_decode=fused)
         self.scheduler = Scheduler(self.cache.pool, c.block_size, c.max_batch_size, c.prefill_chunk, mc.max_seq_len)
         self._seqs: dict[str, Sequence] = {}
         self._events: list[StreamEvent] = []

@@ -22,6 +22,7 @@ import torch
 from mlakit.attention.backends import AttentionBackend
 from mlakit.attention.metadata import AttentionMetadata
 from mlakit.config import ModelConfig, RuntimeConfig
+from mlakit.engine.cpu_step import MAX_ROWS, FusedDecode, fused_decode_reason
 from mlakit.engine.graphs import DecodeGraphs, graph_reason
 from mlakit.errors import MlakitError
 from mlakit.model import Transformer
@@ -41,6 +42,9 @@ class ModelRunner:
         max_graph_batch: capture decode-only steps of up to this many sequences as CUDA graphs
             where :func:`mlakit.engine.graphs.graph_reason` allows (0: never). Captured on the
             first decode-only step; a failed capture is logged and steps stay eager.
+        fused_decode: run decode-only steps of up to :data:`mlakit.engine.cpu_step.MAX_ROWS`
+            sequences through the fused C step where :func:`mlakit.engine.cpu_step.fused_decode_reason`
+            allows (CPU); elsewhere (logged once) through the model.
     """
 
     def __init__(
@@ -50,6 +54,7 @@ class ModelRunner:
         backend: AttentionBackend,
         runtime: RuntimeConfig,
         max_graph_batch: int = 0,
+        fused_decode: bool = False,
     ) -> None:
         self.model = model
         self.cache = cache
@@ -65,6 +70,14 @@ class ModelRunner:
             if why:
                 logger.info("decode steps run eagerly: %s", why)
                 self._graph_batch = 0
+        self.fused: FusedDecode | None = None
+        if fused_decode:
+            why = fused_decode_reason(model, cache, backend, runtime)
+            if why:
+                logger.info("decode steps run through the model, not the fused CPU step: %s", why)
+            else:
+                self.fused = FusedDecode(model, cache)
+                logger.info("decode-only steps of up to %d sequences run through the fused CPU step", MAX_ROWS)
 
     @torch.inference_mode()
     def execute(
@@ -84,6 +97,8 @@ class ModelRunner:
             graphs = self._decode_graphs()
             if graphs is not None and graphs.fits(len(decodes), [t for _, _, t in decodes]):
                 return graphs.run([t for t, _, _ in decodes], [p for _, p, _ in decodes], [t for _, _, t in decodes])
+        if decodes and not prefills and self.fused is not None and self.fused.fits(len(decodes)):
+            return self.fused.run([t for t, _, _ in decodes], [p for _, p, _ in decodes], [t for _, _, t in decodes])
         ids: list[int] = [tok for tok, _, _ in decodes]
         pos: list[int] = [p for _, p, _ in decodes]
         for chunk, start, _ in prefills:
