@@ -195,7 +195,7 @@ def main() -> None:
         rows.append(r)
     gib = 2**30
     print(
-        f"source: Llama-3.2-1B shapes, random bf16, {source_bytes / gib:.2f} GiB; 50% cache; "
+        f"source: {args.shape} shapes, random bf16, {source_bytes / gib:.2f} GiB; 50% cache; "
         f"calibration {args.windows} x {args.seq_len} tokens\n"
     )
     print("| path | baseline RSS | peak RSS | above baseline | output | seconds |")
