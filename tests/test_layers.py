@@ -7,8 +7,9 @@ as much as those at the top: a lazy import is still a dependency.
 The layers, lowest first, and why each sits where it does:
 
 0. ``errors``, ``units`` — leaves: the one exception type, byte-size parsing.
-1. ``io``, ``dtypes``, ``config`` — safe writes/JSON reads, the dtype-name table, and the frozen
-   configs (which name dtypes); they need only errors (and torch).
+1. ``io``, ``dtypes``, ``config``, ``packaged`` — safe writes/JSON reads, the dtype-name table, the
+   frozen configs (which name dtypes) and the alias table of packaged model files; they need only
+   errors (and torch).
 2. ``rope``, ``layers``, ``paged``, ``native``, ``quant``, ``cache`` — maths and storage the
    attention is built from (RoPE tables, norms/MLP, block pool, C kernels, int8 weights, caches).
 3. ``attention`` — MLA and baseline attention, their backends.
@@ -41,7 +42,7 @@ PACKAGE = Path(mlakit.__file__).parent
 
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors", "units"),
-    ("io", "dtypes", "config"),
+    ("io", "dtypes", "config", "packaged"),
     ("rope", "layers", "paged", "native", "quant", "cache"),
     ("attention",),
     ("model", "generate", "kv", "mlakit"),
