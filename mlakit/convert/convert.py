@@ -22,7 +22,7 @@ import datetime
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -388,9 +388,14 @@ def max_latent_rank(spec: SourceSpec, has_bias: bool) -> int:
     return min(2 * g * d, spec.hidden_size + int(has_bias))
 
 
-def has_qkv_bias(weights: Iterable[AttentionWeights]) -> bool:
-    """Whether any layer's q, k or v projection has a non-zero bias (the last column)."""
-    return any(bool(w.w_q[:, -1].any() or w.w_k[:, -1].any() or w.w_v[:, -1].any()) for w in weights)
+def has_qkv_bias(spec: SourceSpec, get: Getter) -> bool:
+    """Whether any layer's q, k or v projection has a non-zero bias (reads the bias tensors only)."""
+    return any(
+        bool(b.any())
+        for i in range(spec.num_layers)
+        for name in ("q_proj", "k_proj", "v_proj")
+        if (b := get(f"model.layers.{i}.self_attn.{name}.bias")) is not None
+    )
 
 
 def plan_ranks(cal: Calibrated, config: ConversionConfig, *, progress: bool = False) -> tuple[int, ...]:
@@ -406,7 +411,9 @@ def plan_ranks(cal: Calibrated, config: ConversionConfig, *, progress: bool = Fa
 
         return layer_sensitivity(cal, config, grid, progress=progress)
 
-    return source_ranks(cal.spec, config, max_latent_rank(cal.spec, has_qkv_bias(cal.weights)), spectra, sensitivity)
+    return source_ranks(
+        cal.spec, config, max_latent_rank(cal.spec, has_qkv_bias(cal.spec, cal.get)), spectra, sensitivity
+    )
 
 
 def source_ranks(
@@ -627,7 +634,11 @@ def convert_calibrated(cal: Calibrated, config: ConversionConfig, *, progress: b
     if config.rotation_average and config.rope == "decoupled" and cal.rotation is None:
         raise MlakitError("rotation_average=True needs rotation statistics: calibrate(..., rotation_windows=8)")
     plan = plan_conversion(
-        spec, config, plan_ranks(cal, config, progress=progress), has_qkv_bias(cal.weights), str(cal.loaded.source)
+        spec,
+        config,
+        plan_ranks(cal, config, progress=progress),
+        has_qkv_bias(cal.spec, cal.get),
+        str(cal.loaded.source),
     )
     run = None
     if plan.sequential:

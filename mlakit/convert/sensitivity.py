@@ -57,7 +57,7 @@ def layer_sensitivity(
         hidden_in.append(run_block(blk, hidden_in[-1]))
     ref = torch.log_softmax(original.logits(run_block(blocks[-1], hidden_in[-1])).double(), -1)  # [N, T, V]
     p_ref = ref.exp()
-    has_bias = has_qkv_bias(cal.weights)
+    has_bias = has_qkv_bias(spec, get)
     out = torch.zeros(spec.num_layers, len(grid), dtype=torch.float64)
     cells = [(i, j) for i in range(spec.num_layers) for j in range(len(grid))]
     for i, j in tqdm(cells, desc="sensitivity", disable=not progress, leave=False):

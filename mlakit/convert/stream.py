@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from mlakit.convert.arch import Getter, SourceSpec, attention_weights, model_weights
+from mlakit.convert.arch import attention_weights, model_weights
 from mlakit.convert.convert import (
     RECORD_FILE,
     ConversionConfig,
@@ -39,6 +39,7 @@ from mlakit.convert.convert import (
     attention_input,
     conversion_record,
     convert_block,
+    has_qkv_bias,
     max_latent_rank,
     plan_conversion,
     source_ranks,
@@ -66,16 +67,6 @@ def _layout(model_config: Any, dtype: torch.dtype) -> dict[str, tuple[torch.dtyp
     top = [k for k in state if not k.startswith("layers.")]
     layers = [k for i in range(model_config.num_layers) for k in state if k.startswith(f"layers.{i}.")]
     return {k: (dtype, tuple(state[k].shape)) for k in top + layers}
-
-
-def _nonzero_bias(spec: SourceSpec, get: Getter) -> bool:
-    """Whether any q/k/v projection has a non-zero bias (reads the bias tensors only)."""
-    return any(
-        bool(b.any())
-        for i in range(spec.num_layers)
-        for name in ("q_proj", "k_proj", "v_proj")
-        if (b := get(f"model.layers.{i}.self_attn.{name}.bias")) is not None
-    )
 
 
 def convert_checkpoint(
@@ -132,7 +123,7 @@ def convert_checkpoint(
     else:
         corpus_name = "given tokens"
     out_dtype = dtype or src.dtype
-    has_bias = _nonzero_bias(spec, get)
+    has_bias = has_qkv_bias(spec, get)
     original = OriginalLayers(spec, get, tokens.shape[1], device, source=src.name)
 
     def spectra() -> list[torch.Tensor]:
