@@ -16,6 +16,7 @@ Shapes: N windows, T tokens per window, n hidden size.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Iterator
@@ -164,24 +165,33 @@ class OriginalLayers:
                 f"weights in {self.source} do not match its config: the embedding is {list(table.shape)}, "
                 f"the config makes it {list(want)}"
             )
-        meta = self._shell.embed.weight
-        self._shell.embed.weight = torch.nn.Parameter(table, requires_grad=False)
-        try:
-            return self._shell.embed_tokens(windows.to(table.device)).float().to(self.device)
-        finally:
-            self._shell.embed.weight = meta  # the table is dropped with this call
+        with self._lent({"embed": table}) as shell:  # the table is dropped with this call
+            return shell.embed_tokens(windows.to(table.device)).float().to(self.device)
 
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[N, T, n]`` last hidden states -> ``[N, T, vocab]`` float32: the final norm and the head."""
-        top = {k: v.to(self.device, torch.float32) for k, v in model_weights(self.spec, self.get).items()}
-        meta = self._shell.norm.weight, self._shell.lm_head.weight
-        self._shell.norm.weight = torch.nn.Parameter(top["norm.weight"], requires_grad=False)
-        self._shell.lm_head.weight = torch.nn.Parameter(top["lm_head.weight"], requires_grad=False)
+        top = model_weights(self.spec, self.get)
+        head = {m: top[f"{m}.weight"].to(self.device, torch.float32) for m in ("norm", "lm_head")}
+        with self._lent(head) as shell:
+            return shell.logits(hidden).float()  # type: ignore[no-any-return]
+
+    @contextlib.contextmanager
+    def _lent(self, weights: dict[str, torch.Tensor]) -> Iterator[Any]:
+        """The meta-device shell with ``weights`` (module name -> its ``weight``) in place for one call.
+
+        The shell holds no weights of its own, so the table or head read for a call is freed after it.
+        """
+        saved: dict[str, Any] = {}
+        for name, w in weights.items():
+            module = self._shell.get_submodule(name)
+            saved[name] = module.weight
+            module.weight = torch.nn.Parameter(w, requires_grad=False)
         try:
-            return self._shell.logits(hidden).float()
+            yield self._shell
         finally:
-            self._shell.norm.weight, self._shell.lm_head.weight = meta
+            for name, w in saved.items():
+                self._shell.get_submodule(name).weight = w
 
     def block(self, layer: int) -> Any:
         """Layer ``layer`` as an mlakit :class:`~mlakit.model.Block` holding the source's weights (float32)."""
