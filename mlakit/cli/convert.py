@@ -184,7 +184,6 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from mlakit.config import RopeScaling
     from mlakit.convert import ConversionConfig, calibrate, convert_calibrated, load_hf_model, save_converted
-    from mlakit.convert.arch import source_spec
     from mlakit.convert.heal import heal_recorded
     from mlakit.convert.load import source_directory
     from mlakit.convert.stream import convert_checkpoint
@@ -236,9 +235,13 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.out)
     else:
         loaded = load_hf_model(args.model)
-        cfg.check_source(source_spec(loaded.model.config, loaded.source), loaded.source)  # before calibrating
-        cal = calibrate(
-            loaded, windows=args.calibration_windows, seq_len=args.calibration_seq_len, corpus=corpus, progress=True
+        cal = calibrate(  # config: checked against the source before calibrating
+            loaded,
+            windows=args.calibration_windows,
+            seq_len=args.calibration_seq_len,
+            corpus=corpus,
+            progress=True,
+            config=cfg,
         )
         result = convert_calibrated(cal, cfg, progress=True)
         if hcfg is not None:
