@@ -103,13 +103,16 @@ class NativeKernels:
     ) -> torch.Tensor:
         """``q [B, G, nq, dk]`` (pre-scaled) over paged rows -> fp32 ``[B, G, nq, dv]``.
 
-        ``k_rows is v_rows`` with ``group_stride == 0`` is the MLA latent case (values are the
-        first ``dv`` columns of the key row); otherwise group ``g`` reads columns
-        ``g * group_stride ..`` of the K and V rows.
+        ``tables [B, M]`` may repeat one row (a stride-0 expand: the queries of one prefill chunk,
+        each with its own ``context_lens``). ``k_rows is v_rows`` with ``group_stride == 0`` is the
+        MLA latent case (values are the first ``dv`` columns of the key row); otherwise group ``g``
+        reads columns ``g * group_stride ..`` of the K and V rows.
         """
         b, g, nq, dk = q.shape
         q = q.to(torch.float32).contiguous()
-        tables = tables.to(torch.int64).contiguous()
+        tables = tables.to(torch.int64)
+        if tables.stride(-1) != 1:  # rows may repeat (stride 0: many queries of one sequence), not columns
+            tables = tables.contiguous()
         lens = context_lens.to(torch.int64).contiguous()
         out = torch.empty(b, g, nq, dv, dtype=torch.float32)
         threads = torch.get_num_threads()

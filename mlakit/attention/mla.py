@@ -35,9 +35,11 @@ the scores and the mask of either path (see :class:`~mlakit.config.MLAConfig`).
 Paged (engine) form: with :class:`~mlakit.attention.metadata.AttentionMetadata` the layer takes a
 packed row of ``N`` tokens from many sequences, writes ``[c_kv | k_rope]`` at each token's cache
 slot, then decode tokens attend through the engine's attention backend (absorbed: one batched
-``latent_decode``; naive: a gathered, masked dense pass) and each prefill chunk decompresses its
-sequence's cached latents (compute-friendly). The projections and the absorption are the same
-code as above; only the read of the cache is the backend's.
+``latent_decode``; naive: a gathered, masked dense pass). Each prefill chunk attends in latent
+space through the backend's ``latent_prefill`` when that costs fewer multiply-adds
+(:meth:`MultiHeadLatentAttention.prefill_absorbed`: always for conversions' small latents), else
+decompresses its sequence's cached latents. The projections and the absorption are the same code
+as above; only the read of the cache is the backend's.
 
 Latent recomputation (training): with ``recompute_kv = True`` the naive path's decompression and
 attention run under :func:`torch.utils.checkpoint.checkpoint`, so autograd keeps only the
@@ -354,22 +356,6 @@ class MultiHeadLatentAttention(nn.Module):
         absorbed = t * s * h * (2 * r + c.qk_rope_head_dim) + t * h * r * (c.qk_nope_head_dim + c.v_head_dim)
         return absorbed < naive
 
-    def _prefill_absorbed(
-        self, q_nope: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype
-    ) -> torch.Tensor:
-        """A prefill chunk in latent space: ``q [T, H, d]`` over ``kv [S, r + d_rope]`` -> ``[T, H, d_v]``.
-
-        Multi-query attention with one shared key/value "head" ``[c_kv | k_rope]``, as fused SDPA
-        (the value is the whole row; its first ``r`` outputs are ``o_latent``).
-        """
-        h = q_nope.shape[1]
-        s, w = kv.shape
-        q_joint = self._absorb_query(q_nope, q_rope)  # [T, H, r + d_rope], scaled, in the absorbed weights' dtype
-        kv = kv.to(q_joint.dtype).view(1, 1, s, w).expand(1, h, s, w)  # [1, H, S, W], a view
-        o = F.scaled_dot_product_attention(q_joint.transpose(0, 1).unsqueeze(0), kv, kv, attn_mask=mask, scale=1.0)
-        o_latent = o[0, :, :, : self.config.kv_lora_rank].transpose(0, 1)  # [T, H, r]
-        return self._expand_output(o_latent, dtype)
-
     def _forward_paged(
         self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, path: AttentionPath
     ) -> torch.Tensor:
@@ -393,13 +379,16 @@ class MultiHeadLatentAttention(nn.Module):
             parts.append(o[:, 0])  # [nd, H, d_v]
         for i in range(nd, meta.num_seqs):  # prefill chunks, one sequence each
             a, b = meta.query_start[i], meta.query_start[i + 1]
+            if path == "absorbed" and self.prefill_absorbed(b - a, meta.context_lens_host[i]):
+                # in latent space, through the backend: q [T_i, H, r + d_rope] over the cached rows
+                q_joint = self._absorb_query(q_nope[a:b], q_rope[a:b])
+                o_latent = meta.backend.latent_prefill(q_joint, rows, meta, i, pos[a:b], self.config.kv_lora_rank)
+                parts.append(self._expand_output(o_latent, x.dtype))  # [T_i, H, d_v]
+                continue
             kv = meta.backend.gather(rows, meta, i, i + 1, x.dtype)  # [1, S_i, r + d_rope]
             k_pos = torch.arange(kv.shape[1], device=x.device)
             mask = position_mask(pos[a:b].unsqueeze(0), k_pos)  # [1, 1, T_i, S_i]
-            if path == "absorbed" and self.prefill_absorbed(b - a, kv.shape[1]):
-                o = self._prefill_absorbed(q_nope[a:b], q_rope[a:b], kv[0], mask, x.dtype)
-            else:
-                o = self._attend_naive(q_nope[a:b].unsqueeze(0), q_rope[a:b].unsqueeze(0), kv, k_pos, mask, False)[0]
+            o = self._attend_naive(q_nope[a:b].unsqueeze(0), q_rope[a:b].unsqueeze(0), kv, k_pos, mask, False)[0]
             parts.append(o)  # [T_i, H, d_v]
         o = parts[0] if len(parts) == 1 else torch.cat(parts)  # [N, H, d_v]
         return self.w_o(o.reshape(1, n, -1))

@@ -18,7 +18,13 @@
  * MLA over bf16 rows on CPUs with AVX512-BF16 takes its own routine (attend_range_mla_bf16): the
  * tile is transposed so that 16 keys sit in the lanes of one vector (scores without reduction
  * trees) and the value product runs on bf16 pairs of consecutive keys (probabilities rounded to
- * bf16); 1.45x faster per layer at 4096 tokens x 9 heads of width 96.
+ * bf16); 1.45x faster per layer at 4096 tokens x 9 heads of width 96. Its tiles are 32 keys, so
+ * that the tile's rows, transposed keys and value pairs stay in L1; heads are scored in blocks of
+ * up to 4 sharing each key load (9 heads: 3 x 3, six independent VDPBF16PS chains); the softmax
+ * runs in registers with an inline exp; the next tile's rows are prefetched into L2 a few rows per
+ * head. Together 1.6x over the first version (16 x 4096 tokens, one thread: 95 -> 57 ms).
+ * The same routine serves absorbed prefill: each query token of a chunk is a pseudo-sequence
+ * over its own prefix (one shared block table), 2x SDPA's speed on these shapes.
  *
  * Built at first use by mlakit with the C compiler, -O3 -march=native -ffast-math -fopenmp:
  * the loops over widths vectorise to whatever the CPU has (AVX2, AVX-512).
@@ -36,6 +42,8 @@
 #include <string.h>
 
 #define TILE 64
+#define MLA_TILE 32 /* the bf16 MLA routine's tile (its softmax is written for exactly 32 keys): its rows,
+                      transposed keys and value pairs stay in L1 */
 
 enum { F32 = 0, BF16 = 1, I8 = 2 };
 
@@ -244,16 +252,53 @@ static inline __attribute__((always_inline)) void accumulate_pairs(float *restri
     for (int c = 0; c < nc; c++) _mm512_storeu_ps(acc + 16 * (c0 + c), _mm512_add_ps(a[c], b[c]));
 }
 
+/* e^x for 16 lanes (x <= 0 here): 2^(x log2 e) = 2^n 2^f, |f| <= 1/2, 2^f by its degree-6 Taylor
+ * polynomial (relative error < 2e-7), 2^n by VSCALEFPS; below -87 the result underflows to ~0 */
+static inline __m512 exp512(__m512 x) {
+    __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(1.44269504f));
+    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_sub_ps(t, n);
+    __m512 p = _mm512_set1_ps(1.5403530e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* sc[i][0 : MLA_TILE] = scores of heads i < nh (query pairs qp[i * npair ..]) against the transposed
+ * tile kt [npair][MLA_TILE]: nh * MLA_TILE / 16 independent VDPBF16PS chains, each key load shared
+ * by the nh heads (always inlined with a constant nh) */
+static inline __attribute__((always_inline)) void score_heads(const uint32_t *restrict qp, int npair,
+                                                               const uint32_t *restrict kt, float *restrict sc,
+                                                               const int nh) {
+    __m512 s[4][MLA_TILE / 16];
+    for (int i = 0; i < nh; i++)
+        for (int g = 0; g < MLA_TILE / 16; g++) s[i][g] = _mm512_setzero_ps();
+    for (int c = 0; c < npair; c++) {
+        __m512bh b[4];
+        for (int i = 0; i < nh; i++) b[i] = (__m512bh)_mm512_set1_epi32((int)qp[(size_t)i * npair + c]);
+        for (int g = 0; g < MLA_TILE / 16; g++) {
+            __m512bh kv = (__m512bh)_mm512_loadu_si512(kt + (size_t)c * MLA_TILE + 16 * g);
+            for (int i = 0; i < nh; i++) s[i][g] = _mm512_dpbf16_ps(s[i][g], kv, b[i]);
+        }
+    }
+    for (int i = 0; i < nh; i++)
+        for (int g = 0; g < MLA_TILE / 16; g++) _mm512_storeu_ps(sc + (size_t)i * MLA_TILE + 16 * g, s[i][g]);
+}
+
 /* The MLA work item over bf16 rows (every head reads the same row [c_kv | k_rope], values = its
  * first dv columns), keys in vector lanes instead of one head-row dot product per lane:
- *   kt = the tile's keys transposed as bf16 pairs [dk / 2][TILE] (16 x 16 dword transposes), so
+ *   kt = the tile's keys transposed as bf16 pairs [dk / 2][MLA_TILE] (16 x 16 dword transposes), so
  *        the scores of 16 keys for one head are dk / 2 VDPBF16PS with a broadcast query pair and
  *        need no horizontal sums (the generic path spends as much on its reduction trees);
  *   vp = value rows interleaved in pairs of consecutive keys, so o += p . v is one VDPBF16PS per
  *        two keys and 16 columns, the probabilities rounded to bf16 (the normaliser l sums the
  *        rounded values, so the weights still sum to one).
- * Same outputs as attend_range (acc [nq, dvp], m, l). Scratch: kt >= ceil(dk / 32) * 16 * TILE
- * dwords, vp >= TILE / 2 * dvp dwords, sc >= nq * TILE floats. */
+ * Same outputs as attend_range (acc [nq, dvp], m, l). Scratch: kt >= ceil(dk / 32) * 16 * MLA_TILE
+ * dwords, vp >= MLA_TILE / 2 * dvp dwords, sc >= nq * MLA_TILE floats. */
 static void attend_range_mla_bf16(const __m512bh *qb, int nq, int dk, int dv, const uint16_t *base, int64_t stride,
                                   const int64_t *table, int block_size, int64_t p0, int64_t p1, float *restrict acc,
                                   float *restrict m, float *restrict l, uint32_t *restrict kt,
@@ -268,32 +313,27 @@ static void attend_range_mla_bf16(const __m512bh *qb, int nq, int dk, int dv, co
         l[h] = 0.f;
     }
     memset(acc, 0, sizeof(float) * (size_t)nq * dvp);
-    memset(kt, 0, sizeof(uint32_t) * (size_t)npair * TILE); /* columns past a short tile stay finite */
-    for (int64_t t0 = p0; t0 < p1; t0 += TILE) {
-        int n = (int)((p1 - t0) < TILE ? (p1 - t0) : TILE), ng = (n + 15) / 16, npk = (n + 1) / 2;
-        const uint16_t *rp[TILE];
-        int64_t slots[TILE];
+    memset(kt, 0, sizeof(uint32_t) * (size_t)npair * MLA_TILE); /* columns past a short tile stay finite */
+    for (int64_t t0 = p0; t0 < p1; t0 += MLA_TILE) {
+        int n = (int)((p1 - t0) < MLA_TILE ? (p1 - t0) : MLA_TILE), ng = (n + 15) / 16, npk = (n + 1) / 2;
+        const uint16_t *rp[MLA_TILE];
+        int64_t slots[MLA_TILE];
         tile_slots(table, block_size, t0, n, slots);
         for (int j = 0; j < ng * 16; j++) /* past n: repeat the last row (weight zero) */
             rp[j] = base + slots[j < n ? j : n - 1] * stride;
-        if (t0 + TILE < p1) { /* the next tile's rows into the cache while this one is computed: the
-                                 strided row loads of the transposes defeat the hardware prefetchers */
-            int nn = (int)((p1 - t0 - TILE) < TILE ? (p1 - t0 - TILE) : TILE);
-            int64_t next[TILE];
-            tile_slots(table, block_size, t0 + TILE, nn, next);
-            for (int j = 0; j < nn; j++) {
-                const char *row = (const char *)(base + next[j] * stride);
-                for (int b = 0; b < 2 * dk; b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
-                _mm_prefetch(row + 2 * dk - 1, _MM_HINT_T0);
-            }
-        }
+        /* the next tile's rows, prefetched into L2 a few rows per head below while this tile is
+           computed (one burst of prefetches stalls on the miss queue; the strided row loads of the
+           transposes defeat the hardware prefetchers) */
+        int nn = (int)((p1 - t0 - MLA_TILE) < MLA_TILE ? (p1 - t0 - MLA_TILE) : MLA_TILE);
+        int64_t next[MLA_TILE];
+        if (nn > 0) tile_slots(table, block_size, t0 + MLA_TILE, nn, next);
         for (int g = 0; g < ng; g++)
             for (int k = 0; k < nchunk; k++) {
                 __mmask32 mk = dk - 32 * k >= 32 ? 0xffffffffu : ((1u << (dk - 32 * k)) - 1u);
                 __m512i r[16];
                 for (int t = 0; t < 16; t++) r[t] = _mm512_maskz_loadu_epi16(mk, rp[16 * g + t] + 32 * k);
                 transpose16x16(r);
-                for (int j = 0; j < 16; j++) _mm512_storeu_si512(kt + (size_t)(16 * k + j) * TILE + 16 * g, r[j]);
+                for (int j = 0; j < 16; j++) _mm512_storeu_si512(kt + (size_t)(16 * k + j) * MLA_TILE + 16 * g, r[j]);
             }
         for (int i = 0; i < npk; i++)
             for (int c = 0; c < dvc; c++) {
@@ -302,37 +342,40 @@ static void attend_range_mla_bf16(const __m512bh *qb, int nq, int dk, int dv, co
                 __m512i b = _mm512_castsi256_si512(_mm256_maskz_loadu_epi16(mv, rp[2 * i + 1] + 16 * c));
                 _mm512_storeu_si512(vp + ((size_t)i * dvc + c) * 16, _mm512_permutex2var_epi16(a, inter, b));
             }
-        for (int h = 0; h < nq; h += 2) { /* scores, two heads at a time sharing each key load */
-            const uint32_t *q0 = qp + (size_t)h * npair, *q1 = h + 1 < nq ? q0 + npair : q0;
-            __m512 s0[TILE / 16], s1[TILE / 16];
-            for (int g = 0; g < TILE / 16; g++) s0[g] = s1[g] = _mm512_setzero_ps();
-            for (int c = 0; c < npair; c++) {
-                __m512bh b0 = (__m512bh)_mm512_set1_epi32((int)q0[c]), b1 = (__m512bh)_mm512_set1_epi32((int)q1[c]);
-                for (int g = 0; g < TILE / 16; g++) {
-                    __m512bh kv = (__m512bh)_mm512_loadu_si512(kt + (size_t)c * TILE + 16 * g);
-                    s0[g] = _mm512_dpbf16_ps(s0[g], kv, b0);
-                    s1[g] = _mm512_dpbf16_ps(s1[g], kv, b1);
-                }
+        for (int h = 0; h < nq;) { /* scores, heads in blocks of up to 4 sharing each key load */
+            int nb = (nq - h + 3) / 4, hb = (nq - h + nb - 1) / nb; /* 9 heads: 3 + 3 + 3 */
+            switch (hb) {
+#define HEADS(k) \
+    case k: score_heads(qp + (size_t)h * npair, npair, kt, sc + (size_t)h * MLA_TILE, k); break;
+                HEADS(1) HEADS(2) HEADS(3) HEADS(4)
+#undef HEADS
             }
-            for (int g = 0; g < TILE / 16; g++) {
-                _mm512_storeu_ps(sc + (size_t)h * TILE + 16 * g, s0[g]);
-                if (h + 1 < nq) _mm512_storeu_ps(sc + (size_t)(h + 1) * TILE + 16 * g, s1[g]);
-            }
+            h += hb;
         }
         for (int h = 0; h < nq; h++) {
-            float *s = sc + (size_t)h * TILE;
-            float mx = m[h];
-            for (int j = 0; j < n; j++) mx = s[j] > mx ? s[j] : mx;
-            float alpha = m[h] == -INFINITY ? 0.f : expf(m[h] - mx);
-            for (int j = 0; j < n; j++) s[j] = expf(s[j] - mx);
-            for (int j = n; j < TILE; j++) s[j] = 0.f;
-            uint32_t *pp = (uint32_t *)s; /* the probabilities as bf16 pairs, over the scores */
-            for (int g = 0; g < TILE / 16; g += 2)
-                _mm512_storeu_si512(pp + 8 * g, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(s + 16 * g + 16),
-                                                                             _mm512_loadu_ps(s + 16 * g)));
-            float sum = 0.f;
-            for (int j = 0; j < n; j++) sum += bf16_to_f32(((const uint16_t *)pp)[j]);
-            l[h] = l[h] * alpha + sum;
+            for (int j = h * nn / nq; j < (h + 1) * nn / nq; j++) {
+                uintptr_t a = (uintptr_t)(base + next[j] * stride), e = a + 2 * (uintptr_t)dk;
+                for (a &= ~(uintptr_t)63; a < e; a += 64) _mm_prefetch((const char *)a, _MM_HINT_T1);
+            }
+            float *s = sc + (size_t)h * MLA_TILE;
+            __mmask16 k0 = n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1u);
+            __mmask16 k1 = n >= 32 ? (__mmask16)0xffff : n > 16 ? (__mmask16)((1u << (n - 16)) - 1u) : 0;
+            __m512 x0 = _mm512_loadu_ps(s), x1 = _mm512_loadu_ps(s + 16), ninf = _mm512_set1_ps(-INFINITY);
+            float mx = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_mask_mov_ps(ninf, k0, x0),
+                                                          _mm512_mask_mov_ps(ninf, k1, x1)));
+            mx = m[h] > mx ? m[h] : mx;
+            /* past the first tiles the running max rarely moves: no exp then */
+            float alpha = mx == m[h] ? 1.f : m[h] == -INFINITY ? 0.f : expf(m[h] - mx);
+            __m512 vmx = _mm512_set1_ps(mx);
+            __m512 e0 = _mm512_maskz_mov_ps(k0, exp512(_mm512_sub_ps(x0, vmx)));
+            __m512 e1 = _mm512_maskz_mov_ps(k1, exp512(_mm512_sub_ps(x1, vmx)));
+            __m512i pb = (__m512i)_mm512_cvtne2ps_pbh(e1, e0); /* the probabilities as bf16 pairs */
+            uint32_t *pp = (uint32_t *)s;                       /* stored over the scores */
+            _mm512_storeu_si512(pp, pb);
+            /* the normaliser sums the rounded probabilities: bf16 -> fp32 is a 16-bit shift */
+            __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(pb, 16));
+            __m512 hi = _mm512_castsi512_ps(_mm512_and_si512(pb, _mm512_set1_epi32((int)0xffff0000u)));
+            l[h] = l[h] * alpha + _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
             m[h] = mx;
             float *ah = acc + (size_t)h * dvp;
             for (int c0 = 0; c0 < dvc; c0 += 8) {

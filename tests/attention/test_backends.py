@@ -4,7 +4,7 @@ Two tables:
 
 * kernel scenarios: paged rows filled with random values, fragmented block tables, ragged lengths
   (one token, exactly a block, across a boundary), fp32 / bf16 / int8 storage; each backend's
-  ``latent_decode``, ``kv_decode`` and ``gather`` against ``torch``'s;
+  ``latent_decode``, ``latent_prefill``, ``kv_decode`` and ``gather`` against ``torch``'s;
 * model scenarios: one packed engine step that mixes decodes with prefill chunks (one of them at
   ``start_pos > 0``) equals the uncached forward of each sequence, for MLA (absorbed and naive),
   full-RoPE MLA, MHA, GQA and MQA, through each backend.
@@ -39,6 +39,8 @@ KERNEL_SCENARIOS = {
     "ragged": (5, 32, 8, 1, 16, [13, 1, 8, 5], True),
     "block_boundaries": (3, 24, 6, 3, 8, [4, 8, 12], True),
     "deepseek_dims": (16, 512, 64, 4, 32, [21, 7], True),
+    # several 32-key tiles of the CPU kernel's bf16 MLA routine, full and partial (17..31 keys, <= 16)
+    "long_tiles": (9, 48, 48, 3, 16, [100, 33, 64, 17, 150], True),
 }
 STORAGE = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": "int8"}
 # int8 storage: the reference dequantizes rows, the fast paths fold the scales in; both see the same values.
@@ -98,6 +100,12 @@ def compare_kernels(name: str, storage: str, backend: str, device: str = "cpu") 
     g = k_rows.width // q.shape[-1]
     want = ref.backend.kv_decode(q, k_rows, v_rows, ref, g)
     assert (got.backend.kv_decode(q, k_rows, v_rows, got, g) - want).abs().max().item() <= tol, name
+    for seq in (0, len(lens) - 1):  # a prefill chunk: the last (up to 40) positions of a sequence
+        n = lens[seq]
+        q_pos = torch.arange(max(0, n - 40), n, device=device)
+        qp = torch.randn(len(q_pos), *q_joint.shape[1:], generator=torch.Generator().manual_seed(seq)).to(device) * 0.2
+        want = ref.backend.latent_prefill(qp, rows, ref, seq, q_pos, rank)
+        assert (got.backend.latent_prefill(qp, rows, got, seq, q_pos, rank) - want).abs().max().item() <= tol, name
     for lo, hi in [(0, len(lens)), (len(lens) - 1, len(lens))]:
         want = ref.backend.gather(rows, ref, lo, hi, torch.float32)
         have = got.backend.gather(rows, got, lo, hi, torch.float32)

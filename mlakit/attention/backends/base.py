@@ -9,6 +9,9 @@ Contract (all backends; tested against ``torch`` over one table of scenarios):
   ``B_d = meta.num_decodes`` decode sequences: ``q_joint [B_d, H, r + d_rope]`` is
   ``[q_nope W_UK | q_rope]`` already multiplied by the softmax scale;
   ``o_latent = softmax(q_joint . [c_kv | k_rope]^T) c_kv`` over each sequence's context.
+* ``latent_prefill(q_joint, rows, meta, seq, q_pos, kv_lora_rank) -> o_latent [T, H, r]``: the
+  absorbed form of one prefill chunk of sequence ``seq``, ``q_joint [T, H, r + d_rope]`` as for
+  decode, query ``t`` (at position ``q_pos[t]``) reading the cached positions ``<= q_pos[t]``.
 * ``kv_decode(q, k_rows, v_rows, meta, num_kv_heads) -> [B_d, H, D]`` with ``q [B_d, H, D]``
   pre-scaled; query head ``h`` reads kv head ``h // (H / G)``.
 
@@ -21,6 +24,7 @@ import math
 from typing import TYPE_CHECKING, Protocol
 
 import torch
+import torch.nn.functional as F
 
 from mlakit.paged import PagedRows
 
@@ -39,6 +43,18 @@ class AttentionBackend(Protocol):
         self, q_joint: torch.Tensor, rows: PagedRows, meta: AttentionMetadata, kv_lora_rank: int
     ) -> torch.Tensor:
         """``o_latent [B_d, H, r]`` of the absorbed MLA decode (see the module docstring)."""
+        ...
+
+    def latent_prefill(
+        self,
+        q_joint: torch.Tensor,
+        rows: PagedRows,
+        meta: AttentionMetadata,
+        seq: int,
+        q_pos: torch.Tensor,
+        kv_lora_rank: int,
+    ) -> torch.Tensor:
+        """``o_latent [T, H, r]`` of one absorbed prefill chunk (see the module docstring)."""
         ...
 
     def kv_decode(
@@ -63,3 +79,20 @@ def gather_by_table(rows: PagedRows, meta: AttentionMetadata, lo: int, hi: int, 
 def length_mask(context_lens: torch.Tensor, s: int) -> torch.Tensor:
     """``[B, S]`` True where key index ``< context_lens[b]``."""
     return torch.arange(s, device=context_lens.device).unsqueeze(0) < context_lens.unsqueeze(1)
+
+
+def latent_prefill_sdpa(
+    q_joint: torch.Tensor, kv: torch.Tensor, q_pos: torch.Tensor, kv_lora_rank: int
+) -> torch.Tensor:
+    """The reference absorbed prefill: ``q_joint [T, H, W]`` (pre-scaled) over ``kv [S, W]`` -> ``[T, H, r]``.
+
+    Multi-query attention with one shared key/value "head" ``[c_kv | k_rope]``, as fused SDPA
+    (the value is the whole row, since the fused kernels want equal widths; its first ``r``
+    outputs are ``o_latent``); query ``t`` reads positions ``<= q_pos[t]``.
+    """
+    h = q_joint.shape[1]
+    s, w = kv.shape
+    mask = (torch.arange(s, device=kv.device).unsqueeze(0) <= q_pos.unsqueeze(1)).view(1, 1, -1, s)  # [1, 1, T, S]
+    kv = kv.to(q_joint.dtype).view(1, 1, s, w).expand(1, h, s, w)  # [1, H, S, W], a view
+    o = F.scaled_dot_product_attention(q_joint.transpose(0, 1).unsqueeze(0), kv, kv, attn_mask=mask, scale=1.0)
+    return o[0, :, :, :kv_lora_rank].transpose(0, 1)  # [T, H, r]

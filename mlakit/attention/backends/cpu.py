@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from mlakit.attention.backends.base import gather_by_table
+from mlakit.attention.backends.base import gather_by_table, latent_prefill_sdpa
 from mlakit.paged import PagedRows
 
 if TYPE_CHECKING:
@@ -123,6 +123,34 @@ class Backend:
             )
             return o[:, 0].to(q_joint.dtype)  # [B, H, r]
         return torch.stack([latent_attend(q_joint[i], rows, meta.runs(i), kv_lora_rank) for i in range(nd)])
+
+    def latent_prefill(
+        self,
+        q_joint: torch.Tensor,
+        rows: PagedRows,
+        meta: AttentionMetadata,
+        seq: int,
+        q_pos: torch.Tensor,
+        kv_lora_rank: int,
+    ) -> torch.Tensor:
+        if self.kernel is not None:
+            # each query token is a decode over its own prefix: T pseudo-sequences sharing one block
+            # table, lengths q_pos + 1 (the kernel's work items then split the chunk across threads)
+            t = q_joint.shape[0]
+            o = self.kernel.paged_decode(
+                q_joint.unsqueeze(1),  # [T, 1, H, r + d_rope]
+                rows,
+                rows,
+                meta.block_tables[seq : seq + 1].expand(t, -1),
+                q_pos + 1,
+                meta.context_lens_host[seq],
+                meta.block_size,
+                kv_lora_rank,
+                0,
+            )
+            return o[:, 0].to(q_joint.dtype)  # [T, H, r]
+        kv = self.gather(rows, meta, seq, seq + 1, q_joint.dtype)[0]  # [S, r + d_r]
+        return latent_prefill_sdpa(q_joint, kv, q_pos, kv_lora_rank)
 
     def kv_decode(
         self, q: torch.Tensor, k_rows: PagedRows, v_rows: PagedRows, meta: AttentionMetadata, num_kv_heads: int

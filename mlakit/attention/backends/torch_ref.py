@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mlakit.attention.backends.base import gather_by_table, length_mask
+from mlakit.attention.backends.base import gather_by_table, latent_prefill_sdpa, length_mask
 from mlakit.paged import PagedRows
 
 if TYPE_CHECKING:
@@ -32,6 +32,18 @@ class Backend:
         valid = length_mask(meta.decode_context_lens, kv.shape[1])  # [B, S]
         probs = scores.masked_fill(~valid.unsqueeze(1), float("-inf")).softmax(dim=-1).to(q_joint.dtype)
         return torch.matmul(probs, kv[..., :kv_lora_rank])  # [B, H, r]
+
+    def latent_prefill(
+        self,
+        q_joint: torch.Tensor,
+        rows: PagedRows,
+        meta: AttentionMetadata,
+        seq: int,
+        q_pos: torch.Tensor,
+        kv_lora_rank: int,
+    ) -> torch.Tensor:
+        kv = self.gather(rows, meta, seq, seq + 1, q_joint.dtype)[0]  # [S, r + d_r]
+        return latent_prefill_sdpa(q_joint, kv, q_pos, kv_lora_rank)
 
     def kv_decode(
         self, q: torch.Tensor, k_rows: PagedRows, v_rows: PagedRows, meta: AttentionMetadata, num_kv_heads: int
