@@ -42,9 +42,10 @@ class ModelRunner:
         max_graph_batch: capture decode-only steps of up to this many sequences as CUDA graphs
             where :func:`mlakit.engine.graphs.graph_reason` allows (0: never). Captured on the
             first decode-only step; a failed capture is logged and steps stay eager.
-        fused_decode: run decode-only steps of up to :data:`mlakit.engine.cpu_step.MAX_ROWS`
-            sequences through the fused C step where :func:`mlakit.engine.cpu_step.fused_decode_reason`
-            allows (CPU); elsewhere (logged once) through the model.
+        fused_decode: run decode-only steps through the fused C step (one call per
+            :data:`mlakit.engine.cpu_step.MAX_ROWS` sequences) where
+            :func:`mlakit.engine.cpu_step.fused_decode_reason` allows (CPU); elsewhere (logged
+            once) through the model.
     """
 
     def __init__(
@@ -77,7 +78,7 @@ class ModelRunner:
                 logger.info("decode steps run through the model, not the fused CPU step: %s", why)
             else:
                 self.fused = FusedDecode(model, cache)
-                logger.info("decode-only steps of up to %d sequences run through the fused CPU step", MAX_ROWS)
+                logger.info("decode-only steps run through the fused CPU step (%d sequences per call)", MAX_ROWS)
 
     @torch.inference_mode()
     def execute(
