@@ -12,7 +12,14 @@ Systems (same machine, same thread count, each in its own process so peak RSS is
 
 Protocol (both sides; see benchmarks/llama_cpp_peer.py): prefill 16 real-text prompts of 4096
 tokens (the first one alone is timed: prefill tokens/s), decode greedily with all 16 (2 warm-up
-steps, then --steps timed), then with 8, then with 1; then a fresh 512-token prompt at batch 1.
+steps, then --steps timed, --rounds times), then with 8, then with 1; then a fresh 512-token
+prompt at batch 1.
+
+Side by side: all systems' workers start together and take turns (benchmarks/turns.py): every
+timed section runs alone, and round r of every system runs within seconds of the others' round r,
+rotating who goes first. This host's speed drifts by a third within a session, so systems timed
+minutes apart would compare moments; each point reports every system's best round and the range
+of the per-round ratio mlakit / llama.cpp.
 Aggregate decode tokens/s per point; the text each system generated for the first prompt is
 printed, so a broken model cannot hide behind a fast number. Also: peak RSS, KV bytes, how many
 4096-token sequences fit one KV budget, and the bandwidth the absorbed attention reaches.
@@ -35,6 +42,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from turns import gate, take_turns
 
 TARGETS = {(512, 1): 1.0, (4096, 1): 1.5, (4096, 8): 3.0, (4096, 16): 4.0}
 
@@ -95,6 +104,7 @@ def mlakit_worker(args: argparse.Namespace) -> None:
     sampling = SamplingConfig(max_new_tokens=100_000, temperature=0.0)
     out: dict = {"weights": loaded.weights, "backend": engine.runner.backend.name, "points": []}
     engine.generate([Request(long_prompts[0][:64], SamplingConfig(max_new_tokens=2))])  # warm-up
+    gate("prefill", args.gated)
     ids = [engine.add_request(long_prompts[0], sampling)]
     t0 = time.perf_counter()
     while not engine.output(ids[0]).tokens:
@@ -111,16 +121,21 @@ def mlakit_worker(args: argparse.Namespace) -> None:
             engine.step()
         return time.perf_counter() - t
 
+    def timed(b: int, context: int) -> dict:
+        """``--rounds`` timings of ``--steps`` steps (each behind a gate): the best, and every round."""
+        rounds = []
+        for r in range(args.rounds):
+            gate(f"decode {b} x {context}, round {r}", args.gated)
+            rounds.append(b * args.steps / steps(args.steps))
+        best = max(rounds)
+        return {"batch": b, "context": context, "tokens_per_s": best, "rounds": rounds, "step_ms": b / best * 1e3}
+
     for b in batches:
         for rid in ids[b:]:
             engine.cancel(rid)
         engine.step()  # drains the cancellation events
         steps(2)
-        dt = steps(args.steps)
-        ctx = len(long_prompts[0])
-        out["points"].append(
-            {"batch": b, "context": ctx, "tokens_per_s": b * args.steps / dt, "step_ms": dt / args.steps * 1e3}
-        )
+        out["points"].append(timed(b, len(long_prompts[0])))
     out["generated"] = engine.output(ids[0]).tokens
     engine.cancel(ids[0])
     out["kv_bytes_per_token"] = per_token
@@ -129,12 +144,10 @@ def mlakit_worker(args: argparse.Namespace) -> None:
     while not engine.output(rid).tokens:
         engine.step()
     steps(2)
-    dt = steps(args.steps)
-    out["points"].append(
-        {"batch": 1, "context": len(short), "tokens_per_s": args.steps / dt, "step_ms": dt / args.steps * 1e3}
-    )
+    out["points"].append(timed(1, len(short)))
     out["peak_rss"] = peak_rss()
     if args.bandwidth:
+        gate("attention bandwidth", args.gated)
         out["bandwidth"] = memory_bandwidth(1 << 30)
         out["attention_bandwidth"] = {
             "batch": batches[0],
@@ -158,6 +171,21 @@ def capacity(mla: Path, budget: int, seq_len: int, llama_bytes_per_token: int) -
     return out
 
 
+def best_points(configs: list[dict]) -> list[dict]:
+    """One system made of several configurations' runs: per point the best configuration, per round the best.
+
+    ``rounds[r]`` is the best configuration's tokens/s in round ``r``: those rounds ran seconds apart,
+    so ratios between systems are taken round by round.
+    """
+    out = []
+    for i, pt in enumerate(configs[0]["points"]):
+        pts = [c["points"][i] for c in configs]
+        best = max(pts, key=lambda x: x["tokens_per_s"])
+        rounds = [max(p["rounds"][r] for p in pts) for r in range(len(pt["rounds"]))]
+        out.append({**best, "rounds": rounds})
+    return out
+
+
 def report(res: dict) -> str:
     lines = [
         f"Date: {res['date']}  ",
@@ -166,23 +194,32 @@ def report(res: dict) -> str:
         f"Command: `{res['command']}`  ",
         f"Threads: {res['threads']} per system; llama.cpp {res['llama_info']}",
         "",
-        "Aggregate decode tokens/s (greedy, real text; context = prompt tokens at the start of the timed steps):",
+        "Aggregate decode tokens/s (greedy, real text; context = prompt tokens at the start of the timed steps;",
+        f"each system's best of {res.get('rounds', 1)} rounds, the systems taking turns):",
         "",
     ]
     systems = res["systems"]
     names = list(systems)
-    lines.append("| context x batch | " + " | ".join(names) + " | mla25 / llama.cpp | target |")
-    lines.append("|---|" + "---:|" * (len(names) + 2))
+    lines.append(
+        "| context x batch | " + " | ".join(names) + " | mla25 / llama.cpp | per-round ratio (min-max) | target |"
+    )
+    lines.append("|---|" + "---:|" * (len(names) + 3))
     for (ctx, b), target in TARGETS.items():
         row = []
-        vals = {}
+        pts = {}
         for n in names:
             pt = next((p for p in systems[n]["points"] if p["batch"] == b and p["context"] == ctx), None)
-            vals[n] = pt["tokens_per_s"] if pt else None
+            pts[n] = pt
             row.append(f"{pt['tokens_per_s']:.1f}" if pt else "—")
-        ratio = (vals.get("mla25") or 0) / vals["llama.cpp"] if vals.get("llama.cpp") else float("nan")
+        mla, peer = pts.get("mla25"), pts.get("llama.cpp")
+        ratio, spread = float("nan"), "—"
+        if mla and peer:
+            ratio = mla["tokens_per_s"] / peer["tokens_per_s"]
+            per_round = [m / p for m, p in zip(mla.get("rounds", []), peer.get("rounds", []))]
+            if per_round:
+                spread = f"{min(per_round):.2f}-{max(per_round):.2f}"
         mark = "met" if ratio >= target else "missed"
-        lines.append(f"| {ctx} x {b} | " + " | ".join(row) + f" | {ratio:.2f} | >= {target} ({mark}) |")
+        lines.append(f"| {ctx} x {b} | " + " | ".join(row) + f" | {ratio:.2f} | {spread} | >= {target} ({mark}) |")
     lines += [
         "",
         "| system | prefill tokens/s (one 4096-token prompt) | peak RSS | KV bytes/token | weights |",
@@ -229,6 +266,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=32, help="timed decode steps per point")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batches", type=int, nargs="+", default=[16, 8, 1])
+    ap.add_argument("--rounds", type=int, default=3, help="timings of each decode point per system (best counts)")
     ap.add_argument("--long", type=int, default=4096, help="long prompt tokens")
     ap.add_argument("--short", type=int, default=512, help="short prompt tokens")
     ap.add_argument(
@@ -243,6 +281,7 @@ def main() -> None:
     ap.add_argument("--weights", default="auto", help=argparse.SUPPRESS)
     ap.add_argument("--prompts", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--bandwidth", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--gated", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         mlakit_worker(args)
@@ -265,11 +304,11 @@ def main() -> None:
         "--batches",
         *map(str, args.batches),
     ]
-    systems: dict = {}
+    common += ["--rounds", str(args.rounds), "--gated"]
+    commands: dict[str, list[str]] = {}
     if args.llama_python:
-        best = None
         for fa in (0, 1):
-            cmd = [
+            commands[f"llama.cpp fa={fa}"] = [
                 args.llama_python,
                 str(Path(__file__).parent / "llama_cpp_peer.py"),
                 "--gguf",
@@ -278,41 +317,17 @@ def main() -> None:
                 str(fa),
                 *common,
             ]
-            print("running llama.cpp, flash attention", "on" if fa else "off", file=sys.stderr, flush=True)
-            p = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if p.returncode != 0:
-                raise SystemExit(f"llama.cpp worker failed: {p.stderr[-2000:]}")
-            r = json.loads(p.stdout.strip().splitlines()[-1])
-            systems[f"llama.cpp fa={fa}"] = r
-            if best is None or sum(x["tokens_per_s"] for x in r["points"]) > sum(
-                x["tokens_per_s"] for x in best["points"]
-            ):
-                best = r
-        # the peer is its better configuration per point
-        peer = dict(best)
-        peer["points"] = [
-            max((systems[f"llama.cpp fa={fa}"]["points"][i] for fa in (0, 1)), key=lambda x: x["tokens_per_s"])
-            for i in range(len(best["points"]))
-        ]
-        systems = {"llama.cpp": peer, **systems}
     runs = [(f"mla25 {w}", str(mla), w) for w in args.mla_weights] + [("original", "smollm2-135m", "auto")]
     for name, model, weights in runs:
-        print(f"running mlakit {name} ({weights})", file=sys.stderr, flush=True)
         cmd = [sys.executable, __file__, "--worker", name, "--model", model, "--weights", weights, *common]
-        if name == runs[0][0]:
-            cmd.append("--bandwidth")
-        p = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if p.returncode != 0:
-            raise SystemExit(f"mlakit worker {name} failed: {p.stderr[-3000:]}")
-        systems[name] = json.loads(p.stdout.strip().splitlines()[-1])
+        commands[name] = cmd + (["--bandwidth"] if name == runs[0][0] else [])
+    print(f"running {', '.join(commands)} side by side, one timed section at a time", file=sys.stderr, flush=True)
+    systems: dict = take_turns(commands, env, log=sys.stderr)
+    if args.llama_python:  # the peer is llama.cpp's better configuration per point
+        fas = [systems[f"llama.cpp fa={fa}"] for fa in (0, 1)]
+        systems = {"llama.cpp": {**fas[0], "points": best_points(fas)}, **systems}
     mla_runs = [systems[n] for n, _, _ in runs[:-1]]
-    systems["mla25"] = {
-        **mla_runs[0],
-        "points": [
-            max((r["points"][i] for r in mla_runs), key=lambda x: x["tokens_per_s"])
-            for i in range(len(mla_runs[0]["points"]))
-        ],
-    }
+    systems["mla25"] = {**mla_runs[0], "points": best_points(mla_runs)}
     from mlakit.engine.load import load_model
     from mlakit.native import cpu_flags
 
@@ -329,6 +344,7 @@ def main() -> None:
         "cpu_flags": " ".join(sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma")))),
         "command": "python " + " ".join(sys.argv),
         "threads": args.threads,
+        "rounds": args.rounds,
         "llama_info": systems.get("llama.cpp", {}).get("system_info", "not run"),
         "systems": {k: {kk: vv for kk, vv in v.items() if kk != "generated"} for k, v in systems.items()},
         "samples": samples,

@@ -13,6 +13,10 @@ mlakit side runs the same one):
    all but the first half and time again; then all but one and time again;
 3. a fresh short prompt: prefill, warm up, time ``--steps`` steps at batch 1.
 
+Each decode point is timed ``--rounds`` times (its best counts). With ``--gated`` every timed
+section waits for the orchestrator first (``benchmarks/turns.py``), so that it runs alone and the
+systems' rounds alternate.
+
 Prints one JSON object: tokens/s per point, prefill tokens/s, the tokens generated for the first
 long prompt, peak RSS and the KV cache bytes.
 """
@@ -26,6 +30,7 @@ import time
 
 import llama_cpp as L
 import numpy as np
+from turns import gate
 
 
 def main() -> None:
@@ -36,6 +41,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--flash-attn", type=int, default=0)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--gated", action="store_true")
     args = ap.parse_args()
     spec = json.loads(open(args.prompts).read())
     long_prompts, short = spec["long"], spec["short"]
@@ -87,6 +94,7 @@ def main() -> None:
     out: dict = {"flash_attn": args.flash_attn, "points": []}
     prefill(long_prompts[0][:64], 0)  # warm-up (graph allocation), then forget it
     L.llama_memory_seq_rm(mem, 0, -1, -1)
+    gate("prefill", args.gated)
     t0 = time.perf_counter()
     nxt = [prefill(long_prompts[0], 0)]
     dt = time.perf_counter() - t0
@@ -106,22 +114,28 @@ def main() -> None:
             generated.append(nxt[0])
         return time.perf_counter() - t
 
+    def timed(live: list[int], context: int) -> dict:
+        """``--rounds`` timings of ``--steps`` steps (each behind a gate): the best, and every round."""
+        rounds = []
+        for r in range(args.rounds):
+            gate(f"decode {len(live)} x {context}, round {r}", args.gated)
+            rounds.append(len(live) * args.steps / steps(live, args.steps))
+        best = max(rounds)
+        point = {"batch": len(live), "context": context, "tokens_per_s": best, "rounds": rounds}
+        return {**point, "step_ms": len(live) / best * 1e3}
+
     for b in batches:
         live = list(range(b))
         for s in range(b, n_seq):
             L.llama_memory_seq_rm(mem, s, -1, -1)
         steps(live, 2)
-        dt = steps(live, args.steps)
-        point = {"batch": b, "context": len(long_prompts[0]), "tokens_per_s": b * args.steps / dt}
-        out["points"].append({**point, "step_ms": dt / args.steps * 1e3})
+        out["points"].append(timed(live, len(long_prompts[0])))
     out["generated"] = generated
     L.llama_memory_seq_rm(mem, 0, -1, -1)
     first = prefill(short, 0)
     nxt[0], pos[0] = first, len(short)
     steps([0], 2)
-    dt = steps([0], args.steps)
-    point = {"batch": 1, "context": len(short), "tokens_per_s": args.steps / dt}
-    out["points"].append({**point, "step_ms": dt / args.steps * 1e3})
+    out["points"].append(timed([0], len(short)))
     layers, kv_heads, head_dim = 30, 3, 64  # SmolLM2-135M
     out["kv_bytes_per_token"] = layers * 2 * kv_heads * head_dim * 2  # f16 K and V
     out["kv_bytes"] = out["kv_bytes_per_token"] * cp.n_ctx
