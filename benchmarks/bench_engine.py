@@ -94,7 +94,7 @@ def mlakit_worker(args: argparse.Namespace) -> None:
     batches = sorted(args.batches, reverse=True)
     loaded = load_model(args.model, weights=args.weights)
     model = loaded.model
-    room = (len(batches) + 2) * (args.steps + 2) + 64
+    room = (len(batches) + 2) * (args.rounds * args.steps + 2) + 64  # every round decodes further
     from mlakit.paged import PagedCache
 
     dtype = model.embed.weight.dtype

@@ -48,7 +48,7 @@ def main() -> None:
     long_prompts, short = spec["long"], spec["short"]
     batches = sorted(args.batches, reverse=True)
     n_seq = batches[0]
-    per_seq = max(len(p) for p in long_prompts) + (len(batches) + 1) * (args.steps + 2) + 64
+    per_seq = max(len(p) for p in long_prompts) + (len(batches) + 1) * (args.rounds * args.steps + 2) + 64
 
     L.llama_backend_init()
     mp = L.llama_model_default_params()
