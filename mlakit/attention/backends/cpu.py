@@ -5,6 +5,9 @@ this CPU): it reads each sequence's rows through its block table, converts a til
 to fp32 once, computes the scores of every head sharing those rows and folds them into an
 online softmax, in parallel over sequences, kv heads and slices of long contexts. For MLA one
 latent row serves all H heads (the absorbed form), for GQA one K/V row serves its H/G heads.
+An absorbed prefill chunk goes to the same kernel (``latent_prefill``): each of its query tokens is
+a pseudo-sequence over its own prefix (the chunk's block table repeated at stride 0, lengths
+``position + 1``), 2x fused SDPA's speed on a conversion's shapes.
 
 Without a C compiler (or with ``Backend(use_kernel=False)``) decode runs in PyTorch, as follows.
 
