@@ -44,6 +44,8 @@
 #define TILE 64
 #define MLA_TILE 32 /* the bf16 MLA routine's tile (its softmax is written for exactly 32 keys): its rows,
                       transposed keys and value pairs stay in L1 */
+_Static_assert(MLA_TILE == 32, "attend_range_mla_bf16's softmax takes a tile as two 16-lane vectors");
+_Static_assert(MLA_TILE <= TILE, "the MLA routine uses the generic routine's scratch buffers");
 
 enum { F32 = 0, BF16 = 1, I8 = 2 };
 

@@ -4,9 +4,8 @@ At batch 1 a decode step of a small model costs more in Python and PyTorch dispa
 arithmetic: SmolLM2-135M converted to MLA runs ~40 small ops per layer (norms, RoPE, splits,
 casts, the absorption, residual adds) around its five weight products, 30 layers deep. This is
 the CPU's counterpart of :mod:`mlakit.engine.graphs` (CUDA graphs): for decode-only steps the
-runner hands the whole layer stack to ``mlakit_decode_step`` (one call per :data:`MAX_ROWS`
-sequences)
-(``mlakit/csrc/decode_step.c``), which runs the same maths as
+runner hands the whole layer stack to ``mlakit_decode_step`` (``mlakit/csrc/decode_step.c``, one
+call per :data:`MAX_ROWS` sequences), which runs the same maths as
 :class:`~mlakit.attention.mla.MultiHeadLatentAttention`'s paged absorbed decode (or
 :class:`~mlakit.attention.mha.GroupedQueryAttention`'s paged decode) and
 :class:`~mlakit.model.Block`, with the residual stream in fp32, the weight products through
@@ -18,8 +17,8 @@ finds nothing it does not implement, and every other step (prefill, mixed steps,
 runs the model's forward. A decode step of more than :data:`MAX_ROWS` sequences runs as several
 calls of at most that many: past 24 rows the model's int8 linears dequantize their weights for a
 bf16 GEMM at every call, which costs more than reading the int8 weights once per 16 sequences
-(32 x 2048 tokens, side by side: 420 against 168 tokens/s). The tests compare the two paths' logits and greedy
-tokens.
+(32 x 2048 tokens, side by side: 420 against 168 tokens/s). The tests compare the two paths'
+logits and greedy tokens.
 
 What it implements: every layer MLA with decoupled RoPE (absorbed decode), with or without
 ``q_lora_rank`` and ``kv_norm``, per-layer ``kv_lora_rank``; or every layer MHA/GQA/MQA, with
@@ -269,10 +268,6 @@ class FusedDecode:
             scale=None,
             bias=None if b is None else self._ptr(b),
         )
-
-    @staticmethod
-    def fits(batch: int) -> bool:
-        return batch > 0
 
     def run(self, tokens: Sequence[int], positions: Sequence[int], tables: Sequence[Sequence[int]]) -> torch.Tensor:
         """One decode step: ``tokens[b]`` at ``positions[b]`` of sequence ``b`` (block ``tables[b]``).

@@ -98,7 +98,7 @@ class ModelRunner:
             graphs = self._decode_graphs()
             if graphs is not None and graphs.fits(len(decodes), [t for _, _, t in decodes]):
                 return graphs.run([t for t, _, _ in decodes], [p for _, p, _ in decodes], [t for _, _, t in decodes])
-        if decodes and not prefills and self.fused is not None and self.fused.fits(len(decodes)):
+        if decodes and not prefills and self.fused is not None:
             return self.fused.run([t for t, _, _ in decodes], [p for _, p, _ in decodes], [t for _, _, t in decodes])
         ids: list[int] = [tok for tok, _, _ in decodes]
         pos: list[int] = [p for _, p, _ in decodes]

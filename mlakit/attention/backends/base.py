@@ -82,14 +82,22 @@ def length_mask(context_lens: torch.Tensor, s: int) -> torch.Tensor:
 
 
 def latent_prefill_sdpa(
-    q_joint: torch.Tensor, kv: torch.Tensor, q_pos: torch.Tensor, kv_lora_rank: int
+    backend: AttentionBackend,
+    q_joint: torch.Tensor,
+    rows: PagedRows,
+    meta: AttentionMetadata,
+    seq: int,
+    q_pos: torch.Tensor,
+    kv_lora_rank: int,
 ) -> torch.Tensor:
-    """The reference absorbed prefill: ``q_joint [T, H, W]`` (pre-scaled) over ``kv [S, W]`` -> ``[T, H, r]``.
+    """The reference absorbed prefill (``latent_prefill``): ``q_joint [T, H, W]`` (pre-scaled) -> ``[T, H, r]``.
 
-    Multi-query attention with one shared key/value "head" ``[c_kv | k_rope]``, as fused SDPA
-    (the value is the whole row, since the fused kernels want equal widths; its first ``r``
-    outputs are ``o_latent``); query ``t`` reads positions ``<= q_pos[t]``.
+    Gathers sequence ``seq``'s rows ``kv [S, W]`` through ``backend``, then multi-query attention
+    with one shared key/value "head" ``[c_kv | k_rope]`` as fused SDPA (the value is the whole row,
+    since the fused kernels want equal widths; its first ``r`` outputs are ``o_latent``); query
+    ``t`` reads positions ``<= q_pos[t]``.
     """
+    kv = backend.gather(rows, meta, seq, seq + 1, q_joint.dtype)[0]  # [S, W]
     h = q_joint.shape[1]
     s, w = kv.shape
     mask = (torch.arange(s, device=kv.device).unsqueeze(0) <= q_pos.unsqueeze(1)).view(1, 1, -1, s)  # [1, 1, T, S]

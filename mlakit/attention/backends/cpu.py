@@ -152,8 +152,7 @@ class Backend:
                 0,
             )
             return o[:, 0].to(q_joint.dtype)  # [T, H, r]
-        kv = self.gather(rows, meta, seq, seq + 1, q_joint.dtype)[0]  # [S, r + d_r]
-        return latent_prefill_sdpa(q_joint, kv, q_pos, kv_lora_rank)
+        return latent_prefill_sdpa(self, q_joint, rows, meta, seq, q_pos, kv_lora_rank)
 
     def kv_decode(
         self, q: torch.Tensor, k_rows: PagedRows, v_rows: PagedRows, meta: AttentionMetadata, num_kv_heads: int

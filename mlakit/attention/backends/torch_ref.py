@@ -42,8 +42,7 @@ class Backend:
         q_pos: torch.Tensor,
         kv_lora_rank: int,
     ) -> torch.Tensor:
-        kv = self.gather(rows, meta, seq, seq + 1, q_joint.dtype)[0]  # [S, r + d_r]
-        return latent_prefill_sdpa(q_joint, kv, q_pos, kv_lora_rank)
+        return latent_prefill_sdpa(self, q_joint, rows, meta, seq, q_pos, kv_lora_rank)
 
     def kv_decode(
         self, q: torch.Tensor, k_rows: PagedRows, v_rows: PagedRows, meta: AttentionMetadata, num_kv_heads: int
