@@ -43,7 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from turns import gate, take_turns
+from turns import gate, take_turns, timed_point
 
 TARGETS = {(512, 1): 1.0, (4096, 1): 1.5, (4096, 8): 3.0, (4096, 16): 4.0}
 
@@ -122,13 +122,7 @@ def mlakit_worker(args: argparse.Namespace) -> None:
         return time.perf_counter() - t
 
     def timed(b: int, context: int) -> dict:
-        """``--rounds`` timings of ``--steps`` steps (each behind a gate): the best, and every round."""
-        rounds = []
-        for r in range(args.rounds):
-            gate(f"decode {b} x {context}, round {r}", args.gated)
-            rounds.append(b * args.steps / steps(args.steps))
-        best = max(rounds)
-        return {"batch": b, "context": context, "tokens_per_s": best, "rounds": rounds, "step_ms": b / best * 1e3}
+        return timed_point(b, context, args.rounds, args.gated, lambda: b * args.steps / steps(args.steps))
 
     for b in batches:
         for rid in ids[b:]:

@@ -30,7 +30,7 @@ import time
 
 import llama_cpp as L
 import numpy as np
-from turns import gate
+from turns import gate, timed_point
 
 
 def main() -> None:
@@ -115,14 +115,9 @@ def main() -> None:
         return time.perf_counter() - t
 
     def timed(live: list[int], context: int) -> dict:
-        """``--rounds`` timings of ``--steps`` steps (each behind a gate): the best, and every round."""
-        rounds = []
-        for r in range(args.rounds):
-            gate(f"decode {len(live)} x {context}, round {r}", args.gated)
-            rounds.append(len(live) * args.steps / steps(live, args.steps))
-        best = max(rounds)
-        point = {"batch": len(live), "context": context, "tokens_per_s": best, "rounds": rounds}
-        return {**point, "step_ms": len(live) / best * 1e3}
+        return timed_point(
+            len(live), context, args.rounds, args.gated, lambda: len(live) * args.steps / steps(live, args.steps)
+        )
 
     for b in batches:
         live = list(range(b))

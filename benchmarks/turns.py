@@ -23,6 +23,7 @@ import json
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 
 
 def gate(label: str, enabled: bool) -> None:
@@ -32,6 +33,19 @@ def gate(label: str, enabled: bool) -> None:
     print(json.dumps({"gate": label}), flush=True)
     if sys.stdin.readline() == "":
         raise SystemExit("the benchmark orchestrator went away")
+
+
+def timed_point(batch: int, context: int, rounds: int, gated: bool, run: Callable[[], float]) -> dict:
+    """One decode point timed ``rounds`` times, each behind a gate; ``run()`` returns tokens/s.
+
+    Returns ``{batch, context, tokens_per_s (the best round), rounds (every round), step_ms}``.
+    """
+    measured = []
+    for r in range(rounds):
+        gate(f"decode {batch} x {context}, round {r}", gated)
+        measured.append(run())
+    best = max(measured)
+    return {"batch": batch, "context": context, "tokens_per_s": best, "rounds": measured, "step_ms": batch / best * 1e3}
 
 
 def take_turns(commands: dict[str, list[str]], env: dict[str, str], log=None) -> dict[str, dict]:  # type: ignore[no-untyped-def]
