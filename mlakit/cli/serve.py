@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,12 @@ def register(sub: Any) -> None:
     p.add_argument("--max-body", default="4MiB", metavar="SIZE", help="largest request body (default 4MiB)")
     p.add_argument("--grace", type=float, default=30.0, help="seconds running requests get after SIGTERM (default 30)")
     p.add_argument("--max-batch-size", type=int, default=32, help="requests decoding together (default 32)")
+    p.add_argument(
+        "--engine-thread",
+        action="store_true",
+        help="run the engine on a thread of the server's process instead of its own process (one process and "
+        "one copy of the weights, but each decode step then waits for the HTTP side's Python: ~0.5 ms per token)",
+    )
     add_engine_args(p)
     p.set_defaults(func=run)
 
@@ -75,9 +82,9 @@ def run(args: argparse.Namespace) -> int:
         ) from e
 
     from mlakit.engine import Engine
-    from mlakit.engine.load import load_model
+    from mlakit.engine.load import load_model, load_tokenizer, resolve_for_inference
     from mlakit.serve.app import ServeConfig, build_app
-    from mlakit.serve.worker import EngineWorker
+    from mlakit.serve.worker import EngineProcess, EngineSpec, EngineWorker, Worker
     from mlakit.units import parse_bytes
 
     if args.threads:
@@ -86,20 +93,32 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.max_queue < 0 or args.max_batch_size <= 0 or args.grace < 0:
         raise MlakitError("--max-queue and --grace must be >= 0, --max-batch-size > 0")
-    model_path = args.model or str(default_model())
-    loaded = load_model(model_path, weights=args.dtype)
-    tok = loaded.tokenizer
+    cfg = dataclasses.replace(engine_config(args), max_batch_size=args.max_batch_size)
+    model_path = str(resolve_for_inference(args.model or str(default_model())))
+    worker: Worker
+    if args.engine_thread:
+        loaded = load_model(model_path, weights=args.dtype)
+        tok = loaded.tokenizer
+        thread_worker = EngineWorker(lambda: Engine(loaded.model, cfg, tokenizer=tok))
+        max_seq_len, eos_id, weights = loaded.model.config.max_seq_len, loaded.model.config.eos_token_id, loaded.weights
+        capacity, worker, where = thread_worker.engine.cache.capacity_tokens(), thread_worker, "a thread"
+    else:
+        tok = load_tokenizer(model_path)
+        if tok is None:
+            raise MlakitError(f"{model_path} has no tokenizer (tokenizer.json): cannot serve text")
+        engine_process = EngineProcess(EngineSpec(model_path, args.dtype, cfg, args.threads))
+        info = engine_process.info
+        max_seq_len, eos_id, weights, capacity = (
+            info["max_seq_len"], info["eos_token_id"], info["weights"], info["capacity_tokens"]
+        )  # fmt: skip
+        worker, where = engine_process, f"process {engine_process.pid}"
     if tok is None:
         raise MlakitError(f"{model_path} has no tokenizer (tokenizer.json): cannot serve text")
-    import dataclasses
-
-    cfg = dataclasses.replace(engine_config(args), max_batch_size=args.max_batch_size)
-    eos = tuple(t for t in {loaded.model.config.eos_token_id, tok.eos_token_id} if t is not None)
-    worker = EngineWorker(lambda: Engine(loaded.model, cfg, tokenizer=tok))
+    eos = tuple(t for t in {eos_id, tok.eos_token_id} if t is not None)
     name = args.served_model_name or (DEFAULT_NAME if args.model is None else Path(model_path).name)
     serve_cfg = ServeConfig(
         model_name=name,
-        max_seq_len=loaded.model.config.max_seq_len,
+        max_seq_len=max_seq_len,
         max_batch_size=cfg.max_batch_size,
         api_key=args.api_key or os.environ.get("MLAKIT_API_KEY") or None,
         max_queue=args.max_queue,
@@ -107,8 +126,8 @@ def run(args: argparse.Namespace) -> int:
     )
     app = build_app(worker, tok, serve_cfg, eos)
     print(
-        f"serving {name} ({loaded.weights} weights, {worker.engine.cache.capacity_tokens()} cached tokens in "
-        f"{cfg.kv_bytes / 2**20:.0f} MiB) on http://{args.host}:{args.port}/v1",
+        f"serving {name} ({weights} weights, {capacity} cached tokens in {cfg.kv_bytes / 2**20:.0f} MiB; "
+        f"engine in {where}) on http://{args.host}:{args.port}/v1",
         flush=True,
     )
     config = uvicorn.Config(

@@ -86,10 +86,15 @@ def load_model(spec: str, weights: str = "fp32", device: str | torch.device = "c
     return loaded
 
 
-def _load(spec: str) -> LoadedForInference:
+def resolve_for_inference(spec: str) -> Path:
+    """The local directory ``spec`` names: an mlakit checkpoint, or an HF source directory (a ``.gguf``
+    or an alias is dequantized once and cached by :func:`mlakit.convert.load.resolve_model_path`).
+
+    Raises: MlakitError when ``spec`` is not a loadable local checkpoint.
+    """
     p = Path(spec).expanduser()
     if p.is_dir() and is_mlakit_checkpoint(p):
-        return LoadedForInference(Transformer.from_pretrained(p), saved_tokenizer(p), p)
+        return p
     if p.is_dir() and not (p / CONFIG_FILE).is_file() and not list(p.glob("*.gguf")):
         raise MlakitError(f"{spec} is not a checkpoint: no {CONFIG_FILE} (expected config.json + model.safetensors)")
     from mlakit.convert.load import resolve_model_path
@@ -97,6 +102,16 @@ def _load(spec: str) -> LoadedForInference:
     path = resolve_model_path(spec)
     if isinstance(path, str) or not Path(path).is_dir():
         raise MlakitError(f"{spec}: not a local checkpoint (downloads are not supported here)")
-    path = Path(path)
-    model = source_to_transformer(path)
-    return LoadedForInference(model, saved_tokenizer(path), path)
+    return Path(path)
+
+
+def load_tokenizer(spec: str) -> HFTokenizer | None:
+    """The tokenizer saved with ``spec`` (no weights loaded): for a process that only encodes and decodes."""
+    return saved_tokenizer(resolve_for_inference(spec))
+
+
+def _load(spec: str) -> LoadedForInference:
+    path = resolve_for_inference(spec)
+    if is_mlakit_checkpoint(path):
+        return LoadedForInference(Transformer.from_pretrained(path), saved_tokenizer(path), path)
+    return LoadedForInference(source_to_transformer(path), saved_tokenizer(path), path)

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP API over :class:`~mlakit.serve.worker.EngineWorker` (FastAPI).
+"""The OpenAI-compatible HTTP API over an engine loop (:class:`~mlakit.serve.worker.Worker`; FastAPI).
 
 Endpoints follow OpenAI's and vLLM's shapes so existing clients work unchanged:
 ``POST /v1/completions``, ``POST /v1/chat/completions`` (streaming as server-sent events:
@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from mlakit.engine import StreamEvent
 from mlakit.errors import MlakitError
 from mlakit.generate import SamplingConfig
-from mlakit.serve.worker import INTERNAL_ERROR, EngineWorker
+from mlakit.serve.worker import INTERNAL_ERROR, Worker
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +108,37 @@ def _error(status: int, message: str, kind: str = "invalid_request_error", param
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+class _Guard:
+    """Pure ASGI middleware: API key and body-size checks on ``/v1/*`` before the app sees the request.
+
+    Not Starlette's ``BaseHTTPMiddleware`` (``@app.middleware("http")``): that one re-streams every
+    response body through an extra task and memory channel, which on a streamed completion costs a
+    task switch per token on the event loop the engine thread shares the GIL with.
+    """
+
+    def __init__(self, app: Any, config: ServeConfig) -> None:
+        self.app, self.config = app, config
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+            refusal = None
+            key = self.config.api_key
+            if key and headers.get("authorization") != f"Bearer {key}":
+                refusal = _error(
+                    401, "invalid or missing API key (Authorization: Bearer <key>)", "authentication_error"
+                )
+            length = headers.get("content-length")
+            if refusal is None and length is not None and length.isdigit() and int(length) > self.config.max_body_bytes:
+                refusal = _error(
+                    413, f"request body of {length} bytes exceeds the limit of {self.config.max_body_bytes}"
+                )
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 class Metrics:
     """Prometheus metrics of one server (own registry: no process globals)."""
 
@@ -123,14 +154,14 @@ class Metrics:
         self.itl = Histogram("mlakit:inter_token_latency_seconds", "Time between tokens", registry=r)
         self.e2e = Histogram("mlakit:e2e_request_latency_seconds", "Request latency", registry=r)
 
-    def refresh(self, worker: EngineWorker) -> None:
+    def refresh(self, worker: Worker) -> None:
         stats = worker.stats()
         self.running.set(stats["running"])
         self.waiting.set(max(worker.num_pending - stats["running"], 0))
         self.kv_usage.set(stats["blocks_used"] / max(stats["blocks_total"], 1))
 
 
-def build_app(worker: EngineWorker, tokenizer: Any, config: ServeConfig, eos_ids: tuple[int, ...] = ()) -> FastAPI:
+def build_app(worker: Worker, tokenizer: Any, config: ServeConfig, eos_ids: tuple[int, ...] = ()) -> FastAPI:
     """The FastAPI app. ``worker`` is started and stopped with the app (its lifespan)."""
     metrics = Metrics()
     ids = itertools.count()
@@ -160,15 +191,7 @@ def build_app(worker: EngineWorker, tokenizer: Any, config: ServeConfig, eos_ids
         logger.exception("internal error in %s", request.url.path)
         return _error(500, f"internal error: {type(exc).__name__}", "internal_error")
 
-    @app.middleware("http")
-    async def _guard(request: Request, call_next: Any) -> Any:
-        if request.url.path.startswith("/v1/"):
-            if config.api_key and request.headers.get("authorization") != f"Bearer {config.api_key}":
-                return _error(401, "invalid or missing API key (Authorization: Bearer <key>)", "authentication_error")
-            length = request.headers.get("content-length")
-            if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
-                return _error(413, f"request body of {length} bytes exceeds the limit of {config.max_body_bytes}")
-        return await call_next(request)
+    app.add_middleware(_Guard, config=config)
 
     @app.get("/health")
     async def health() -> JSONResponse:

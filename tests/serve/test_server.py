@@ -27,7 +27,7 @@ from mlakit.engine import Engine, EngineConfig, Request
 from mlakit.engine.load import load_model
 from mlakit.generate import SamplingConfig
 from mlakit.serve.app import ServeConfig, build_app
-from mlakit.serve.worker import EngineWorker
+from mlakit.serve.worker import EngineProcess, EngineSpec, EngineWorker
 from tests.conftest import build, save_byte_tokenizer
 
 CHAT_TEMPLATE = (
@@ -46,11 +46,17 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class Served:
-    def __init__(self, checkpoint: Path, **config: object) -> None:
+    """The app on a free loopback port, its engine on a thread (``worker="thread"``) or in its own process."""
+
+    def __init__(self, checkpoint: Path, worker: str = "thread", **config: object) -> None:
         loaded = load_model(str(checkpoint))
         self.model, self.tok = loaded.model, loaded.tokenizer
         self.engine_config = EngineConfig(kv_memory="4MiB", block_size=4, max_batch_size=8)
-        self.worker = EngineWorker(lambda: Engine(self.model, self.engine_config, tokenizer=self.tok))
+        self.worker: EngineWorker | EngineProcess
+        if worker == "thread":
+            self.worker = EngineWorker(lambda: Engine(self.model, self.engine_config, tokenizer=self.tok))
+        else:
+            self.worker = EngineProcess(EngineSpec(str(checkpoint), "fp32", self.engine_config, threads=1))
         cfg = ServeConfig(model_name="tiny", max_seq_len=self.model.config.max_seq_len, max_batch_size=8, **config)  # type: ignore[arg-type]
         self.app = build_app(self.worker, self.tok, cfg)
         with socket.socket() as s:
@@ -78,9 +84,9 @@ class Served:
         self.thread.join(30)
 
 
-@pytest.fixture(scope="module")
-def served(checkpoint: Path) -> Iterator[Served]:
-    s = Served(checkpoint, api_key=KEY, max_queue=64)
+@pytest.fixture(scope="module", params=["thread", "process"])
+def served(checkpoint: Path, request: pytest.FixtureRequest) -> Iterator[Served]:
+    s = Served(checkpoint, request.param, api_key=KEY, max_queue=64)
     yield s
     s.stop()
 
@@ -206,6 +212,46 @@ def test_concurrent_streams_with_disconnects_free_every_block(served: Served) ->
         time.sleep(0.05)
     metrics = httpx.get(f"{served.base}/metrics").text
     assert "mlakit:kv_cache_usage_perc 0.0" in metrics and "mlakit:num_requests_running 0.0" in metrics
+
+
+def test_a_killed_engine_process_fails_its_requests_and_is_restarted(checkpoint: Path) -> None:
+    """SIGKILL the engine process mid-stream: that stream ends with a 500-type error, the server
+    starts a new engine process, and the next request is answered as before."""
+    import os
+    import signal
+
+    s = Served(checkpoint, "process")
+    try:
+        assert isinstance(s.worker, EngineProcess)
+        first = s.worker.pid
+        body = {"model": "tiny", "prompt": "x", "max_tokens": 100, "temperature": 0, "stream": True, "ignore_eos": True}
+        errors = []
+        assert first is not None
+        os.kill(first, signal.SIGSTOP)  # the request will be in flight, its engine process frozen...
+        threading.Timer(1.0, os.kill, (first, signal.SIGKILL)).start()  # ...and then gone
+        with httpx.stream("POST", f"{s.base}/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {") and '"error"' in line:
+                    errors.append(json.loads(line[6:])["error"])
+        assert errors and errors[0]["code"] == 500 and "engine process died" in errors[0]["message"], errors
+        ok = httpx.post(f"{s.base}/v1/completions", json={**body, "stream": False, "max_tokens": 5}, timeout=120)
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 5
+        assert s.worker.pid != first
+        assert s.worker.num_pending == 0
+    finally:
+        s.stop()
+
+
+def test_an_engine_process_that_cannot_load_is_one_error(checkpoint: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from mlakit.errors import MlakitError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(MlakitError, match="model.safetensors"):
+        EngineProcess(EngineSpec(str(broken), "fp32", EngineConfig(kv_memory="4MiB"), threads=1))
 
 
 def test_full_queue_answers_429(checkpoint: Path) -> None:
