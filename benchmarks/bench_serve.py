@@ -149,6 +149,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--llama-python", default=None, help="interpreter with llama-cpp-python[server] (reference row)")
     ap.add_argument("--out", default="benchmarks/results/serve.json")
+    ap.add_argument(
+        "--serve-flag",
+        action="append",
+        default=[],
+        metavar="FLAG",
+        help="extra flag for every `mlakit serve` (repeat; e.g. --serve-flag=--engine-thread)",
+    )
+    ap.add_argument("--only", choices=["mla", "original"], default=None, help="run one of the two mlakit servers")
     ap.add_argument("--engine-worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--prompt-file", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -165,6 +173,8 @@ def main() -> None:
         "mlakit, MLA 25% (healed)": str(mla_checkpoint()),
         "mlakit, original GQA": "smollm2-135m",
     }
+    if args.only:
+        servers = {k: v for k, v in servers.items() if (args.only == "mla") == ("MLA" in k)}
     results: dict[str, list[dict]] = {}
     baselines: dict[str, dict] = {}
     prompt_file = logs / "prompts.json"
@@ -181,7 +191,7 @@ def main() -> None:
         port = free_port()
         flags = ["--port", str(port), "--kv-memory", args.kv_memory, "--threads", str(args.threads)]
         cmd = [sys.executable, "-c", entry, "serve", "--model", model, *flags, "--served-model-name", "m"]
-        cmd += ["--max-batch-size", "64"]
+        cmd += ["--max-batch-size", "64", *args.serve_flag]
         print(f"starting {name}", file=sys.stderr, flush=True)
         proc = start(cmd, port, env, logs / f"{name.split(',')[0]}-{len(results)}.log")
         try:
