@@ -50,6 +50,26 @@ def position_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None =
     return seen.unsqueeze(1)  # [B, 1, T, S]
 
 
+def mask_or_causal(
+    q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None = None
+) -> tuple[torch.Tensor | None, bool]:
+    """``(mask, causal)`` for :func:`attend`: ``(None, True)`` when :func:`position_mask` would be
+    exactly the causal mask, else ``(position_mask(...), False)``.
+
+    That is the case of a prefill from an empty cache: ``T == S > 1``, no window, and every row's
+    query and key positions are ``0..T-1``. SDPA's ``is_causal`` path skips the masked half of the
+    score tiles; with the same mask spelled out it computes them (3,072 tokens, 9 heads of 112 on
+    2 CPU cores: 0.25 vs 0.14 s per layer). One comparison of the positions (a host sync on GPU,
+    as the cache's ``kv_len`` already is); decode steps (``T == 1``) skip it.
+    """
+    t, s = q_pos.shape[-1], k_pos.shape[-1]
+    if window is None and t == s and t > 1:
+        ar = torch.arange(t, device=q_pos.device)
+        if bool((q_pos == ar).all()) and bool((k_pos == ar).all()):
+            return None, True
+    return position_mask(q_pos, k_pos, window), False
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,

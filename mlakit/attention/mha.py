@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mlakit.attention.common import RotaryEmbedding, attend, check_positions, position_mask
+from mlakit.attention.common import RotaryEmbedding, attend, check_positions, mask_or_causal
 from mlakit.attention.metadata import AttentionMetadata
 from mlakit.cache import KVCache
 from mlakit.config import AttentionConfig
@@ -103,7 +103,7 @@ class GroupedQueryAttention(nn.Module):
             k_pos = torch.arange(kv_len, device=x.device)
         else:
             k_pos = positions
-        mask = None if causal else position_mask(positions, k_pos, c.sliding_window)
+        mask, causal = (None, True) if causal else mask_or_causal(positions, k_pos, c.sliding_window)
         return self.w_o(self._attend(q, k, v, mask, causal).reshape(b, t, -1))
 
     def _attend(
@@ -139,6 +139,6 @@ class GroupedQueryAttention(nn.Module):
             k_all = meta.backend.gather(k_rows, meta, i, i + 1, q.dtype).view(1, -1, g, d)  # [1, S_i, G, D]
             v_all = meta.backend.gather(v_rows, meta, i, i + 1, q.dtype).view(1, -1, g, d)
             k_pos = torch.arange(k_all.shape[1], device=q.device)
-            mask = position_mask(pos[a:b].unsqueeze(0), k_pos)  # [1, 1, T_i, S_i]
-            parts.append(self._attend(q[a:b].unsqueeze(0), k_all, v_all, mask, False)[0])  # [T_i, H, D]
+            mask, causal = mask_or_causal(pos[a:b].unsqueeze(0), k_pos)  # [1, 1, T_i, S_i] or causal
+            parts.append(self._attend(q[a:b].unsqueeze(0), k_all, v_all, mask, causal)[0])  # [T_i, H, D]
         return parts[0] if len(parts) == 1 else torch.cat(parts)

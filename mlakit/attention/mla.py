@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mlakit.attention.common import RotaryEmbedding, attend, check_positions, position_mask
+from mlakit.attention.common import RotaryEmbedding, attend, check_positions, mask_or_causal, position_mask
 from mlakit.attention.metadata import AttentionMetadata
 from mlakit.cache import LatentCache
 from mlakit.config import MLAConfig
@@ -217,7 +217,7 @@ class MultiHeadLatentAttention(nn.Module):
         else:
             kv_joint = c_kv if k_rope is None else torch.cat((c_kv, k_rope), dim=-1)
             k_pos = positions
-        mask = None if causal else position_mask(positions, k_pos, window)
+        mask, causal = (None, True) if causal else mask_or_causal(positions, k_pos, window)
         if path == "absorbed":
             o = self._attend_absorbed(q_nope, q_rope, kv_joint, mask, causal)
         elif self.recompute_kv and torch.is_grad_enabled():
@@ -387,8 +387,8 @@ class MultiHeadLatentAttention(nn.Module):
                 continue
             kv = meta.backend.gather(rows, meta, i, i + 1, x.dtype)  # [1, S_i, r + d_rope]
             k_pos = torch.arange(kv.shape[1], device=x.device)
-            mask = position_mask(pos[a:b].unsqueeze(0), k_pos)  # [1, 1, T_i, S_i]
-            o = self._attend_naive(q_nope[a:b].unsqueeze(0), q_rope[a:b].unsqueeze(0), kv, k_pos, mask, False)[0]
+            mask, causal = mask_or_causal(pos[a:b].unsqueeze(0), k_pos)  # [1, 1, T_i, S_i] or causal
+            o = self._attend_naive(q_nope[a:b].unsqueeze(0), q_rope[a:b].unsqueeze(0), kv, k_pos, mask, causal)[0]
             parts.append(o)  # [T_i, H, d_v]
         o = parts[0] if len(parts) == 1 else torch.cat(parts)  # [N, H, d_v]
         return self.w_o(o.reshape(1, n, -1))
