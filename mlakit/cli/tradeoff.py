@@ -23,7 +23,8 @@ def register(sub: Any) -> None:
         help="convert at several cache budgets (training-free and healed), evaluate at 512 and 4096 tokens, "
         "table + plot + JSON",
         description="Convert --model at each --kv-fraction with full RoPE, decoupled RoPE, decoupled RoPE healed "
-        "(`mlakit heal`) and the weight-SVD baseline; score each against the original on every genre of "
+        "(`mlakit heal`) and, with --svd-baseline, plain SVD of the weights; score each against the original on "
+        "every genre of "
         "the evaluation text at every --lengths, greedily continue one long real-text prompt beside the "
         "original (flagging blank or repeated output), print a table and write tradeoff.png / "
         "tradeoff.json into --out.",
@@ -73,6 +74,12 @@ def register(sub: Any) -> None:
         default="uniform",
         help="rank allocation (sensitivity: by the measured loss of each layer alone, +1-2 minutes per conversion)",
     )
+    p.add_argument(
+        "--svd-baseline",
+        action="store_true",
+        help="add the uncalibrated weight-SVD row at the largest fraction (x14 perplexity at 50%% on SmolLM2, "
+        "+1.5 min)",
+    )
     heal = p.add_argument_group("healing (the 'decoupled + heal' rows)")
     add_heal_options(heal, prefix="heal-")  # type: ignore[arg-type]
     p.add_argument("--json", action="store_true", help="print the JSON result instead of the table")
@@ -80,7 +87,7 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mlakit.eval.tradeoff import TradeoffConfig, format_table, run_tradeoff
+    from mlakit.eval.tradeoff import SVD_BASELINE, VARIANTS, TradeoffConfig, format_table, run_tradeoff
 
     cfg = TradeoffConfig(
         model=args.model,
@@ -93,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         heal=heal_config(args, prefix="heal-"),
         generation_prompt=args.generation_prompt,
         allocation=args.allocation,
+        variants=VARIANTS + ((SVD_BASELINE,) if args.svd_baseline else ()),
     )
     result = run_tradeoff(cfg, args.out, progress=not args.json)
     if args.json:

@@ -57,8 +57,11 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("full (pca)", "full"),
     Variant("decoupled (pca)", "decoupled"),
     Variant("decoupled + heal", "decoupled", heal=True),
-    Variant("weight-SVD (full)", "full", "svd", largest_only=True),
 )
+
+#: Plain SVD of the weights, the uncalibrated baseline (``mlakit tradeoff --svd-baseline``): x14
+#: perplexity at 50% on SmolLM2 in every run so far, and 1.5 minutes of a 20-minute default run.
+SVD_BASELINE = Variant("weight-SVD (full)", "full", "svd", largest_only=True)
 
 #: Which genre's text the generation check continues, in order of preference (prose first).
 GENERATION_GENRES: tuple[str, ...] = ("info", "policy", "man", "python-docs", "files")

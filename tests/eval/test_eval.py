@@ -108,7 +108,7 @@ def test_tradeoff_writes_table_plot_and_json(tmp_path: Path, capsys: pytest.Capt
     out = tmp_path / "tr"
     args = ["tradeoff", "--model", str(src), "--kv-fraction", "1,0.5", "--out", str(out), "--windows", "1"]
     args += ["--lengths", "32", "96", "--calibration-windows", "1", "--generation-prompt", "40"]
-    args += ["--heal-steps", "2", "--heal-seq-len", "64", "--heal-windows", "1"]
+    args += ["--heal-steps", "2", "--heal-seq-len", "64", "--heal-windows", "1", "--svd-baseline"]
     (tmp_path / "eval.txt").write_text("Evaluation prose about caches and attention. " * 40)
     (tmp_path / "cal.txt").write_text("Calibration prose, other words entirely; " * 80)
     args += ["--text", str(tmp_path / "eval.txt"), "--calibration-text", str(tmp_path / "cal.txt")]
