@@ -387,8 +387,8 @@ class MultiHeadLatentAttention(nn.Module):
                 continue
             kv = meta.backend.gather(rows, meta, i, i + 1, x.dtype)  # [1, S_i, r + d_rope]
             k_pos = torch.arange(kv.shape[1], device=x.device)
-            mask, causal = mask_or_causal(pos[a:b].unsqueeze(0), k_pos)  # [1, 1, T_i, S_i] or causal
-            o = self._attend_naive(q_nope[a:b].unsqueeze(0), q_rope[a:b].unsqueeze(0), kv, k_pos, mask, causal)[0]
+            chunk_mask, causal = mask_or_causal(pos[a:b].unsqueeze(0), k_pos)  # [1, 1, T_i, S_i] or causal
+            o = self._attend_naive(q_nope[a:b].unsqueeze(0), q_rope[a:b].unsqueeze(0), kv, k_pos, chunk_mask, causal)[0]
             parts.append(o)  # [T_i, H, d_v]
         o = parts[0] if len(parts) == 1 else torch.cat(parts)  # [N, H, d_v]
         return self.w_o(o.reshape(1, n, -1))

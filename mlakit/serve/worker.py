@@ -163,7 +163,34 @@ class _Router:
             return len(self._live)
 
 
-class EngineWorker:
+class _Front:
+    """What both workers do on the server's side: each request's queue, and commands posted to the loop."""
+
+    def __init__(self) -> None:
+        self._router = _Router()
+
+    def _post(self, command: Command) -> None:
+        raise NotImplementedError
+
+    def submit(
+        self, request_id: str, prompt: list[int], sampling: SamplingConfig, stop_strings: tuple[str, ...] = ()
+    ) -> asyncio.Queue[StreamEvent]:
+        """Queue a request; its events arrive on the returned queue (the last has ``finished``)."""
+        q = self._router.open(request_id)
+        self._post(("add", (request_id, prompt, sampling, stop_strings)))
+        return q
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request (a client went away): its cache blocks are freed before the next step."""
+        self._post(("cancel", request_id))
+
+    @property
+    def num_pending(self) -> int:
+        """Requests accepted and not finished (running, waiting in the engine, or about to be added)."""
+        return len(self._router)
+
+
+class EngineWorker(_Front):
     """Owns ``engine`` and drives it from a daemon thread of this process.
 
     Args:
@@ -171,8 +198,8 @@ class EngineWorker:
     """
 
     def __init__(self, make_engine: Callable[[], Engine]) -> None:
+        super().__init__()
         self._core = EngineCore(make_engine)
-        self._router = _Router()
         self._commands: deque[Command] = deque()
         self._cond = threading.Condition()
         self._stop = False
@@ -194,26 +221,10 @@ class EngineWorker:
             self._cond.notify()
         self._thread.join(timeout)
 
-    def submit(
-        self, request_id: str, prompt: list[int], sampling: SamplingConfig, stop_strings: tuple[str, ...] = ()
-    ) -> asyncio.Queue[StreamEvent]:
-        """Queue a request; its events arrive on the returned queue (the last has ``finished``)."""
-        q = self._router.open(request_id)
+    def _post(self, command: Command) -> None:
         with self._cond:
-            self._commands.append(("add", (request_id, prompt, sampling, stop_strings)))
+            self._commands.append(command)
             self._cond.notify()
-        return q
-
-    def cancel(self, request_id: str) -> None:
-        """Stop a request (a client went away): its cache blocks are freed before the next step."""
-        with self._cond:
-            self._commands.append(("cancel", request_id))
-            self._cond.notify()
-
-    @property
-    def num_pending(self) -> int:
-        """Requests accepted and not finished (running, waiting in the engine, or about to be added)."""
-        return len(self._router)
 
     def stats(self) -> dict[str, int]:
         return self._core.engine.stats()
@@ -305,7 +316,7 @@ def _core_main(spec: EngineSpec, commands: Connection, events: Connection) -> No
         return  # the server went away: nothing to report to
 
 
-class EngineProcess:
+class EngineProcess(_Front):
     """Drives the engine in a child process (spawned: a fresh interpreter, its own OpenMP pool).
 
     The constructor starts the child and waits until it has loaded the model, so a checkpoint
@@ -317,8 +328,8 @@ class EngineProcess:
 
     def __init__(self, spec: EngineSpec, start_timeout: float = 600.0) -> None:
         self._spec = spec
+        super().__init__()
         self._start_timeout = start_timeout
-        self._router = _Router()
         self._outbox: queue.Queue[Command | None] = queue.Queue()
         self._stats: dict[str, int] = {}
         self._stopping = False
@@ -369,21 +380,8 @@ class EngineProcess:
             self._proc.kill()
             self._proc.join(timeout)
 
-    def submit(
-        self, request_id: str, prompt: list[int], sampling: SamplingConfig, stop_strings: tuple[str, ...] = ()
-    ) -> asyncio.Queue[StreamEvent]:
-        """Queue a request; its events arrive on the returned queue (the last has ``finished``)."""
-        q = self._router.open(request_id)
-        self._outbox.put(("add", (request_id, prompt, sampling, stop_strings)))
-        return q
-
-    def cancel(self, request_id: str) -> None:
-        """Stop a request (a client went away): its cache blocks are freed before the next step."""
-        self._outbox.put(("cancel", request_id))
-
-    @property
-    def num_pending(self) -> int:
-        return len(self._router)
+    def _post(self, command: Command) -> None:
+        self._outbox.put(command)
 
     def stats(self) -> dict[str, int]:
         """The engine's counters as of its last message (it sends them after every step)."""
