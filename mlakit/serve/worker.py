@@ -323,6 +323,10 @@ class EngineProcess(_Front):
     that does not load fails here, before the server binds its port. ``info`` holds what the
     child reported (``capacity_tokens``, ``weights``, ``max_seq_len``, ``eos_token_id``).
 
+    The child is spawned (a fresh interpreter that re-imports ``__main__``), so a script that
+    builds one must do it under ``if __name__ == "__main__":``, as with any spawn-based
+    multiprocessing; ``mlakit serve`` does.
+
     Raises: MlakitError with the child's message if it cannot load the model.
     """
 
