@@ -95,25 +95,22 @@ def run(args: argparse.Namespace) -> int:
         raise MlakitError("--max-queue and --grace must be >= 0, --max-batch-size > 0")
     cfg = dataclasses.replace(engine_config(args), max_batch_size=args.max_batch_size)
     model_path = str(resolve_for_inference(args.model or str(default_model())))
+    tok = load_tokenizer(model_path)  # before any weights load: the server needs it in either mode
+    if tok is None:
+        raise MlakitError(f"{model_path} has no tokenizer (tokenizer.json): cannot serve text")
     worker: Worker
     if args.engine_thread:
         loaded = load_model(model_path, weights=args.dtype)
-        tok = loaded.tokenizer
         thread_worker = EngineWorker(lambda: Engine(loaded.model, cfg, tokenizer=tok))
         max_seq_len, eos_id, weights = loaded.model.config.max_seq_len, loaded.model.config.eos_token_id, loaded.weights
         capacity, worker, where = thread_worker.engine.cache.capacity_tokens(), thread_worker, "a thread"
     else:
-        tok = load_tokenizer(model_path)
-        if tok is None:
-            raise MlakitError(f"{model_path} has no tokenizer (tokenizer.json): cannot serve text")
         engine_process = EngineProcess(EngineSpec(model_path, args.dtype, cfg, args.threads))
         info = engine_process.info
         max_seq_len, eos_id, weights, capacity = (
             info["max_seq_len"], info["eos_token_id"], info["weights"], info["capacity_tokens"]
         )  # fmt: skip
         worker, where = engine_process, f"process {engine_process.pid}"
-    if tok is None:
-        raise MlakitError(f"{model_path} has no tokenizer (tokenizer.json): cannot serve text")
     eos = tuple(t for t in {eos_id, tok.eos_token_id} if t is not None)
     name = args.served_model_name or (DEFAULT_NAME if args.model is None else Path(model_path).name)
     serve_cfg = ServeConfig(

@@ -47,6 +47,12 @@ logger = logging.getLogger(__name__)
 #: ``finish_reason`` of a request failed by the server itself (a failed engine step), not by its input
 INTERNAL_ERROR = "internal_error"
 
+
+def internal_error(request_id: str, what: str) -> StreamEvent:
+    """The last event of a request the server itself failed (a failed step, a dead engine process)."""
+    return StreamEvent(request_id, None, finished=True, finish_reason=INTERNAL_ERROR, error=f"internal error: {what}")
+
+
 #: a command to the engine loop: ("add", (request_id, prompt, sampling, stop_strings)), ("cancel", request_id)
 Command = tuple[str, Any]
 
@@ -105,10 +111,7 @@ class EngineCore:
             events = self.engine.step()
         except Exception as e:  # a failed step fails its requests, not the server
             logger.exception("engine step failed; failing its %d requests and resetting the cache", len(self._live))
-            events = [
-                StreamEvent(rid, None, finished=True, finish_reason=INTERNAL_ERROR, error=f"internal error: {e}")
-                for rid in self._live
-            ]
+            events = [internal_error(rid, str(e)) for rid in self._live]
             self._live.clear()
             self.engine = self._make_engine()
             return events
@@ -153,10 +156,11 @@ class _Router:
             if target is not None:
                 target.loop.call_soon_threadsafe(target.queue.put_nowait, event)
 
-    def fail_all(self, reason: str, message: str) -> None:
+    def fail_all(self, what: str) -> None:
+        """Fail every open request with :func:`internal_error`."""
         with self._lock:
             ids = list(self._live)
-        self.deliver([StreamEvent(rid, None, finished=True, finish_reason=reason, error=message) for rid in ids])
+        self.deliver([internal_error(rid, what) for rid in ids])
 
     def __len__(self) -> int:
         with self._lock:
@@ -404,7 +408,7 @@ class EngineProcess(_Front):
                 self._cmd_w.send(command)
             except (BrokenPipeError, OSError):
                 if command[0] == "add":  # the child is gone (the reader restarts it): fail this request
-                    self._router.deliver([_died(command[1][0])])
+                    self._router.deliver([internal_error(command[1][0], "the engine process died")])
 
     def _read(self) -> None:
         """Events from the child to the requests' queues; a dead child fails its requests and is restarted."""
@@ -428,16 +432,10 @@ class EngineProcess(_Front):
         self._proc.join(5)
         code = self._proc.exitcode
         logger.error("the engine process died (exit code %s); failing its requests and starting a new one", code)
-        self._router.fail_all(INTERNAL_ERROR, f"internal error: the engine process died (exit code {code})")
+        self._router.fail_all(f"the engine process died (exit code {code})")
         while not self._stopping:
             try:
                 self._spawn()
                 return
             except MlakitError:
                 logger.exception("could not restart the engine process; retrying")
-
-
-def _died(request_id: str) -> StreamEvent:
-    return StreamEvent(
-        request_id, None, finished=True, finish_reason=INTERNAL_ERROR, error="internal error: the engine process died"
-    )
