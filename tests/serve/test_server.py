@@ -203,7 +203,13 @@ def test_concurrent_streams_with_disconnects_free_every_block(served: Served) ->
 
     before = finished("length")
     got = asyncio.run(main())
-    assert finished("length") - before == len(want)  # the clients that stayed got "length"; the others did not
+    lengths = finished("length") - before
+    if isinstance(served.worker, EngineWorker):
+        assert lengths == len(want)  # the clients that stayed got "length"; the others did not
+    else:
+        # an engine in its own process runs ahead of the HTTP side: a leaver's 200 tokens can all be
+        # generated and written to its socket before the disconnect reaches the engine (seen in CI)
+        assert len(want) <= lengths <= len(prompts)
     for i, text in want.items():
         assert got[i] == text, i
     deadline = time.monotonic() + 20
