@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import torch
@@ -24,10 +22,13 @@ def _trainer(data: TokenDataset, out: Path, info: DistInfo, micro: int) -> Train
     return Trainer(config, TrainConfig(**SETTINGS, micro_batch_size=micro), data, out, val_data=data, dist_info=info)
 
 
-def _worker(rank: int, port: int, data_path: str, out: str) -> None:
+def _worker(rank: int, data_path: str, out: str) -> None:
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    # a FileStore, not a TCPStore hosted by rank 0: with rank 0 serving the store, rank 0's teardown
+    # could pull the store from under rank 1's teardown, which aborted rank 1 twice in CI
+    # ("terminate called without an active exception"). torchrun hosts the store in its own agent.
+    store = dist.FileStore(f"{out}/store", 2)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
     try:
         trainer = _trainer(TokenDataset(data_path), Path(out), DistInfo(rank=rank, world_size=2), micro=2)
         result = trainer.train()
@@ -41,15 +42,9 @@ def _worker(rank: int, port: int, data_path: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_two_processes_equal_one(tmp_path: Path) -> None:
     data = build_token_file(read_text_files([write_corpus(tmp_path)]), ByteTokenizer(), tmp_path / "t.bin")
-    mp.spawn(_worker, args=(_free_port(), str(data.path), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(str(data.path), str(tmp_path)), nprocs=2, join=True)
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
 
     # one process, same global batch of 4, as two accumulated micro-batches of 2
