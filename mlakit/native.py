@@ -48,7 +48,15 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 INT8_GEMV_MAX_ROWS = 16  # MAX_ROWS in int8_gemv.c
 
 _i, _i64, _p = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
-_PAGED_DECODE: list[Any] = [_i, _i, _i, _i, _i, _p, _p, _p, _p, _p, _i, _i64, _i64, _i64, _p, _i64, _p, _i, _i, _i, _p]
+# paged_decode: shapes; q, k, v, scales; dtype, strides; tables; lengths, row lengths; block, splits, threads, out
+_PAGED_DECODE: list[Any] = [
+    *(_i, _i, _i, _i, _i),
+    *(_p, _p, _p, _p, _p),
+    *(_i, _i64, _i64, _i64),
+    *(_p, _i64),
+    *(_p, _p),
+    *(_i, _i, _i, _p),
+]
 _INT8_GEMV: list[Any] = [_i, _i, _i, _i, _p, _p, _p, _p, _p, _i, _i]
 
 
@@ -100,13 +108,16 @@ class NativeKernels:
         block_size: int,
         dv: int,
         group_stride: int,
+        row_lens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``q [B, G, nq, dk]`` (pre-scaled) over paged rows -> fp32 ``[B, G, nq, dv]``.
 
-        ``tables [B, M]`` may repeat one row (a stride-0 expand: the queries of one prefill chunk,
-        each with its own ``context_lens``). ``k_rows is v_rows`` with ``group_stride == 0`` is the
-        MLA latent case (values are the first ``dv`` columns of the key row); otherwise group ``g``
-        reads columns ``g * group_stride ..`` of the K and V rows.
+        ``tables [B, M]`` may repeat one row (a stride-0 expand: the query blocks of one prefill
+        chunk, each with its own ``context_lens``). ``k_rows is v_rows`` with ``group_stride == 0``
+        is the MLA latent case (values are the first ``dv`` columns of the key row); otherwise group
+        ``g`` reads columns ``g * group_stride ..`` of the K and V rows. ``row_lens [B, G, nq]``
+        (optional, each ``<= context_lens[b]``) limits query row ``h`` to positions ``< row_lens``:
+        the rows of one sequence may then be several tokens' heads, each at its causal edge.
         """
         b, g, nq, dk = q.shape
         q = q.to(torch.float32).contiguous()
@@ -115,6 +126,8 @@ class NativeKernels:
             tables = tables.contiguous()
         lens = context_lens.to(torch.int64).contiguous()
         out = torch.empty(b, g, nq, dv, dtype=torch.float32)
+        if row_lens is not None:
+            row_lens = row_lens.to(torch.int64).expand(b, g, nq).contiguous()
         threads = torch.get_num_threads()
         splits = max(1, min(math.ceil(max_context / 512), math.ceil(2 * threads / max(b * g, 1))))
         k, v = k_rows.data, v_rows.data
@@ -123,7 +136,8 @@ class NativeKernels:
             0 if k_rows.scale is None else k_rows.scale.data_ptr(),
             0 if v_rows.scale is None else v_rows.scale.data_ptr(),
             DTYPE_CODES[k.dtype], k.stride(0), v.stride(0), group_stride,
-            tables.data_ptr(), tables.stride(0), lens.data_ptr(), block_size, splits, threads, out.data_ptr(),
+            tables.data_ptr(), tables.stride(0), lens.data_ptr(), 0 if row_lens is None else row_lens.data_ptr(),
+            block_size, splits, threads, out.data_ptr(),
         )  # fmt: skip
         if rc != 0:
             raise MemoryError("the paged decode kernel could not allocate its work buffers")

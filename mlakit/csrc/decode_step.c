@@ -71,7 +71,8 @@ int mlakit_int8_gemv(int M, int N, int K, int Kp, const void *x, const uint8_t *
 int mlakit_paged_decode(int n_seqs, int n_groups, int nq, int dk, int dv, const float *q, const void *k_base,
                         const void *v_base, const float *k_scale, const float *v_scale, int dtype, int64_t k_stride,
                         int64_t v_stride, int64_t group_stride, const int64_t *tables, int64_t table_stride,
-                        const int64_t *ctx_lens, int block_size, int n_splits, int n_threads, float *out);
+                        const int64_t *ctx_lens, const int64_t *row_lens, int block_size, int n_splits, int n_threads,
+                        float *out);
 
 /* x [M, k] fp32 -> y [M, n] fp32 */
 static int linear(const Linear *l, int M, const float *x, float *y, int n_threads) {
@@ -221,7 +222,7 @@ static int mla_attention(const Dims *d, const Layer *L, const Step *S, const flo
     }
     if ((rc = mlakit_paged_decode(M, 1, (int)H, (int)jw, (int)r, qj, L->rows, L->rows, L->row_scale, L->row_scale,
                                   (int)L->row_dtype, L->row_stride, L->row_stride, 0, S->tables, S->table_stride,
-                                  S->ctx_lens, S->block_size, S->n_splits, S->n_threads, ol)))
+                                  S->ctx_lens, NULL, S->block_size, S->n_splits, S->n_threads, ol)))
         return rc;
     for (int m = 0; m < M; m++)
         for (int64_t hh = 0; hh < H; hh++) /* o_h = o_latent W_UV */
@@ -253,7 +254,7 @@ static int gqa_attention(const Dims *d, const Layer *L, const Step *S, const flo
     }
     return mlakit_paged_decode(M, (int)G, (int)(H / G), (int)D, (int)D, qj, L->rows, L->v_rows, L->row_scale,
                                L->v_row_scale, (int)L->row_dtype, L->row_stride, L->row_stride, D, S->tables,
-                               S->table_stride, S->ctx_lens, S->block_size, S->n_splits, S->n_threads, o);
+                               S->table_stride, S->ctx_lens, NULL, S->block_size, S->n_splits, S->n_threads, o);
 }
 
 /* All layers for M decode tokens: x [M, hidden] fp32 (embedded tokens in, last hidden states out).

@@ -22,9 +22,13 @@
  * that the tile's rows, transposed keys and value pairs stay in L1; heads are scored in blocks of
  * up to 4 sharing each key load (9 heads: 3 x 3, six independent VDPBF16PS chains); the softmax
  * runs in registers with an inline exp; the next tile's rows are prefetched into L2 a few rows per
- * head. Together 1.6x over the first version (16 x 4096 tokens, one thread: 95 -> 57 ms).
- * The same routine serves absorbed prefill: each query token of a chunk is a pseudo-sequence
- * over its own prefix (one shared block table), 2x SDPA's speed on these shapes.
+ * head. Together 1.6x over the first version (16 x 4096 tokens, one thread: 95 -> 57 ms). The value
+ * product runs rows in blocks of up to 4 sharing each value-pair load (each row's probabilities and
+ * alpha are kept beside its scores until then).
+ * The same routine serves absorbed prefill: a block of consecutive query tokens of a chunk is one
+ * pseudo-sequence over the block's prefix (one shared block table), its rows = tokens x heads, each
+ * row with its own causal length (row_lens), so each key tile is transposed and loaded once per block
+ * instead of once per token.
  *
  * Built at first use by mlakit with the C compiler, -O3 -march=native -ffast-math -fopenmp:
  * the loops over widths vectorise to whatever the CPU has (AVX2, AVX-512).
@@ -226,32 +230,30 @@ static inline void transpose16x16(__m512i r[16]) {
     }
 }
 
-/* acc[c0 .. c0 + nc) chunks of 16 = acc * alpha + sum_i pp[i] . vp[i] over npk key pairs, by VDPBF16PS
- * (always inlined with a constant nc; two accumulators per chunk for independent chains) */
-static inline __attribute__((always_inline)) void accumulate_pairs(float *restrict acc, float alpha,
-                                                                   const uint32_t *restrict pp,
-                                                                   const uint32_t *restrict vp, int npk, int dvc,
-                                                                   int c0, const int nc) {
-    __m512 a[8], b[8];
-    for (int c = 0; c < nc; c++) {
-        a[c] = _mm512_mul_ps(_mm512_loadu_ps(acc + 16 * (c0 + c)), _mm512_set1_ps(alpha));
-        b[c] = _mm512_setzero_ps();
-    }
-    int i = 0;
-    for (; i + 1 < npk; i += 2) {
-        __m512bh p0 = (__m512bh)_mm512_set1_epi32((int)pp[i]), p1 = (__m512bh)_mm512_set1_epi32((int)pp[i + 1]);
-        const uint32_t *v0 = vp + ((size_t)i * dvc + c0) * 16, *v1 = v0 + (size_t)dvc * 16;
-        for (int c = 0; c < nc; c++) {
-            a[c] = _mm512_dpbf16_ps(a[c], (__m512bh)_mm512_loadu_si512(v0 + 16 * c), p0);
-            b[c] = _mm512_dpbf16_ps(b[c], (__m512bh)_mm512_loadu_si512(v1 + 16 * c), p1);
+/* For nr rows h sharing each value load: acc_h[c0 .. c0 + nc) chunks of 16 = acc_h * alpha_h +
+ * sum_i pp_h[i] . vp[i] over npk key pairs, by VDPBF16PS. Row h's accumulator is acc + h * dvp, its
+ * probability pairs pp + h * pstride and its alpha al[h * pstride] (always inlined with constant nr,
+ * nc: nr * nc independent chains) */
+static inline __attribute__((always_inline)) void accumulate_rows(float *restrict acc, int dvp,
+                                                                  const uint32_t *restrict pp, const float *al,
+                                                                  int pstride, const uint32_t *restrict vp, int npk,
+                                                                  int dvc, int c0, const int nc, const int nr) {
+    __m512 a[4][4];
+    for (int r = 0; r < nr; r++)
+        for (int c = 0; c < nc; c++)
+            a[r][c] = _mm512_mul_ps(_mm512_loadu_ps(acc + (size_t)r * dvp + 16 * (c0 + c)),
+                                    _mm512_set1_ps(al[(size_t)r * pstride]));
+    for (int i = 0; i < npk; i++) {
+        const uint32_t *vi = vp + ((size_t)i * dvc + c0) * 16;
+        __m512bh v[4];
+        for (int c = 0; c < nc; c++) v[c] = (__m512bh)_mm512_loadu_si512(vi + 16 * c);
+        for (int r = 0; r < nr; r++) {
+            __m512bh p = (__m512bh)_mm512_set1_epi32((int)pp[(size_t)r * pstride + i]);
+            for (int c = 0; c < nc; c++) a[r][c] = _mm512_dpbf16_ps(a[r][c], v[c], p);
         }
     }
-    if (i < npk) {
-        __m512bh p0 = (__m512bh)_mm512_set1_epi32((int)pp[i]);
-        const uint32_t *v0 = vp + ((size_t)i * dvc + c0) * 16;
-        for (int c = 0; c < nc; c++) a[c] = _mm512_dpbf16_ps(a[c], (__m512bh)_mm512_loadu_si512(v0 + 16 * c), p0);
-    }
-    for (int c = 0; c < nc; c++) _mm512_storeu_ps(acc + 16 * (c0 + c), _mm512_add_ps(a[c], b[c]));
+    for (int r = 0; r < nr; r++)
+        for (int c = 0; c < nc; c++) _mm512_storeu_ps(acc + (size_t)r * dvp + 16 * (c0 + c), a[r][c]);
 }
 
 /* e^x for 16 lanes (x <= 0 here): 2^(x log2 e) = 2^n 2^f, |f| <= 1/2, 2^f by its degree-6 Taylor
@@ -270,6 +272,17 @@ static inline __m512 exp512(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+#endif
+
+/* keys of the tile [t0, t0 + n) that query row h sees: all n, or fewer when the row's own length
+ * lim[h] ends inside the tile (the causal edge of a block of prefill tokens); <= 0 when none */
+static inline int row_keys(const int64_t *lim, int h, int64_t t0, int n) {
+    if (lim == NULL) return n;
+    int64_t k = lim[h] - t0;
+    return k < n ? (int)k : n;
+}
+
+#ifdef HAVE_DPBF16
 /* sc[i][0 : MLA_TILE] = scores of heads i < nh (query pairs qp[i * npair ..]) against the transposed
  * tile kt [npair][MLA_TILE]: nh * MLA_TILE / 16 independent VDPBF16PS chains, each key load shared
  * by the nh heads (always inlined with a constant nh) */
@@ -302,8 +315,8 @@ static inline __attribute__((always_inline)) void score_heads(const uint32_t *re
  * Same outputs as attend_range (acc [nq, dvp], m, l). Scratch: kt >= ceil(dk / 32) * 16 * MLA_TILE
  * dwords, vp >= MLA_TILE / 2 * dvp dwords, sc >= nq * MLA_TILE floats. */
 static void attend_range_mla_bf16(const __m512bh *qb, int nq, int dk, int dv, const uint16_t *base, int64_t stride,
-                                  const int64_t *table, int block_size, int64_t p0, int64_t p1, float *restrict acc,
-                                  float *restrict m, float *restrict l, uint32_t *restrict kt,
+                                  const int64_t *table, int block_size, int64_t p0, int64_t p1, const int64_t *lim,
+                                  float *restrict acc, float *restrict m, float *restrict l, uint32_t *restrict kt,
                                   uint32_t *restrict vp, float *restrict sc) {
     const int nchunk = (dk + 31) / 32, npair = nchunk * 16, dvc = (dv + 15) / 16, dvp = dvc * 16;
     const uint32_t *qp = (const uint32_t *)qb; /* [nq, npair] bf16 pairs, zero past dk */
@@ -359,9 +372,15 @@ static void attend_range_mla_bf16(const __m512bh *qb, int nq, int dk, int dv, co
                 uintptr_t a = (uintptr_t)(base + next[j] * stride), e = a + 2 * (uintptr_t)dk;
                 for (a &= ~(uintptr_t)63; a < e; a += 64) _mm_prefetch((const char *)a, _MM_HINT_T1);
             }
+            int nh = row_keys(lim, h, t0, n); /* this row's keys in the tile (fewer at its causal edge) */
             float *s = sc + (size_t)h * MLA_TILE;
-            __mmask16 k0 = n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1u);
-            __mmask16 k1 = n >= 32 ? (__mmask16)0xffff : n > 16 ? (__mmask16)((1u << (n - 16)) - 1u) : 0;
+            if (nh <= 0) { /* past this row's causal edge: probabilities 0, alpha 1 */
+                memset(s, 0, sizeof(float) * 16);
+                s[16] = 1.f;
+                continue;
+            }
+            __mmask16 k0 = nh >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << nh) - 1u);
+            __mmask16 k1 = nh >= 32 ? (__mmask16)0xffff : nh > 16 ? (__mmask16)((1u << (nh - 16)) - 1u) : 0;
             __m512 x0 = _mm512_loadu_ps(s), x1 = _mm512_loadu_ps(s + 16), ninf = _mm512_set1_ps(-INFINITY);
             float mx = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_mask_mov_ps(ninf, k0, x0),
                                                           _mm512_mask_mov_ps(ninf, k1, x1)));
@@ -379,15 +398,24 @@ static void attend_range_mla_bf16(const __m512bh *qb, int nq, int dk, int dv, co
             __m512 hi = _mm512_castsi512_ps(_mm512_and_si512(pb, _mm512_set1_epi32((int)0xffff0000u)));
             l[h] = l[h] * alpha + _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
             m[h] = mx;
-            float *ah = acc + (size_t)h * dvp;
-            for (int c0 = 0; c0 < dvc; c0 += 8) {
-                switch (dvc - c0 < 8 ? dvc - c0 : 8) {
-#define PAIRS(k) \
-    case k: accumulate_pairs(ah, alpha, pp, vp, npk, dvc, c0, k); break;
-                    PAIRS(1) PAIRS(2) PAIRS(3) PAIRS(4) PAIRS(5) PAIRS(6) PAIRS(7) PAIRS(8)
-#undef PAIRS
+            s[16] = alpha; /* beside the 16 probability pairs, for the value product below */
+        }
+        /* o += p . v: rows in blocks of up to 4 sharing each value load, 16 columns x up to 4 */
+        for (int h = 0; h < nq;) {
+            int nb = (nq - h + 3) / 4, hb = (nq - h + nb - 1) / nb;
+            const uint32_t *pp = (const uint32_t *)(sc + (size_t)h * MLA_TILE);
+            for (int c0 = 0; c0 < dvc; c0 += 4) {
+                int nc = dvc - c0 < 4 ? dvc - c0 : 4;
+                switch (hb * 4 + nc) {
+#define ROWS(r, c) \
+    case r * 4 + c: accumulate_rows(acc + (size_t)h * dvp, dvp, pp, sc + (size_t)h * MLA_TILE + 16, MLA_TILE, vp, npk, dvc, c0, c, r); break;
+#define ROWS4(r) ROWS(r, 1) ROWS(r, 2) ROWS(r, 3) ROWS(r, 4)
+                    ROWS4(1) ROWS4(2) ROWS4(3) ROWS4(4)
+#undef ROWS4
+#undef ROWS
                 }
             }
+            h += hb;
         }
     }
 }
@@ -398,13 +426,13 @@ static void attend_range_mla_bf16(const __m512bh *qb, int nq, int dk, int dv, co
 static void attend_range(const float *restrict q, int nq, int dk, int dv, const void *k_base, const void *v_base,
                          const float *k_scale, const float *v_scale, int dtype, int64_t k_stride, int64_t v_stride,
                          int64_t k_off, int64_t v_off, int same_row, const int64_t *table, int block_size, int64_t p0,
-                         int64_t p1, float *restrict acc, float *restrict m, float *restrict l, float *restrict kt,
+                         int64_t p1, const int64_t *lim, float *restrict acc, float *restrict m, float *restrict l, float *restrict kt,
                          float *restrict vt, float *restrict sc, const void *qbv) {
     int dkp = ROUND16(dk), dvp = ROUND16(dv);
 #ifdef HAVE_DPBF16
     const __m512bh *qb = (const __m512bh *)qbv;
     if (qb != NULL && same_row && k_off == 0) { /* MLA over bf16 rows */
-        attend_range_mla_bf16(qb, nq, dk, dv, (const uint16_t *)k_base, k_stride, table, block_size, p0, p1, acc, m, l,
+        attend_range_mla_bf16(qb, nq, dk, dv, (const uint16_t *)k_base, k_stride, table, block_size, p0, p1, lim, acc, m, l,
                               (uint32_t *)kt, (uint32_t *)vt, sc);
         return;
     }
@@ -432,12 +460,14 @@ static void attend_range(const float *restrict q, int nq, int dk, int dv, const 
                 if (j < n) load_row(v_base, dtype, slot * v_stride + v_off, dv, 1.f, vt + (size_t)j * dvp);
             }
             for (int h = 0; h < nq; h++) {
+                int nh = row_keys(lim, h, t0, n);
+                if (nh <= 0) continue;
                 float *s = sc + (size_t)h * TILE;
                 for (int j = 0; j < n16; j += VL) {
                     v16 sj = dot16_bf16(qb + (size_t)h * ((dk + 31) / 32), rp + j, dk);
                     memcpy(s + j, &sj, sizeof(sj));
                 }
-                softmax_accumulate(s, n, m + h, l + h, acc + (size_t)h * dvp, vt, dvp, dvp);
+                softmax_accumulate(s, nh, m + h, l + h, acc + (size_t)h * dvp, vt, dvp, dvp);
             }
             continue;
         }
@@ -454,25 +484,31 @@ static void attend_range(const float *restrict q, int nq, int dk, int dv, const 
         const float *vrows = same_row ? kt : vt;
         int vstep = same_row ? dkp : dvp;
         for (int h = 0; h < nq; h++) {
+            int nh = row_keys(lim, h, t0, n);
+            if (nh <= 0) continue;
             const float *qh = q + (size_t)h * dkp;
             float *s = sc + (size_t)h * TILE;
             for (int j = 0; j < n16; j += VL) {
                 v16 sj = dot16(qh, kt + (size_t)j * dkp, dkp);
                 memcpy(s + j, &sj, sizeof(sj));
             }
-            softmax_accumulate(s, n, m + h, l + h, acc + (size_t)h * dvp, vrows, vstep, dvp);
+            softmax_accumulate(s, nh, m + h, l + h, acc + (size_t)h * dvp, vrows, vstep, dvp);
         }
     }
 }
 
 /* q [n_seqs, n_groups, nq, dk] fp32 (pre-scaled) -> out [n_seqs, n_groups, nq, dv] fp32.
  * tables [n_seqs, table_stride] int64 block ids; ctx_lens [n_seqs] int64.
+ * row_lens: NULL, or [n_seqs, n_groups, nq] int64: query row h of (seq, group) sees only positions
+ *   < row_lens[..., h] (<= ctx_lens[seq]). A block of prefill tokens is then one sequence whose rows
+ *   are its tokens' heads, each with its own causal length: the block shares every key tile.
  * k_base/v_base: the storage; row r of group g starts at r * stride + g * group_stride.
  * k_scale/v_scale: per-row fp32 scales for int8 storage, else NULL. */
 int mlakit_paged_decode(int n_seqs, int n_groups, int nq, int dk, int dv, const float *q, const void *k_base,
                         const void *v_base, const float *k_scale, const float *v_scale, int dtype, int64_t k_stride,
                         int64_t v_stride, int64_t group_stride, const int64_t *tables, int64_t table_stride,
-                        const int64_t *ctx_lens, int block_size, int n_splits, int n_threads, float *out) {
+                        const int64_t *ctx_lens, const int64_t *row_lens, int block_size, int n_splits, int n_threads,
+                        float *out) {
     int same_row = (k_base == v_base) && group_stride == 0 && k_stride == v_stride;
     int64_t n_items = (int64_t)n_seqs * n_groups * n_splits;
     int dkp = ROUND16(dk), dvp = ROUND16(dv);
@@ -526,7 +562,7 @@ int mlakit_paged_decode(int n_seqs, int n_groups, int nq, int dk, int dv, const 
 #endif
                 attend_range(qp, nq, dk, dv, k_base, v_base, k_scale, v_scale, dtype, k_stride,
                              v_stride, g * group_stride, g * group_stride, same_row, tables + seq * table_stride,
-                             block_size, p0, p1, acc + (size_t)item * part, ms + (size_t)item * nq,
+                             block_size, p0, p1, row_lens ? row_lens + sg * nq : NULL, acc + (size_t)item * part, ms + (size_t)item * nq,
                              ls + (size_t)item * nq, kt, vt, sc, qb);
             }
         }

@@ -244,3 +244,21 @@ def test_prefill_absorbed_and_naive_equal_the_forward(absorbed: bool, storage: s
         want = model(torch.tensor([seq]))[0]
     assert (got[0] - want[8]).abs().max().item() <= CACHE_TOL[storage] * max(1.0, want.abs().max().item())
     assert (got[1] - want[22]).abs().max().item() <= CACHE_TOL[storage] * max(1.0, want.abs().max().item())
+
+
+@pytest.mark.parametrize("storage", STORAGE)
+@pytest.mark.parametrize("block", [1, 3, 8, 64])
+def test_cpu_prefill_blocks_equal_reference(storage: str, block: int) -> None:
+    """Blocks of query tokens sharing key tiles (``prefill_block``), each row at its own causal
+    edge: equal to the reference for blocks that divide the chunk or not, a chunk that starts past
+    position 0 and ends inside a 32-key tile, and a block longer than the chunk."""
+    from mlakit.attention.backends.cpu import Backend as CpuBackend
+
+    rows, _, _, tables, lens, q_joint, _, rank = kernel_case("long_tiles", storage)
+    ref, got = meta_for("torch", tables, lens), meta_for("cpu", tables, lens)
+    cpu = CpuBackend(prefill_block=block)
+    for seq, (a, b) in [(0, (50, 100)), (4, (0, 150)), (3, (16, 17))]:
+        q_pos = torch.arange(a, b)
+        qp = torch.randn(b - a, *q_joint.shape[1:], generator=torch.Generator().manual_seed(seq)) * 0.5
+        want = ref.backend.latent_prefill(qp, rows, ref, seq, q_pos, rank)
+        assert (cpu.latent_prefill(qp, rows, got, seq, q_pos, rank) - want).abs().max().item() <= STORAGE_TOL[storage]

@@ -5,9 +5,11 @@ this CPU): it reads each sequence's rows through its block table, converts a til
 to fp32 once, computes the scores of every head sharing those rows and folds them into an
 online softmax, in parallel over sequences, kv heads and slices of long contexts. For MLA one
 latent row serves all H heads (the absorbed form), for GQA one K/V row serves its H/G heads.
-An absorbed prefill chunk goes to the same kernel (``latent_prefill``): each of its query tokens is
-a pseudo-sequence over its own prefix (the chunk's block table repeated at stride 0, lengths
-``position + 1``), 2x fused SDPA's speed on a conversion's shapes.
+An absorbed prefill chunk goes to the same kernel (``latent_prefill``): each block of
+``prefill_block`` consecutive query tokens is a pseudo-sequence over the block's prefix (the chunk's
+block table repeated at stride 0), its rows the block's tokens x heads, each row limited to its own
+token's ``position + 1`` keys (``row_lens``). The block shares every key tile: the tile is fetched,
+transposed and paired for values once per block instead of once per token.
 
 Without a C compiler (or with ``Backend(use_kernel=False)``) decode runs in PyTorch, as follows.
 
@@ -90,12 +92,26 @@ def kv_attend(q: torch.Tensor, k_rows: PagedRows, v_rows: PagedRows, runs: Runs,
     return o.reshape(h, d)
 
 
+PREFILL_BLOCK = 8
+"""Query tokens per pseudo-sequence in the kernel's absorbed prefill (see the module docstring).
+Measured on SmolLM2's 25% conversion (9 heads, width 48 + 48; 4096-token prompt in chunks of 512,
+2 threads, ``benchmarks/bench_prefill_block.py``): 1.34x block 1's speed at 8, 1.28x at 4, 1.36x
+at 16; 8 takes nearly all of it while wasting at most 7 keys per block at the causal edge."""
+
+
 class Backend:
-    """``use_kernel``: ``None`` = the compiled kernel when it builds; ``False`` = the PyTorch path."""
+    """``use_kernel``: ``None`` = the compiled kernel when it builds; ``False`` = the PyTorch path.
+
+    ``prefill_block``: query tokens that share each key tile in the kernel's absorbed prefill (1 =
+    every token its own pseudo-sequence).
+    """
 
     name = "cpu"
 
-    def __init__(self, use_kernel: bool | None = None) -> None:
+    def __init__(self, use_kernel: bool | None = None, prefill_block: int = PREFILL_BLOCK) -> None:
+        if prefill_block < 1:
+            raise ValueError(f"prefill_block must be >= 1, got {prefill_block}")
+        self.prefill_block = prefill_block
         from mlakit.native import load_native
 
         self.kernel = load_native() if use_kernel is not False else None
@@ -137,21 +153,31 @@ class Backend:
         kv_lora_rank: int,
     ) -> torch.Tensor:
         if self.kernel is not None:
-            # each query token is a decode over its own prefix: T pseudo-sequences sharing one block
-            # table, lengths q_pos + 1 (the kernel's work items then split the chunk across threads)
-            t = q_joint.shape[0]
+            # blocks of k consecutive query tokens, each a decode over the block's prefix whose rows
+            # (k tokens x H heads) stop at their own token's position (row_lens); the kernel's work
+            # items are the blocks, split across threads. A last partial block repeats its last token.
+            t, h, w = q_joint.shape
+            k = min(self.prefill_block, t)
+            nb = -(-t // k)
+            pad = nb * k - t
+            lens = q_pos + 1  # [T]
+            if pad:
+                q_joint = torch.cat((q_joint, q_joint[-1:].expand(pad, h, w)))
+                lens = torch.cat((lens, lens[-1:].expand(pad)))
+            row_lens = lens.view(nb, 1, k, 1).expand(nb, 1, k, h).reshape(nb, 1, k * h)  # [nb, 1, k * H]
             o = self.kernel.paged_decode(
-                q_joint.unsqueeze(1),  # [T, 1, H, r + d_rope]
+                q_joint.reshape(nb, 1, k * h, w),  # [nb, 1, k * H, r + d_rope]
                 rows,
                 rows,
-                meta.block_tables[seq : seq + 1].expand(t, -1),
-                q_pos + 1,
+                meta.block_tables[seq : seq + 1].expand(nb, -1),
+                lens.view(nb, k).amax(dim=1),
                 meta.context_lens_host[seq],
                 meta.block_size,
                 kv_lora_rank,
                 0,
+                row_lens=row_lens,
             )
-            return o[:, 0].to(q_joint.dtype)  # [T, H, r]
+            return o.view(nb * k, h, kv_lora_rank)[:t].to(q_joint.dtype)  # [T, H, r]
         return latent_prefill_sdpa(self, q_joint, rows, meta, seq, q_pos, kv_lora_rank)
 
     def kv_decode(
