@@ -126,7 +126,7 @@ class GroupedQueryAttention(nn.Module):
     ) -> torch.Tensor:
         """Packed ``q [N, H, D]``, new ``k, v [N, G, D]`` at ``pos [N]`` -> ``[N, H, D]`` over the paged cache."""
         c = self.config
-        g, d = c.num_kv_heads, c.head_dim
+        g = c.num_kv_heads
         k_rows, v_rows = meta.cache.layers[self.layer_idx]
         k_rows.write(meta.slot_mapping, k.flatten(1))
         v_rows.write(meta.slot_mapping, v.flatten(1))
@@ -136,9 +136,7 @@ class GroupedQueryAttention(nn.Module):
             parts.append(meta.backend.kv_decode(q[:nd] * self.scale, k_rows, v_rows, meta, g))  # [nd, H, D]
         for i in range(nd, meta.num_seqs):  # prefill chunks, one sequence each
             a, b = meta.query_start[i], meta.query_start[i + 1]
-            k_all = meta.backend.gather(k_rows, meta, i, i + 1, q.dtype).view(1, -1, g, d)  # [1, S_i, G, D]
-            v_all = meta.backend.gather(v_rows, meta, i, i + 1, q.dtype).view(1, -1, g, d)
-            k_pos = torch.arange(k_all.shape[1], device=q.device)
-            mask, causal = mask_or_causal(pos[a:b].unsqueeze(0), k_pos)  # [1, 1, T_i, S_i] or causal
-            parts.append(self._attend(q[a:b].unsqueeze(0), k_all, v_all, mask, causal)[0])  # [T_i, H, D]
+            parts.append(
+                meta.backend.kv_prefill(q[a:b] * self.scale, k_rows, v_rows, meta, i, pos[a:b], g)
+            )  # [T_i, H, D]
         return parts[0] if len(parts) == 1 else torch.cat(parts)

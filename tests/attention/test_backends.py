@@ -4,7 +4,8 @@ Two tables:
 
 * kernel scenarios: paged rows filled with random values, fragmented block tables, ragged lengths
   (one token, exactly a block, across a boundary), fp32 / bf16 / int8 storage; each backend's
-  ``latent_decode``, ``latent_prefill``, ``kv_decode`` and ``gather`` against ``torch``'s;
+  ``latent_decode``, ``latent_prefill``, ``kv_decode``, ``kv_prefill`` and ``gather`` against
+  ``torch``'s;
 * model scenarios: one packed engine step that mixes decodes with prefill chunks (one of them at
   ``start_pos > 0``) equals the uncached forward of each sequence, for MLA (absorbed and naive),
   full-RoPE MLA, MHA, GQA and MQA, through each backend.
@@ -106,6 +107,9 @@ def compare_kernels(name: str, storage: str, backend: str, device: str = "cpu") 
         qp = torch.randn(len(q_pos), *q_joint.shape[1:], generator=torch.Generator().manual_seed(seq)).to(device) * 0.2
         want = ref.backend.latent_prefill(qp, rows, ref, seq, q_pos, rank)
         assert (got.backend.latent_prefill(qp, rows, got, seq, q_pos, rank) - want).abs().max().item() <= tol, name
+        qk = torch.randn(len(q_pos), *q.shape[1:], generator=torch.Generator().manual_seed(seq)).to(device) * 0.3
+        want = ref.backend.kv_prefill(qk, k_rows, v_rows, ref, seq, q_pos, g)
+        assert (got.backend.kv_prefill(qk, k_rows, v_rows, got, seq, q_pos, g) - want).abs().max().item() <= tol, name
     for lo, hi in [(0, len(lens)), (len(lens) - 1, len(lens))]:
         want = ref.backend.gather(rows, ref, lo, hi, torch.float32)
         have = got.backend.gather(rows, got, lo, hi, torch.float32)
@@ -250,15 +254,21 @@ def test_prefill_absorbed_and_naive_equal_the_forward(absorbed: bool, storage: s
 @pytest.mark.parametrize("block", [1, 3, 8, 64])
 def test_cpu_prefill_blocks_equal_reference(storage: str, block: int) -> None:
     """Blocks of query tokens sharing key tiles (``prefill_block``), each row at its own causal
-    edge: equal to the reference for blocks that divide the chunk or not, a chunk that starts past
-    position 0 and ends inside a 32-key tile, and a block longer than the chunk."""
+    edge, for MLA latents and GQA K/V: equal to the reference for blocks that divide the chunk or
+    not, a chunk that starts past position 0 and ends inside a 32-key tile, and a block longer
+    than the chunk."""
     from mlakit.attention.backends.cpu import Backend as CpuBackend
 
-    rows, _, _, tables, lens, q_joint, _, rank = kernel_case("long_tiles", storage)
+    rows, k_rows, v_rows, tables, lens, q_joint, q, rank = kernel_case("long_tiles", storage)
     ref, got = meta_for("torch", tables, lens), meta_for("cpu", tables, lens)
     cpu = CpuBackend(prefill_block=block)
+    tol = STORAGE_TOL[storage]
+    g = k_rows.width // q.shape[-1]  # 3 kv heads, 2 query heads each
     for seq, (a, b) in [(0, (50, 100)), (4, (0, 150)), (3, (16, 17))]:
         q_pos = torch.arange(a, b)
         qp = torch.randn(b - a, *q_joint.shape[1:], generator=torch.Generator().manual_seed(seq)) * 0.5
         want = ref.backend.latent_prefill(qp, rows, ref, seq, q_pos, rank)
-        assert (cpu.latent_prefill(qp, rows, got, seq, q_pos, rank) - want).abs().max().item() <= STORAGE_TOL[storage]
+        assert (cpu.latent_prefill(qp, rows, got, seq, q_pos, rank) - want).abs().max().item() <= tol
+        qk = torch.randn(b - a, *q.shape[1:], generator=torch.Generator().manual_seed(seq)) * 0.5
+        want = ref.backend.kv_prefill(qk, k_rows, v_rows, ref, seq, q_pos, g)
+        assert (cpu.kv_prefill(qk, k_rows, v_rows, got, seq, q_pos, g) - want).abs().max().item() <= tol

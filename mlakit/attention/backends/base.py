@@ -14,6 +14,9 @@ Contract (all backends; tested against ``torch`` over one table of scenarios):
   decode, query ``t`` (at position ``q_pos[t]``) reading the cached positions ``<= q_pos[t]``.
 * ``kv_decode(q, k_rows, v_rows, meta, num_kv_heads) -> [B_d, H, D]`` with ``q [B_d, H, D]``
   pre-scaled; query head ``h`` reads kv head ``h // (H / G)``.
+* ``kv_prefill(q, k_rows, v_rows, meta, seq, q_pos, num_kv_heads) -> [T, H, D]``: one prefill
+  chunk of sequence ``seq`` over its cached K/V, ``q [T, H, D]`` pre-scaled, query ``t`` reading
+  the positions ``<= q_pos[t]``; heads grouped as for ``kv_decode``.
 
 Softmax runs in fp32 in every backend; outputs come back in ``q``'s dtype.
 """
@@ -26,6 +29,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 import torch.nn.functional as F
 
+from mlakit.attention.common import mask_or_causal
 from mlakit.paged import PagedRows
 
 if TYPE_CHECKING:
@@ -61,6 +65,19 @@ class AttentionBackend(Protocol):
         self, q: torch.Tensor, k_rows: PagedRows, v_rows: PagedRows, meta: AttentionMetadata, num_kv_heads: int
     ) -> torch.Tensor:
         """``[B_d, H, D]`` baseline decode over paged K/V (see the module docstring)."""
+        ...
+
+    def kv_prefill(
+        self,
+        q: torch.Tensor,
+        k_rows: PagedRows,
+        v_rows: PagedRows,
+        meta: AttentionMetadata,
+        seq: int,
+        q_pos: torch.Tensor,
+        num_kv_heads: int,
+    ) -> torch.Tensor:
+        """``[T, H, D]`` baseline prefill chunk over paged K/V (see the module docstring)."""
         ...
 
 
@@ -104,3 +121,35 @@ def latent_prefill_sdpa(
     kv = kv.to(q_joint.dtype).view(1, 1, s, w).expand(1, h, s, w)  # [1, H, S, W], a view
     o = F.scaled_dot_product_attention(q_joint.transpose(0, 1).unsqueeze(0), kv, kv, attn_mask=mask, scale=1.0)
     return o[0, :, :, :kv_lora_rank].transpose(0, 1)  # [T, H, r]
+
+
+def kv_prefill_sdpa(
+    backend: AttentionBackend,
+    q: torch.Tensor,
+    k_rows: PagedRows,
+    v_rows: PagedRows,
+    meta: AttentionMetadata,
+    seq: int,
+    q_pos: torch.Tensor,
+    num_kv_heads: int,
+) -> torch.Tensor:
+    """The reference baseline prefill (``kv_prefill``): ``q [T, H, D]`` (pre-scaled) -> ``[T, H, D]``.
+
+    Gathers sequence ``seq``'s K/V ``[S, G, D]`` through ``backend``, shares each kv head with its
+    ``H / G`` query heads and runs fused SDPA, on its causal path when the chunk starts at
+    position 0 (:func:`mlakit.attention.common.mask_or_causal`).
+    """
+    h, d = q.shape[1:]
+    g = num_kv_heads
+    k = backend.gather(k_rows, meta, seq, seq + 1, q.dtype)[0].view(-1, g, d)  # [S, G, D]
+    v = backend.gather(v_rows, meta, seq, seq + 1, q.dtype)[0].view(-1, g, d)
+    s = k.shape[0]
+    if g < h:  # each kv head serves its group of query heads
+        k = k.unsqueeze(2).expand(s, g, h // g, d).reshape(s, h, d)
+        v = v.unsqueeze(2).expand(s, g, h // g, d).reshape(s, h, d)
+    mask, causal = mask_or_causal(q_pos.unsqueeze(0), torch.arange(s, device=q.device))  # [1, 1, T, S] or causal
+    o = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
+        attn_mask=mask, is_causal=causal, scale=1.0,
+    )  # fmt: skip
+    return o[0].transpose(0, 1)  # [T, H, D]

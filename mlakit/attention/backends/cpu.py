@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from mlakit.attention.backends.base import gather_by_table, latent_prefill_sdpa
+from mlakit.attention.backends.base import gather_by_table, kv_prefill_sdpa, latent_prefill_sdpa
 from mlakit.paged import PagedRows
 
 if TYPE_CHECKING:
@@ -152,33 +152,70 @@ class Backend:
         q_pos: torch.Tensor,
         kv_lora_rank: int,
     ) -> torch.Tensor:
-        if self.kernel is not None:
-            # blocks of k consecutive query tokens, each a decode over the block's prefix whose rows
-            # (k tokens x H heads) stop at their own token's position (row_lens); the kernel's work
-            # items are the blocks, split across threads. A last partial block repeats its last token.
-            t, h, w = q_joint.shape
-            k = min(self.prefill_block, t)
-            nb = -(-t // k)
-            pad = nb * k - t
-            lens = q_pos + 1  # [T]
-            if pad:
-                q_joint = torch.cat((q_joint, q_joint[-1:].expand(pad, h, w)))
-                lens = torch.cat((lens, lens[-1:].expand(pad)))
-            row_lens = lens.view(nb, 1, k, 1).expand(nb, 1, k, h).reshape(nb, 1, k * h)  # [nb, 1, k * H]
-            o = self.kernel.paged_decode(
-                q_joint.reshape(nb, 1, k * h, w),  # [nb, 1, k * H, r + d_rope]
-                rows,
-                rows,
-                meta.block_tables[seq : seq + 1].expand(nb, -1),
-                lens.view(nb, k).amax(dim=1),
-                meta.context_lens_host[seq],
-                meta.block_size,
-                kv_lora_rank,
-                0,
-                row_lens=row_lens,
-            )
-            return o.view(nb * k, h, kv_lora_rank)[:t].to(q_joint.dtype)  # [T, H, r]
+        if self.kernel is not None:  # one group: every head reads the latent row
+            o = self._blocked_prefill(q_joint.unsqueeze(1), rows, rows, meta, seq, q_pos, kv_lora_rank, 0)
+            return o[:, 0].to(q_joint.dtype)  # [T, H, r]
         return latent_prefill_sdpa(self, q_joint, rows, meta, seq, q_pos, kv_lora_rank)
+
+    def kv_prefill(
+        self,
+        q: torch.Tensor,
+        k_rows: PagedRows,
+        v_rows: PagedRows,
+        meta: AttentionMetadata,
+        seq: int,
+        q_pos: torch.Tensor,
+        num_kv_heads: int,
+    ) -> torch.Tensor:
+        t, h, d = q.shape
+        if self.kernel is not None:  # G groups of H / G query heads, kv head g at columns g * D
+            qg = q.view(t, num_kv_heads, h // num_kv_heads, d)  # [T, G, H/G, D]
+            o = self._blocked_prefill(qg, k_rows, v_rows, meta, seq, q_pos, d, d)
+            return o.reshape(t, h, d).to(q.dtype)
+        return kv_prefill_sdpa(self, q, k_rows, v_rows, meta, seq, q_pos, num_kv_heads)
+
+    def _blocked_prefill(
+        self,
+        q: torch.Tensor,
+        k_rows: PagedRows,
+        v_rows: PagedRows,
+        meta: AttentionMetadata,
+        seq: int,
+        q_pos: torch.Tensor,
+        dv: int,
+        group_stride: int,
+    ) -> torch.Tensor:
+        """One prefill chunk through the kernel: ``q [T, G, n, dk]`` (pre-scaled) -> fp32 ``[T, G, n, dv]``.
+
+        Blocks of ``k = prefill_block`` consecutive query tokens, each a decode over the block's
+        prefix whose rows (per group: k tokens x n heads) stop at their own token's position
+        (``row_lens``); the kernel's work items are (block, group), split across threads. A last
+        partial block repeats its last token.
+        """
+        assert self.kernel is not None
+        t, g, n, dk = q.shape
+        k = min(self.prefill_block, t)
+        nb = -(-t // k)
+        pad = nb * k - t
+        lens = q_pos + 1  # [T]
+        if pad:
+            q = torch.cat((q, q[-1:].expand(pad, g, n, dk)))
+            lens = torch.cat((lens, lens[-1:].expand(pad)))
+        q_blocks = q.view(nb, k, g, n, dk).transpose(1, 2).reshape(nb, g, k * n, dk)  # [nb, G, k * n, dk]
+        row_lens = lens.view(nb, 1, k, 1).expand(nb, g, k, n).reshape(nb, g, k * n)
+        o = self.kernel.paged_decode(
+            q_blocks,
+            k_rows,
+            v_rows,
+            meta.block_tables[seq : seq + 1].expand(nb, -1),
+            lens.view(nb, k).amax(dim=1),
+            meta.context_lens_host[seq],
+            meta.block_size,
+            dv,
+            group_stride,
+            row_lens=row_lens,
+        )  # [nb, G, k * n, dv]
+        return o.view(nb, g, k, n, dv).transpose(1, 2).reshape(nb * k, g, n, dv)[:t]
 
     def kv_decode(
         self, q: torch.Tensor, k_rows: PagedRows, v_rows: PagedRows, meta: AttentionMetadata, num_kv_heads: int

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mlakit.attention.backends.base import gather_by_table, latent_prefill_sdpa, length_mask
+from mlakit.attention.backends.base import gather_by_table, kv_prefill_sdpa, latent_prefill_sdpa, length_mask
 from mlakit.paged import PagedRows
 
 if TYPE_CHECKING:
@@ -56,3 +56,15 @@ class Backend:
         valid = length_mask(meta.decode_context_lens, k.shape[1])  # [B, S]
         probs = scores.masked_fill(~valid.view(b, 1, 1, -1), float("-inf")).softmax(dim=-1).to(q.dtype)
         return torch.matmul(probs, v.transpose(1, 2)).reshape(b, h, d)  # [B, H, D]
+
+    def kv_prefill(
+        self,
+        q: torch.Tensor,
+        k_rows: PagedRows,
+        v_rows: PagedRows,
+        meta: AttentionMetadata,
+        seq: int,
+        q_pos: torch.Tensor,
+        num_kv_heads: int,
+    ) -> torch.Tensor:
+        return kv_prefill_sdpa(self, q, k_rows, v_rows, meta, seq, q_pos, num_kv_heads)
