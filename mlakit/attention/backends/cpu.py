@@ -9,7 +9,8 @@ An absorbed prefill chunk goes to the same kernel (``latent_prefill``): each blo
 ``prefill_block`` consecutive query tokens is a pseudo-sequence over the block's prefix (the chunk's
 block table repeated at stride 0), its rows the block's tokens x heads, each row limited to its own
 token's ``position + 1`` keys (``row_lens``). The block shares every key tile: the tile is fetched,
-transposed and paired for values once per block instead of once per token.
+transposed and paired for values once per block instead of once per token. A GQA/MHA prefill chunk
+(``kv_prefill``) takes the same path, per kv head a block's tokens x its H/G query heads.
 
 Without a C compiler (or with ``Backend(use_kernel=False)``) decode runs in PyTorch, as follows.
 
