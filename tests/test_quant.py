@@ -10,7 +10,7 @@ from mlakit import MlakitError, ModelConfig
 from mlakit.engine import Engine, EngineConfig
 from mlakit.native import load_native
 from mlakit.quant import INT8_GEMV_ROWS, Int8Linear, prepare_weights, resolve_weight_format
-from tests.conftest import build
+from tests.conftest import TOLERANCES, build
 
 AVX512_BF16 = frozenset({"avx2", "avx512f", "avx512_bf16"})
 AVX2_ONLY = frozenset({"avx2", "fma"})
@@ -82,11 +82,15 @@ def test_int8_model_stays_close_and_the_engine_equals_its_forward(preset: str) -
     with torch.no_grad():
         got = model(tokens)[0, -1]
     assert torch.allclose(got.float(), want, atol=0.1 * want.abs().max().item())  # int8 weights: close, not equal
-    engine = Engine(model, EngineConfig(kv_memory="1MiB", block_size=4))
-    table = engine.cache.pool.allocate(4)
-    with torch.no_grad():
-        paged = engine.runner.prefill(tokens[0].tolist(), 0, table)
-    assert (paged - got.float()).abs().max().item() <= 1e-3 * max(1.0, got.abs().max().item())
+    scale = max(1.0, got.abs().max().item())
+    # the reference backend runs the forward's own fused SDPA: equal up to summation order; the CPU
+    # kernel multiplies bf16 rows by a bf16-rounded query and bf16 probabilities: bf16 tolerance
+    for backend, tol in (("torch", 1e-3), ("auto", TOLERANCES[torch.bfloat16])):
+        engine = Engine(model, EngineConfig(kv_memory="1MiB", block_size=4, attention_backend=backend))
+        table = engine.cache.pool.allocate(4)
+        with torch.no_grad():
+            paged = engine.runner.prefill(tokens[0].tolist(), 0, table)
+        assert (paged - got.float()).abs().max().item() <= tol * scale, backend
 
 
 @pytest.mark.parametrize("preset", ["tiny-mla", "tiny-mla-noq", "tiny-gqa"])
