@@ -15,7 +15,7 @@
  * Only positions < context_len are visited, so nothing is masked and no -inf enters the maths
  * except the initial running max.
  *
- * Every bf16 cache on CPUs with AVX512-BF16 takes its own routine (attend_range_mla_bf16, written for
+ * Every bf16 cache on CPUs with AVX512-BF16 takes its own routine (attend_range_bf16, written for
  * MLA; a GQA group reads its K columns and its V columns through the same code, 2.3x the generic
  * routine's speed there, whose per-head dot products with reduction trees it replaced): the
  * tile is transposed so that 16 keys sit in the lanes of one vector (scores without reduction
@@ -50,7 +50,7 @@
 #define TILE 64
 #define MLA_TILE 32 /* the bf16 MLA routine's tile (its softmax is written for exactly 32 keys): its rows,
                       transposed keys and value pairs stay in L1 */
-_Static_assert(MLA_TILE == 32, "attend_range_mla_bf16's softmax takes a tile as two 16-lane vectors");
+_Static_assert(MLA_TILE == 32, "attend_range_bf16's softmax takes a tile as two 16-lane vectors");
 _Static_assert(MLA_TILE <= TILE, "the MLA routine uses the generic routine's scratch buffers");
 
 enum { F32 = 0, BF16 = 1, I8 = 2 };
@@ -290,8 +290,9 @@ static inline __attribute__((always_inline)) void score_heads(const uint32_t *re
         for (int g = 0; g < MLA_TILE / 16; g++) _mm512_storeu_ps(sc + (size_t)i * MLA_TILE + 16 * g, s[i][g]);
 }
 
-/* The MLA work item over bf16 rows (every head reads the same row [c_kv | k_rope], values = its
- * first dv columns), keys in vector lanes instead of one head-row dot product per lane:
+/* The work item over bf16 rows: keys from base (dk columns), values from vbase (dv columns); for MLA
+ * both are the latent row [c_kv | k_rope] (values = its first dv columns), for a GQA group its K and
+ * V columns. Keys in vector lanes instead of one head-row dot product per lane:
  *   kt = the tile's keys transposed as bf16 pairs [dk / 2][MLA_TILE] (16 x 16 dword transposes), so
  *        the scores of 16 keys for one head are dk / 2 VDPBF16PS with a broadcast query pair and
  *        need no horizontal sums (the generic path spends as much on its reduction trees);
@@ -300,7 +301,7 @@ static inline __attribute__((always_inline)) void score_heads(const uint32_t *re
  *        rounded values, so the weights still sum to one).
  * Same outputs as attend_range (acc [nq, dvp], m, l). Scratch: kt >= ceil(dk / 32) * 16 * MLA_TILE
  * dwords, vp >= MLA_TILE / 2 * dvp dwords, sc >= nq * MLA_TILE floats. */
-static void attend_range_mla_bf16(const __m512bh *qb, int nq, int dk, int dv, const uint16_t *base, int64_t stride,
+static void attend_range_bf16(const __m512bh *qb, int nq, int dk, int dv, const uint16_t *base, int64_t stride,
                                   const uint16_t *vbase, int64_t vstride,
                                   const int64_t *table, int block_size, int64_t p0, int64_t p1, const int64_t *lim,
                                   float *restrict acc, float *restrict m, float *restrict l, uint32_t *restrict kt,
@@ -321,8 +322,11 @@ static void attend_range_mla_bf16(const __m512bh *qb, int nq, int dk, int dv, co
         const uint16_t *rp[MLA_TILE], *rv[MLA_TILE];
         int64_t slots[MLA_TILE];
         tile_slots(table, block_size, t0, n, slots);
-        for (int j = 0; j < ng * 16; j++) /* past n: repeat the last row (weight zero) */
-            rp[j] = base + slots[j < n ? j : n - 1] * stride, rv[j] = vbase + slots[j < n ? j : n - 1] * vstride;
+        for (int j = 0; j < ng * 16; j++) { /* past n: repeat the last row (weight zero) */
+            int64_t slot = slots[j < n ? j : n - 1];
+            rp[j] = base + slot * stride;
+            rv[j] = vbase + slot * vstride;
+        }
         /* the next tile's rows, prefetched into L2 a few rows per head below while this tile is
            computed (one burst of prefetches stalls on the miss queue; the strided row loads of the
            transposes defeat the hardware prefetchers) */
@@ -425,7 +429,7 @@ static void attend_range(const float *restrict q, int nq, int dk, int dv, const 
     if (qb != NULL) { /* bf16 rows: MLA (values = the key row's first dv columns) or a GQA group's K and V */
         const uint16_t *kb = (const uint16_t *)k_base + k_off;
         const uint16_t *vb = same_row ? kb : (const uint16_t *)v_base + v_off;
-        attend_range_mla_bf16(qb, nq, dk, dv, kb, k_stride, vb, same_row ? k_stride : v_stride, table, block_size, p0,
+        attend_range_bf16(qb, nq, dk, dv, kb, k_stride, vb, same_row ? k_stride : v_stride, table, block_size, p0,
                               p1, lim, acc, m, l, (uint32_t *)kt, (uint32_t *)vt, sc);
         return;
     }

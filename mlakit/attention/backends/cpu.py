@@ -94,7 +94,7 @@ def kv_attend(q: torch.Tensor, k_rows: PagedRows, v_rows: PagedRows, runs: Runs,
 
 
 PREFILL_BLOCK = 8
-"""Query tokens per pseudo-sequence in the kernel's absorbed prefill (see the module docstring).
+"""Query tokens per pseudo-sequence in the kernel's prefill, MLA (absorbed) and GQA (see the module docstring).
 Measured on SmolLM2's 25% conversion (9 heads, width 48 + 48; 4096-token prompt in chunks of 512,
 2 threads, ``benchmarks/bench_prefill_block.py``): 1.34x block 1's speed at 8, 1.28x at 4, 1.36x
 at 16; 8 takes nearly all of it while wasting at most 7 keys per block at the causal edge."""
@@ -103,8 +103,8 @@ at 16; 8 takes nearly all of it while wasting at most 7 keys per block at the ca
 class Backend:
     """``use_kernel``: ``None`` = the compiled kernel when it builds; ``False`` = the PyTorch path.
 
-    ``prefill_block``: query tokens that share each key tile in the kernel's absorbed prefill (1 =
-    every token its own pseudo-sequence).
+    ``prefill_block``: query tokens that share each key tile in the kernel's prefill (``latent_prefill``
+    and ``kv_prefill``; 1 = every token its own pseudo-sequence).
     """
 
     name = "cpu"
