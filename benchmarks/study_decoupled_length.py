@@ -23,8 +23,7 @@ import torch
 
 from mlakit.convert import ConversionConfig, HealConfig, calibrate, convert_calibrated, heal, load_hf_model
 from mlakit.convert.heal import heal_windows
-from mlakit.eval.metrics import as_logits_fn, evaluate
-from mlakit.eval.tradeoff import Memo
+from mlakit.eval.metrics import ScoreMemo, as_logits_fn, evaluate
 from mlakit.text.corpus import genre_corpora, token_windows
 
 
@@ -48,7 +47,7 @@ def main() -> None:
     info = eval_genres["info"]
     short = token_windows(info, tok, num_windows=args.short + 8, seq_len=512)[8:]  # not the long window's text
     long = token_windows(info, tok, num_windows=args.long, seq_len=4096)
-    reference = Memo(as_logits_fn(loaded.model))
+    reference = ScoreMemo(as_logits_fn(loaded.model))
     rows = []
     for conv_fields, heal_fields in json.loads(args.variants):
         t0 = time.time()

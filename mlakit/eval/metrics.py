@@ -7,9 +7,10 @@ checks take greedy generators ``(prompt [1, P], n) -> n token ids`` so callers b
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -84,10 +85,67 @@ def as_logits_fn(model: Any) -> LogitsFn:
     return fn
 
 
-# positions whose log-probabilities are formed at once: [ROWS, V] float32 is 200 MB at V=49152
-_ROWS = 1024
+# positions whose log-probabilities are formed at once: [ROWS, V] float32 is 6 MB at V=49152. Small
+# on purpose: temporaries of 200 MB (1,024 rows) are fresh mappings, page-faulted on every operation,
+# and made the scoring of a 4096-token window 3x slower (1.36 s against 0.43 s per 4,096 positions)
+_ROWS = 32
 # positions per forward pass, so batch size shrinks as windows grow (4096-token windows, one at a time)
 _BATCH_TOKENS = 2048
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """One model's scores on ``R`` consecutive predicted positions of a batch.
+
+    ``logp [R, V]`` float32 log-probabilities (formed in float32: float64 over a 49k vocabulary
+    cost ~10x the time, most of a 4096-token evaluation, for no digit the reported ratios show),
+    ``nll``: the targets' summed negative log-probability (summed in float64), ``top1 [R]``: argmax.
+    """
+
+    logp: torch.Tensor
+    nll: float
+    top1: torch.Tensor
+
+
+def _score_rows(logits: torch.Tensor, target: torch.Tensor) -> Iterator[_Rows]:
+    """``logits [P, V]`` of ``P`` positions predicting ``target [P]``, scored ``_ROWS`` positions at a time."""
+    for lo in range(0, target.numel(), _ROWS):
+        logp = F.log_softmax(logits[lo : lo + _ROWS].float(), dim=-1)  # [R, V]
+        nll = -logp.gather(-1, target[lo : lo + _ROWS].unsqueeze(-1)).double().sum().item()
+        yield _Rows(logp, nll, logp.argmax(-1))
+
+
+class ScoreMemo:
+    """A logits function whose scores are kept, per batch of windows, for the next evaluation.
+
+    A sweep compares many models with one reference on the same windows (``mlakit tradeoff``:
+    every row against the original): the reference's forward, log-softmax and argmax are done
+    once (on SmolLM2 at 4096 tokens the log-softmax alone is ~0.6 s per window and row). Holds
+    ``V`` float32 numbers per scored position (3.2 GiB for four 4096-token windows at V=49152).
+    Called directly it is the plain logits function (nothing kept).
+    """
+
+    def __init__(self, fn: LogitsFn) -> None:
+        self.fn = fn
+        self.store: dict[tuple[tuple[int, ...], bytes], list[_Rows]] = {}
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.fn(tokens)
+
+    def scored(self, tokens: torch.Tensor) -> list[_Rows]:
+        """:func:`_score_rows` of ``tokens [B, T]`` (next-token targets), computed once per distinct ``tokens``."""
+        key = (tuple(tokens.shape), tokens.numpy().tobytes())
+        if key not in self.store:
+            logits = self.fn(tokens)[:, :-1].flatten(0, 1)  # [B*(T-1), V]
+            self.store[key] = list(_score_rows(logits, tokens[:, 1:].reshape(-1)))
+        return self.store[key]
+
+
+def _scored(fn: LogitsFn, tokens: torch.Tensor) -> Iterable[_Rows]:
+    """``fn``'s scores on ``tokens [B, T]``: kept ones for a :class:`ScoreMemo`, else formed lazily."""
+    if isinstance(fn, ScoreMemo):
+        return fn.scored(tokens)
+    return _score_rows(fn(tokens)[:, :-1].flatten(0, 1), tokens[:, 1:].reshape(-1))
 
 
 @torch.no_grad()
@@ -104,8 +162,9 @@ def evaluate(
 
     Every window predicts its tokens 1..T-1 from their prefixes. Memory stays bounded whatever
     ``T``: ``batch_size`` defaults to ``max(1, 2048 // T)`` windows per forward pass, the
-    reference's logits are computed batch by batch and dropped, and log-probabilities (float32,
-    summed in float64) are formed ``1024`` positions at a time.
+    reference's logits are computed batch by batch and dropped (unless it is a
+    :class:`ScoreMemo`), and log-probabilities (float32, summed in float64) are formed ``32``
+    positions at a time.
     """
     from tqdm.auto import tqdm
 
@@ -113,23 +172,15 @@ def evaluate(
     nll_sum = ref_nll_sum = kl_sum = 0.0
     agree = count = 0
     for tokens in tqdm(torch.split(windows, bs), desc=desc, disable=not progress, leave=False):
-        target = tokens[:, 1:].reshape(-1)  # [B*(T-1)]
-        logits = model(tokens)[:, :-1].flatten(0, 1)  # [B*(T-1), V]
-        ref_logits = reference(tokens)[:, :-1].flatten(0, 1) if reference is not None else None
-        count += target.numel()
-        for rows in torch.split(torch.arange(target.numel()), _ROWS):
-            tgt = target[rows].unsqueeze(-1)  # [R, 1]
-            # float32 log-probabilities, sums per position then in float64: float64 over a
-            # 49k vocabulary cost ~10x the time (most of a 4096-token evaluation) for no digit
-            # that the reported ratios show
-            logp = F.log_softmax(logits[rows].float(), dim=-1)  # [R, V]
-            nll_sum += -logp.gather(-1, tgt).double().sum().item()
-            if ref_logits is not None:
-                ref_logp = F.log_softmax(ref_logits[rows].float(), dim=-1)  # [R, V]
-                ref_nll_sum += -ref_logp.gather(-1, tgt).double().sum().item()
-                kl_sum += (ref_logp.exp() * (ref_logp - logp)).sum(-1).double().sum().item()
-                agree += int((ref_logp.argmax(-1) == logp.argmax(-1)).sum().item())
-        del logits, ref_logits
+        count += tokens.shape[0] * (tokens.shape[1] - 1)
+        ours = _scored(model, tokens)
+        theirs = _scored(reference, tokens) if reference is not None else itertools.repeat(None)
+        for m, r in zip(ours, theirs):
+            nll_sum += m.nll
+            if r is not None:
+                ref_nll_sum += r.nll
+                kl_sum += (r.logp.exp() * (r.logp - m.logp)).sum(-1).double().sum().item()
+                agree += int((r.top1 == m.top1).sum().item())
     nll = nll_sum / count
     if reference is None:
         return EvalResult(perplexity=math.exp(nll), nll=nll, tokens=count)

@@ -1,7 +1,8 @@
 """``mlakit tradeoff``: convert at several cache budgets, heal, evaluate at several lengths, tabulate, plot.
 
 One source model is loaded and calibrated once; every (variant, kv_fraction) conversion reuses
-the calibration statistics, and the reference's logits are computed once and memoised. Every
+the calibration statistics (and the original's attention inputs, for the sequential pass), and
+the reference's scores are computed once and kept (:class:`~mlakit.eval.metrics.ScoreMemo`). Every
 row is scored on every genre of the evaluation text at every context length (default 512 and
 4096 tokens: conversions that hold at 512 can collapse at 4096), and greedily continues one long
 real-text prompt beside the original, so a model that answers with blank lines is flagged even
@@ -26,7 +27,7 @@ import torch
 from mlakit.convert.convert import ConversionConfig, calibrate, convert_calibrated
 from mlakit.convert.heal import HealConfig, heal, heal_windows
 from mlakit.errors import MlakitError
-from mlakit.eval.metrics import greedy_agreement
+from mlakit.eval.metrics import ScoreMemo, greedy_agreement
 from mlakit.eval.models import ScoredModel, from_hf
 from mlakit.eval.run import DEFAULT_LENGTHS, check_lengths, evaluate_models
 from mlakit.text.corpus import Corpus, default_corpus, files_corpus, genre_windows
@@ -117,19 +118,6 @@ class TradeoffConfig:
             raise MlakitError(f"generation_prompt={self.generation_prompt} must be >= 0 (0 skips the check)")
 
 
-class Memo:
-    """Memoise a logits function by the exact tokens it is called on (the reference, here)."""
-
-    def __init__(self, fn: Any) -> None:
-        self.fn, self.store = fn, {}  # type: ignore[var-annotated]
-
-    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        key = (tuple(tokens.shape), tokens.numpy().tobytes())
-        if key not in self.store:
-            self.store[key] = self.fn(tokens)
-        return self.store[key]
-
-
 def _generation_prompt(corpus: Corpus, tokenizer: Any, length: int) -> tuple[str, torch.Tensor] | None:
     """``(genre, [1, length] ids)``: the start of the evaluation text of the preferred genre that has enough."""
     names = {c.genre for c in corpus.genres}
@@ -199,16 +187,18 @@ def run_tradeoff(
     t0 = time.time()
     eval_corpus = files_corpus(list(cfg.texts)) if cfg.texts else default_corpus("evaluation")
     cal_corpus = files_corpus(list(cfg.calibration_texts)) if cfg.calibration_texts else None
+    jobs = [(v, f, _conversion(cfg, v, f)) for v, f in _jobs(cfg)]
     cal = calibrate(
         cfg.model,
         windows=cfg.calibration_windows,
         seq_len=cfg.calibration_seq_len,
         corpus=cal_corpus,
+        keep_inputs=max((c.sequential_inputs() for _, _, c in jobs), default=0),
         progress=progress,
     )
     hf, tokenizer = cal.loaded.model, cal.loaded.tokenizer
     plain = from_hf(hf, tokenizer, cfg.model)
-    source = dataclasses.replace(plain, logits=Memo(plain.logits))
+    source = dataclasses.replace(plain, logits=ScoreMemo(plain.logits))
     lengths = check_lengths(cfg.lengths, [source])
     if cfg.heal.seq_len > (source.max_seq_len or cfg.heal.seq_len):
         raise MlakitError(f"heal seq_len={cfg.heal.seq_len} exceeds the model's context ({source.max_seq_len})")
@@ -220,7 +210,6 @@ def run_tradeoff(
     orig_bytes = source.kv_bytes_per_token(cfg.cache_dtype)
     bpe = orig_bytes // source.kv_elements_per_token
     rows: list[dict[str, Any]] = []
-    jobs = [(v, f, _conversion(cfg, v, f)) for v, f in _jobs(cfg)]
     healed_later = {c for v, _, c in jobs if v.heal}
     unhealed: dict[ConversionConfig, Any] = {}
     for variant, frac, conv in tqdm(jobs, desc="tradeoff", disable=not progress):

@@ -63,3 +63,19 @@ def test_sequential_defaults() -> None:
     assert ConversionConfig(rope="full").resolved_sequential()
     assert not ConversionConfig(rope="decoupled").resolved_sequential()
     assert ConversionConfig(rope="decoupled", sequential=True).resolved_sequential()
+
+
+def test_calibration_keeps_the_inputs_a_second_pass_would_compute(tiny_llama) -> None:  # type: ignore[no-untyped-def]
+    # calibrate(keep_inputs=k) hands the sequential pass the original model's attention inputs
+    # from its own pass: equal to a separate pass of the original, and the conversion equal too
+    cfg = ConversionConfig(kv_fraction=0.25, rope="full", sequential_windows=4)
+    assert cfg.sequential_inputs() == 4 and ConversionConfig(rope="decoupled").sequential_inputs() == 0
+    kept = convert_module.calibrate(str(tiny_llama), tokens=CALIBRATION_TOKENS, config=cfg)
+    plain = convert_module.calibrate(str(tiny_llama), tokens=CALIBRATION_TOKENS, keep_inputs=0)
+    assert list(kept._inputs) == [4] and not plain._inputs
+    ours = kept.original_inputs(4)
+    theirs = plain.original_inputs(4)  # computed by a second pass of the original model
+    assert len(ours) == len(theirs) and all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    a = convert_calibrated(kept, cfg).model.state_dict()
+    b = convert_calibrated(plain, cfg).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

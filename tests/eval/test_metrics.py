@@ -93,3 +93,31 @@ def test_evaluate_matches_a_plain_float64_computation() -> None:
     assert res.perplexity == pytest.approx(math.exp(nll), rel=1e-6)
     assert res.kl == pytest.approx(kl, rel=1e-5)
     assert res.top1_agreement == pytest.approx(agree)
+
+
+def test_score_memo_gives_the_same_numbers_and_runs_the_reference_once() -> None:
+    from mlakit.eval.metrics import ScoreMemo
+
+    gen = torch.Generator().manual_seed(1)
+    vocab = 300
+    table = torch.randn(vocab, vocab, generator=gen)
+    calls: list[int] = []
+
+    def ref(t: torch.Tensor) -> torch.Tensor:
+        calls.append(t.shape[0])
+        return table[t]
+
+    def model(t: torch.Tensor) -> torch.Tensor:
+        return table[t] + 0.3 * torch.sin(table[t] * 7)
+
+    windows = torch.randint(0, vocab, (3, 1500), generator=gen)  # > _ROWS positions per window
+    plain = evaluate(model, windows, reference=ref)
+    memo = ScoreMemo(ref)
+    base = evaluate(memo, windows)  # the reference scored as a model, then reused as reference
+    for _ in range(2):
+        kept = evaluate(model, windows, reference=memo)
+        assert kept == plain  # bit-identical: the same float32 log-probabilities
+    assert base.perplexity == plain.reference_perplexity
+    assert len(calls) == 3 + 3  # the plain run's three batches, then the memo's three, once
+    other = evaluate(model, windows[:, :700], reference=memo)  # new windows (two batches) are scored afresh
+    assert other == evaluate(model, windows[:, :700], reference=ref) and len(calls) == 6 + 2 + 2
