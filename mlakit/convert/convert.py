@@ -578,7 +578,7 @@ def plan_conversion(
     )
     # nothing to correct when no layer is compressed (full RoPE at full rank is exact)
     compressed = any(r < max_latent_rank(spec, has_bias) for r in ranks) or not full
-    sequential = config.resolved_sequential() and config.method == "pca" and compressed
+    sequential = config.sequential_inputs() > 0 and compressed  # the one rule calibrate() also keeps inputs by
     return ConversionPlan(ranks=ranks, recipe=recipe, model=mc, has_bias=has_bias, sequential=sequential)
 
 
