@@ -86,8 +86,9 @@ def as_logits_fn(model: Any) -> LogitsFn:
 
 
 # positions whose log-probabilities are formed at once: [ROWS, V] float32 is 6 MB at V=49152. Small
-# on purpose: temporaries of 200 MB (1,024 rows) are fresh mappings, page-faulted on every operation,
-# and made the scoring of a 4096-token window 3x slower (1.36 s against 0.43 s per 4,096 positions)
+# on purpose: with 1,024 rows (200 MB temporaries, each a fresh allocation) scoring 4,096 positions of
+# random logits took 1.36 s against 0.43 s (microbenchmark, 2 threads); in a whole evaluation of
+# SmolLM2 at 512 + 4096 tokens the gain measured ~5% together with ScoreMemo (BENCHMARKS.md)
 _ROWS = 32
 # positions per forward pass, so batch size shrinks as windows grow (4096-token windows, one at a time)
 _BATCH_TOKENS = 2048
