@@ -13,8 +13,10 @@ The layers, lowest first, and why each sits where it does:
 2. ``rope``, ``layers``, ``paged``, ``native``, ``quant``, ``cache`` — maths and storage the
    attention is built from (RoPE tables, norms/MLP, block pool, C kernels, int8 weights, caches).
 3. ``attention`` — MLA and baseline attention, their backends.
-4. ``model``, ``generate``, ``kv``, and the package root ``mlakit`` (its public names) — the LM,
-   plain generation over it, cache-size arithmetic.
+4. ``model``, ``generate``, ``kv``, ``optim``, and the package root ``mlakit`` (its public names) —
+   the LM, plain generation over it, cache-size arithmetic, and the optimizer, schedule and
+   teacher-fitting loop that training, distillation and healing share (healing, in ``convert``,
+   sits below ``train``).
 5. ``text`` — corpora and tokenizers: text that conversion calibrates on, evaluation scores,
    training learns from and the engine tokenizes, so it sits under all of them.
 6. ``convert``, ``interop`` — make MLA models: from GQA sources (Llama family, GGUF), and to/from
@@ -45,7 +47,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("io", "dtypes", "config", "packaged"),
     ("rope", "layers", "paged", "native", "quant", "cache"),
     ("attention",),
-    ("model", "generate", "kv", "mlakit"),
+    ("model", "generate", "kv", "optim", "mlakit"),
     ("text",),
     ("convert", "interop"),
     ("eval", "engine"),

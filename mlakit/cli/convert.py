@@ -296,5 +296,11 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"  healed in {h['seconds']:.0f} s: relative attention error {sum(b) / len(b):.4f} -> "
             f"{sum(a) / len(a):.4f} (mean over layers)"
+            + (
+                f"; end to end, KL to the source {h['distill_kl_before_after'][0]:.4f} -> "
+                f"{h['distill_kl_before_after'][1]:.4f}"
+                if h.get("distill_kl_before_after")
+                else ""
+            )
         )
     return 0

@@ -80,8 +80,13 @@ def register(sub: Any) -> None:
         help="add the uncalibrated weight-SVD row at the largest fraction (x14 perplexity at 50%% on SmolLM2, "
         "+1.5 min)",
     )
-    heal = p.add_argument_group("healing (the 'decoupled + heal' rows)")
-    add_heal_options(heal, prefix="heal-")  # type: ignore[arg-type]
+    from mlakit.eval.tradeoff import TRADEOFF_HEAL
+
+    heal = p.add_argument_group(
+        "healing (the 'decoupled + heal' rows; lighter than mlakit heal's defaults, to keep the run within 20 "
+        "minutes: --heal-steps 80 --heal-distill-steps 24 gives mlakit heal's own)"
+    )
+    add_heal_options(heal, prefix="heal-", defaults=TRADEOFF_HEAL)  # type: ignore[arg-type]
     p.add_argument("--json", action="store_true", help="print the JSON result instead of the table")
     p.set_defaults(func=run)
 

@@ -17,103 +17,23 @@ SmolLM2-135M).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
-
-import torch
-import torch.nn.functional as F
+from typing import Any
 
 from mlakit.errors import MlakitError
 from mlakit.io import write_dir, write_json
 from mlakit.model import Transformer, is_mlakit_checkpoint
+from mlakit.optim import DistillConfig, fit_to_teacher
 from mlakit.text.corpus import Corpus, default_corpus, files_corpus, token_windows
-from mlakit.train.trainer import adamw, cosine_lr
 
 logger = logging.getLogger(__name__)
 
-TrainParams = Literal["attention", "all"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """A short distillation run.
-
-    Attributes:
-        steps: optimizer steps (upper bound; ``max_minutes`` may stop earlier).
-        batch_size, micro_batch_size: windows per step, and per forward (accumulated).
-        seq_len: tokens per training window.
-        lr, warmup_steps, min_lr_ratio, weight_decay, grad_clip: AdamW with warmup + cosine.
-        alpha: weight of the KL term; ``1 - alpha`` weighs the LM loss.
-        temperature: softening ``T`` of both distributions in the KL term.
-        train_params: ``'attention'`` (only attention weights train) or ``'all'``.
-        bf16: autocast matmuls to bfloat16.
-        eval_windows, eval_seq_len: held-out evaluation before and after (windows per genre, tokens each).
-        max_minutes: stop training after this wall time (``None``: run all steps).
-        seed: data order.
-    """
-
-    steps: int = 100
-    batch_size: int = 4
-    micro_batch_size: int | None = None
-    seq_len: int = 256
-    lr: float = 5e-5
-    warmup_steps: int = 5
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    alpha: float = 0.8
-    temperature: float = 1.0
-    train_params: TrainParams = "attention"
-    bf16: bool = False
-    eval_windows: int = 2
-    eval_seq_len: int = 512
-    max_minutes: float | None = None
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        o = "DistillConfig"
-        for name in ("steps", "batch_size", "seq_len", "eval_windows", "eval_seq_len"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"{o}.{name}={v!r} is invalid: must be a positive integer")
-        mb = self.micro_batch_size
-        if mb is not None and (not isinstance(mb, int) or mb <= 0 or self.batch_size % mb):
-            raise ValueError(f"{o}.micro_batch_size={mb!r} is invalid: must divide batch_size={self.batch_size}")
-        if not self.lr > 0:
-            raise ValueError(f"{o}.lr={self.lr!r} is invalid: must be > 0")
-        if not 0 <= self.alpha <= 1:
-            raise ValueError(f"{o}.alpha={self.alpha!r} is invalid: must lie in [0, 1]")
-        if not self.temperature > 0:
-            raise ValueError(f"{o}.temperature={self.temperature!r} is invalid: must be > 0")
-        if self.train_params not in ("attention", "all"):
-            raise ValueError(f"{o}.train_params={self.train_params!r} is invalid: 'attention' or 'all'")
-        if self.max_minutes is not None and not self.max_minutes > 0:
-            raise ValueError(f"{o}.max_minutes={self.max_minutes!r} is invalid: must be > 0 or None")
-
-
-def distill_loss(
-    student: torch.Tensor, teacher: torch.Tensor, tokens: torch.Tensor, alpha: float, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(loss, kl, lm)`` for logits ``student, teacher [B, T, V]`` of ``tokens [B, T]``.
-
-    ``kl`` is ``T^2 KL(teacher || student)`` per token over all T positions; ``lm`` is the
-    next-token cross entropy over positions ``0..T-2``.
-    """
-    s = student.float()
-    log_p_s = F.log_softmax(s / temperature, dim=-1)  # [B, T, V]
-    log_p_t = F.log_softmax(teacher.float() / temperature, dim=-1)  # [B, T, V]
-    kl = F.kl_div(log_p_s.flatten(0, 1), log_p_t.flatten(0, 1), log_target=True, reduction="batchmean")
-    kl = kl * temperature**2
-    lm = F.cross_entropy(s[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
-    return alpha * kl + (1 - alpha) * lm, kl.detach(), lm.detach()
 
 
 @dataclass(frozen=True)
@@ -132,12 +52,6 @@ class DistillResult:
         d = dataclasses.asdict(self)
         d["out"] = str(self.out)
         return d
-
-
-def _trainable(model: Transformer, which: TrainParams) -> list[torch.nn.Parameter]:
-    for name, p in model.named_parameters():
-        p.requires_grad_(which == "all" or ".attn." in name)
-    return [p for p in model.parameters() if p.requires_grad]
 
 
 def distill(
@@ -167,8 +81,6 @@ def distill(
         MlakitError: unreadable models, vocabularies that differ, no tokenizer, too little text,
             or ``out`` exists without ``overwrite``.
     """
-    from tqdm.auto import tqdm
-
     from mlakit.eval.models import ScoredModel, open_model
     from mlakit.eval.run import evaluate_models
 
@@ -216,48 +128,7 @@ def distill(
     windows = token_windows(train_corpus, tokenizer, num_windows=c.steps * c.batch_size, seq_len=c.seq_len)
     if len(windows) < c.batch_size:
         raise MlakitError(f"{train_corpus.name}: {len(windows)} windows of {c.seq_len} tokens, fewer than one batch")
-    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(c.seed))
-    params = _trainable(model, c.train_params)
-    optimizer = adamw(model, c.lr, (0.9, 0.95), c.weight_decay)
-    micro = c.micro_batch_size or c.batch_size
-    n_micro = c.batch_size // micro
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if c.bf16 else contextlib.nullcontext()
-    losses: list[tuple[int, float, float, float]] = []
-    start = time.perf_counter()
-    step = 0
-    bar = tqdm(total=c.steps, disable=not progress, desc="distill", unit="step")
-    model.train()
-    while step < c.steps:
-        if c.max_minutes is not None and time.perf_counter() - start > 60 * c.max_minutes:
-            logger.info("stopping after %.1f minutes (max_minutes)", c.max_minutes)
-            break
-        first = (step * c.batch_size) % (len(windows) - c.batch_size + 1)
-        batch = windows[order[first : first + c.batch_size]]  # [B, T]
-        totals = torch.zeros(3)
-        for chunk in batch.split(micro):
-            with torch.no_grad(), autocast:
-                t_logits = teacher_m.logits(chunk)
-            with autocast:
-                s_logits = model(chunk)
-            loss, kl, lm = distill_loss(s_logits, t_logits, chunk, c.alpha, c.temperature)
-            (loss / n_micro).backward()
-            totals += torch.stack((loss.detach(), kl, lm)) / n_micro
-        if c.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, c.lr, c.warmup_steps, c.steps, c.min_lr_ratio)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        loss_v, kl_v, lm_v = (float(x) for x in totals)
-        losses.append((step, loss_v, kl_v, lm_v))
-        elapsed = time.perf_counter() - start
-        bar.update(1)
-        bar.set_postfix(
-            loss=f"{totals[0]:.3f}", kl=f"{totals[1]:.3f}", tok_s=f"{step * c.batch_size * c.seq_len / elapsed:.0f}"
-        )
-    bar.close()
-    seconds = time.perf_counter() - start
+    step, seconds, losses = fit_to_teacher(model, teacher_m.logits, windows, c, progress=progress)
     after = evaluate_now("after")
     logger.info("after: perplexity %.3f (teacher %.3f)", after["perplexity"], after["reference_perplexity"])
     result = DistillResult(before, after, step, step * c.batch_size * c.seq_len, seconds, tuple(losses), out_dir)

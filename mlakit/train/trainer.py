@@ -24,7 +24,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import random
 import time
@@ -46,6 +45,7 @@ from mlakit.config import ModelConfig
 from mlakit.errors import MlakitError
 from mlakit.io import read_json_lines, remove_dir, sweep, write_dir, write_text
 from mlakit.model import WEIGHTS_FILE, Transformer, fill_tied_head
+from mlakit.optim import adamw, cosine_lr
 from mlakit.train.data import TokenDataset, epoch_order
 
 logger = logging.getLogger(__name__)
@@ -129,15 +129,6 @@ class TrainConfig:
         return d
 
 
-def cosine_lr(step: int, lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
-    """Learning rate of update ``step`` (0-based): linear warmup to ``lr``, cosine to ``lr * min_lr_ratio``."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    low = lr * min_lr_ratio
-    return low + 0.5 * (lr - low) * (1.0 + math.cos(math.pi * progress))
-
-
 def lr_at(step: int, config: TrainConfig) -> float:
     """:func:`cosine_lr` with ``config``'s schedule."""
     return cosine_lr(step, config.lr, config.warmup_steps, config.max_steps, config.min_lr_ratio)
@@ -206,15 +197,6 @@ def set_recompute_kv(model: nn.Module, enabled: bool) -> int:
             m.recompute_kv = enabled
             n += 1
     return n
-
-
-def adamw(model: nn.Module, lr: float, betas: tuple[float, float], weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (dim >= 2) only."""
-    params = {id(p): p for p in model.parameters() if p.requires_grad}.values()
-    decay = [p for p in params if p.dim() >= 2]
-    other = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=True)
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -33,8 +33,13 @@ TINY_SOURCE: dict[str, int] = dict(
 )
 
 
-def make_hf_model(path: Path, kind: str = "llama", *, seed: int = 0, bias_std: float = 0.5) -> Path:
-    """Save a 2-layer GQA model (4 heads, 2 KV heads, head dim 16, hidden 96) with a tokenizer."""
+def make_hf_model(
+    path: Path, kind: str = "llama", *, seed: int = 0, bias_std: float = 0.5, head_scale: float = 1.0
+) -> Path:
+    """Save a 2-layer GQA model (4 heads, 2 KV heads, head dim 16, hidden 96) with a tokenizer.
+
+    ``head_scale`` multiplies the output head: a random model's next-token distributions are
+    nearly uniform, too flat for a test of a fit to them to see anything."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
@@ -57,6 +62,7 @@ def make_hf_model(path: Path, kind: str = "llama", *, seed: int = 0, bias_std: f
         for name, p in model.named_parameters():
             if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
+        model.lm_head.weight.mul_(head_scale)
     model.save_pretrained(path)
     _byte_tokenizer(256).save_pretrained(path)
     return path

@@ -128,6 +128,7 @@ def test_cli_heal_bad_inputs(tiny_llama: Path, tmp_path: Path, capsys: pytest.Ca
         (["--model", str(conv), "--out", str(tmp_path / "o2"), "--heal-seq-len", "1"], "unrecognized"),
         (["--model", str(conv), "--out", str(tmp_path / "o3"), "--seq-len", "4096"], "context"),
         (["--model", str(conv), "--out", str(tmp_path / "o4"), "--steps", "0"], "steps"),
+        (["--model", str(conv), "--out", str(tmp_path / "o5"), "--distill-steps", "-1"], "distill_steps"),
         (["--model", str(conv), "--out", str(conv)], "already exists"),
     ]
     for argv, message in cases:
@@ -135,7 +136,7 @@ def test_cli_heal_bad_inputs(tiny_llama: Path, tmp_path: Path, capsys: pytest.Ca
             assert main(["heal", *argv]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (argv, err)
-    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 6))
     assert (conv / "model.safetensors").is_file()  # --out refused: the existing checkpoint is untouched
 
 
@@ -145,9 +146,11 @@ def test_cli_heal_writes_a_healed_checkpoint(tiny_llama: Path, tmp_path: Path) -
     conv, healed = tmp_path / "conv", tmp_path / "healed"
     assert main(["convert", "--model", str(tiny_llama), "--out", str(conv), "--kv-fraction", "0.25"]) == 0
     argv = ["heal", "--model", str(conv), "--out", str(healed), "--steps", "3", "--seq-len", "128"]
+    argv += ["--distill-steps", "2", "--distill-seq-len", "128"]
     assert main([*argv, "--windows", "2"]) == 0  # reference: the source named in conversion.json
     record = json.loads((healed / "conversion.json").read_text())
     assert record["heal"]["reference"] == str(tiny_llama) and len(record["heal"]["relative_error_after"]) == 2
+    assert record["heal"]["distill_steps"] == 2 and len(record["heal"]["distill_kl_before_after"]) == 2
     assert record["kv_lora_ranks"] == json.loads((conv / "conversion.json").read_text())["kv_lora_ranks"]
 
 
@@ -162,6 +165,7 @@ def test_cli_convert_heal_in_one_go(tiny_llama: Path, tmp_path: Path, capsys: py
 
     out = tmp_path / "healed"
     argv = ["convert", "--model", str(tiny_llama), "--out", str(out), "--kv-fraction", "0.25", "--heal"]
+    argv += ["--heal-distill-steps", "2", "--heal-distill-seq-len", "128"]
     assert main([*argv, "--heal-steps", "3", "--heal-seq-len", "128", "--heal-windows", "2"]) == 0
     assert "healed in" in capsys.readouterr().out
     heal = json.loads((out / "conversion.json").read_text())["heal"]

@@ -81,7 +81,7 @@ def test_decoupled_holds_at_4096_once_healed(smollm2) -> None:  # type: ignore[n
     model = convert_calibrated(cal, ConversionConfig(kv_fraction=0.5, rope="decoupled")).model
     assert model.config.attention.qk_rope_head_dim == 48  # the 24 pairs that turn by a radian over 4096 tokens
     before = evaluate(as_logits_fn(model), long).perplexity / reference
-    config = HealConfig(steps=20)
+    config = HealConfig(steps=20, distill_steps=0)  # the local fits alone: minutes, not ten
     heal(model, cal.loaded.model, heal_windows(tok, config), config)
     after = evaluate(as_logits_fn(model), long).perplexity / reference
     assert after < min(before, 2.0)

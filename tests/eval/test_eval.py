@@ -109,6 +109,7 @@ def test_tradeoff_writes_table_plot_and_json(tmp_path: Path, capsys: pytest.Capt
     args = ["tradeoff", "--model", str(src), "--kv-fraction", "1,0.5", "--out", str(out), "--windows", "1"]
     args += ["--lengths", "32", "96", "--calibration-windows", "1", "--generation-prompt", "40"]
     args += ["--heal-steps", "2", "--heal-seq-len", "64", "--heal-windows", "1", "--svd-baseline"]
+    args += ["--heal-distill-steps", "2", "--heal-distill-seq-len", "64"]
     (tmp_path / "eval.txt").write_text("Evaluation prose about caches and attention. " * 40)
     (tmp_path / "cal.txt").write_text("Calibration prose, other words entirely; " * 80)
     args += ["--text", str(tmp_path / "eval.txt"), "--calibration-text", str(tmp_path / "cal.txt")]
@@ -116,6 +117,7 @@ def test_tradeoff_writes_table_plot_and_json(tmp_path: Path, capsys: pytest.Capt
     text = capsys.readouterr().out
     assert "calibration:" in text and "evaluation:" in text and "weight-SVD" in text and "x ppl@96" in text
     assert "cal.txt" in text and "eval.txt" in text
+    assert "heal: 2 local steps per layer + 2 end-to-end steps" in text
     result = json.loads((out / "tradeoff.json").read_text())
     assert (out / "tradeoff.png").stat().st_size > 0
     rows = {(r["variant"], r["kv_fraction"]): r for r in result["rows"]}
