@@ -22,7 +22,7 @@ def register(sub: Any) -> None:
         "/v1/chat/completions (streaming as server-sent events), /v1/models, /health, /metrics (Prometheus). "
         "Requests from all clients share the engine's continuous batch and its paged latent cache. With no "
         "--model it serves the embedded SmolLM2-135M converted to MLA at 50%% of the cache in the absorbable "
-        "form and healed (made on first use, a few minutes, and cached). Binds to 127.0.0.1 unless --host says "
+        "form and healed (made on first use, ~10 minutes, and cached). Binds to 127.0.0.1 unless --host says "
         "otherwise. SIGTERM stops admitting, lets running requests finish for --grace seconds, then exits 0. "
         "--threads: all cores (the default) for throughput under load; all but one for the lowest latency "
         "at low load.",
@@ -59,7 +59,7 @@ def default_model() -> Path:
     if (out / "config.json").is_file():
         print(f"serving the cached default model {out}", flush=True)
         return out
-    print(f"making the default model once (SmolLM2-135M -> MLA at 50%, healed; a few minutes) at {out}", flush=True)
+    print(f"making the default model once (SmolLM2-135M -> MLA at 50%, healed; ~10 minutes) at {out}", flush=True)
     cal = calibrate("smollm2-135m", progress=True)
     result = convert_calibrated(cal, ConversionConfig(kv_fraction=0.5), progress=True)
     heal_recorded(

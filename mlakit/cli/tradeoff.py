@@ -83,8 +83,8 @@ def register(sub: Any) -> None:
     from mlakit.eval.tradeoff import TRADEOFF_HEAL
 
     heal = p.add_argument_group(
-        "healing (the 'decoupled + heal' rows; lighter than mlakit heal's defaults, to keep the run within 20 "
-        "minutes: --heal-steps 80 --heal-distill-steps 24 gives mlakit heal's own)"
+        "healing (the 'decoupled + heal' rows: mlakit heal's per-layer fits without its end-to-end phase, "
+        "to keep the run within 20 minutes; --heal-distill-steps 24 adds it, ~5 minutes per healed row)"
     )
     add_heal_options(heal, prefix="heal-", defaults=TRADEOFF_HEAL)  # type: ignore[arg-type]
     p.add_argument("--json", action="store_true", help="print the JSON result instead of the table")
