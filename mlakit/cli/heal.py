@@ -36,8 +36,8 @@ def add_heal_options(p: argparse.ArgumentParser, *, prefix: str = "", defaults: 
         f"--{prefix}distill-steps",
         type=int,
         default=d.distill_steps,
-        help="then this many steps of end-to-end distillation: all attention weights together towards the "
-        f"original's next-token distribution (KL); 0 skips it (default {d.distill_steps})",
+        help="then this many steps of end-to-end distillation: the --params weights of every layer together, "
+        f"towards the original's next-token distribution (KL); 0 skips it (default {d.distill_steps})",
     )
     p.add_argument(
         f"--{prefix}distill-seq-len",

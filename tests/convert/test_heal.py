@@ -9,8 +9,8 @@ import torch
 
 from mlakit.convert import ConversionConfig, convert_calibrated
 from mlakit.convert.heal import HealConfig, attention_at, heal
-from mlakit.optim import distill_loss
 from mlakit.errors import MlakitError
+from mlakit.optim import distill_loss
 
 TOKENS = torch.randint(0, 256, (2, 96), generator=torch.Generator().manual_seed(3))
 
@@ -106,9 +106,8 @@ def test_a_fit_that_makes_a_layer_worse_is_undone(cal_llama) -> None:  # type: i
 @pytest.fixture(scope="module")
 def cal_sharp(tmp_path_factory):  # type: ignore[no-untyped-def]
     """A tiny source with a scaled-up head: its next-token distributions are far from uniform."""
-    from tests.convert.conftest import CALIBRATION_TOKENS, make_hf_model
-
     from mlakit.convert import calibrate
+    from tests.convert.conftest import CALIBRATION_TOKENS, make_hf_model
 
     return calibrate(str(make_hf_model(tmp_path_factory.mktemp("sharp"), head_scale=30.0)), tokens=CALIBRATION_TOKENS)
 
