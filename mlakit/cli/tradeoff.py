@@ -80,11 +80,13 @@ def register(sub: Any) -> None:
         help="add the uncalibrated weight-SVD row at the largest fraction (x14 perplexity at 50%% on SmolLM2, "
         "+1.5 min)",
     )
+    from mlakit.convert.heal import HealConfig
     from mlakit.eval.tradeoff import TRADEOFF_HEAL
 
     heal = p.add_argument_group(
         "healing (the 'decoupled + heal' rows: mlakit heal's per-layer fits without its end-to-end phase, "
-        "to keep the run within 20 minutes; --heal-distill-steps 24 adds it, ~5 minutes per healed row)"
+        f"to keep the run within 20 minutes; --heal-distill-steps {HealConfig().distill_steps} adds it, "
+        "~5 minutes per healed row)"
     )
     add_heal_options(heal, prefix="heal-", defaults=TRADEOFF_HEAL)  # type: ignore[arg-type]
     p.add_argument("--json", action="store_true", help="print the JSON result instead of the table")

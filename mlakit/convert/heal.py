@@ -254,7 +254,7 @@ def heal(
         with torch.no_grad():
             x = block.attn_norm(hidden)  # [N, T, n]
             target = torch.cat([_hf_attention(reference, i, xw) for xw in x.split(1)])  # [N, T, n]
-        params = [p for name in config.params if hasattr(attn, name) for p in getattr(attn, name).parameters()]
+        params = _chosen(attn, config.params)
         for p in attn.parameters():
             p.requires_grad_(any(p is q for q in params))
         start = {k: v.clone() for k, v in attn.state_dict().items()}
@@ -290,13 +290,7 @@ def heal(
         dc = config.distillation(next(model.parameters()).device)
         probe_window = tokens[:1, -dc.seq_len :]  # fixed, so before and after compare (may overlap training text)
         before = _kl(model, reference, probe_window, dc.bf16)
-        chosen = [
-            p
-            for block in model.layers
-            for name in config.params
-            if hasattr(block.attn, name)
-            for p in getattr(block.attn, name).parameters()
-        ]
+        chosen = [p for block in model.layers for p in _chosen(block.attn, config.params)]
         result.distill_steps, result.distill_seconds, _ = fit_to_teacher(
             model,
             lambda t: reference(t).logits,
@@ -318,6 +312,11 @@ def heal(
         p.requires_grad_(flag)
     result.seconds = time.time() - t0
     return result
+
+
+def _chosen(attn: Any, names: tuple[str, ...]) -> list[torch.nn.Parameter]:
+    """The parameters of ``attn``'s weights named in ``names`` (those it has): what healing fits."""
+    return [p for name in names if hasattr(attn, name) for p in getattr(attn, name).parameters()]
 
 
 def _kl(model: Transformer, reference: Any, tokens: torch.Tensor, bf16: bool) -> float:
@@ -343,12 +342,14 @@ def heal_windows(tokenizer: Any, config: HealConfig, corpus: Corpus | None = Non
     return token_windows(corpus, tokenizer, num_windows=config.windows, seq_len=config.seq_len)
 
 
-def distill_windows(tokenizer: Any, config: HealConfig, corpus: Corpus | None = None) -> torch.Tensor:
+def distill_windows(tokenizer: Any, config: HealConfig, corpus: Corpus | None = None) -> torch.Tensor | None:
     """``[M, S]`` windows for the end-to-end phase: ``distill_steps x distill_batch`` windows of
     ``distill_seq_len`` tokens of ``corpus`` (default: the calibration side of the built-in genre
-    mix), each seen once."""
+    mix), each seen once; ``None`` when the phase is off (``distill_steps == 0``)."""
+    if not config.distill_steps:
+        return None
     corpus = corpus or default_corpus("calibration")
-    n = max(1, config.distill_steps) * config.distill_batch
+    n = config.distill_steps * config.distill_batch
     return token_windows(corpus, tokenizer, num_windows=n, seq_len=config.distill_seq_len)
 
 
@@ -366,7 +367,7 @@ def heal_recorded(
     """Heal ``model`` in place against the Hugging Face ``reference`` on :func:`heal_windows`, and
     note how in ``record["heal"]`` (the ``conversion.json`` of the checkpoint that will be written)."""
     windows = heal_windows(tokenizer, config, corpus)
-    extra = distill_windows(tokenizer, config, corpus) if config.distill_steps else None
+    extra = distill_windows(tokenizer, config, corpus)
     result = heal(model, reference, windows, config, distill_tokens=extra, progress=progress)
     record["heal"] = {"reference": reference_name, "config": dataclasses.asdict(config), **result.to_dict()}
     return result

@@ -238,8 +238,8 @@ def run_tradeoff(
             unhealed[conv] = res
         if variant.heal:
             if heal_tokens is None:
-                extra = distill_windows(tokenizer, cfg.heal, cal_corpus) if cfg.heal.distill_steps else None
-                heal_tokens = (heal_windows(tokenizer, cfg.heal, cal_corpus), extra)
+                local = heal_windows(tokenizer, cfg.heal, cal_corpus)
+                heal_tokens = (local, distill_windows(tokenizer, cfg.heal, cal_corpus))
             healed = heal(res.model, hf, heal_tokens[0], cfg.heal, distill_tokens=heal_tokens[1], progress=progress)
             row["heal_seconds"] = round(healed.seconds, 1)
         scores = evaluate_models(
