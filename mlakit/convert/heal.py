@@ -81,9 +81,10 @@ class HealConfig:
             (0: off).
         distill_seq_len, distill_batch: tokens per window and windows per step of that phase.
         distill_lr: its peak learning rate (2 warm-up steps, cosine to a tenth).
-        distill_bf16: autocast its matmuls to bfloat16; ``None`` (default): where the device has
-            bf16 arithmetic (CPUs with AVX512-BF16 or AMX, GPUs), which makes a step ~1.5x faster
-            here with the same result.
+        bf16: autocast the matmuls of both phases to bfloat16 (targets, probes and the running
+            activations stay fp32); ``None`` (default): where the device has bf16 arithmetic
+            (CPUs with AVX512-BF16 or AMX, GPUs), which makes a step ~1.5x faster here with the
+            same result.
     """
 
     windows: int = 4
@@ -97,7 +98,7 @@ class HealConfig:
     distill_seq_len: int = 1024
     distill_batch: int = 2
     distill_lr: float = 6e-5
-    distill_bf16: bool | None = None
+    bf16: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("windows", "seq_len", "steps", "query_tokens", "distill_seq_len", "distill_batch"):
@@ -113,12 +114,15 @@ class HealConfig:
         if bad or not self.params:
             raise MlakitError(f"HealConfig.params={self.params!r} is invalid: choose from {', '.join(HEALABLE)}")
 
+    def use_bf16(self, device: torch.device | None = None) -> bool:
+        """Whether the fits run under bf16 autocast on ``device`` (default the CPU)."""
+        if self.bf16 is not None:
+            return self.bf16
+        return (device is not None and device.type != "cpu") or has_bf16_arithmetic()
+
     def distillation(self, device: torch.device | None = None) -> DistillConfig:
         """The end-to-end phase as a :class:`mlakit.optim.DistillConfig` (KL only; bf16 resolved
         for ``device``, default the CPU). :func:`heal` narrows its trainable weights to ``params``."""
-        bf16 = self.distill_bf16
-        if bf16 is None:
-            bf16 = (device is not None and device.type != "cpu") or has_bf16_arithmetic()
         return DistillConfig(
             steps=max(1, self.distill_steps),
             batch_size=self.distill_batch,
@@ -128,7 +132,7 @@ class HealConfig:
             warmup_steps=2,
             alpha=1.0,
             train_params="attention",
-            bf16=bf16,
+            bf16=self.use_bf16(device),
             seed=self.seed,
         )
 
@@ -144,6 +148,7 @@ class HealResult:
     distill_steps: int = 0
     distill_seconds: float = 0.0
     distill_kl: tuple[float, float] | None = None  # KL(reference || model) on a probe window, before/after
+    bf16: bool = False  # whether the steps ran under bf16 autocast (HealConfig.bf16 resolved)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -154,6 +159,7 @@ class HealResult:
             "distill_steps": self.distill_steps,
             "distill_seconds": round(self.distill_seconds, 1),
             "distill_kl_before_after": None if self.distill_kl is None else [round(v, 4) for v in self.distill_kl],
+            "bf16": self.bf16,
         }
 
 
@@ -245,6 +251,9 @@ def heal(
     reference.train(False)
     with torch.no_grad():
         hidden = model.embed_tokens(tokens).float()  # [N, T, n]
+    device = next(model.parameters()).device
+    result.bf16 = config.use_bf16(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=result.bf16)
     bar = tqdm(total=mc.num_layers * config.steps, desc="heal", disable=not progress, leave=False)
     for i, block in enumerate(model.layers):
         assert isinstance(block, Block)
@@ -266,7 +275,9 @@ def heal(
         for step in range(config.steps):
             w = step % x.shape[0]
             idx = _sample_queries(x.shape[1], config.query_tokens, gen)
-            loss = _relative_error(attention_at(attn, x[w : w + 1], idx), target[w : w + 1, idx])
+            with autocast:
+                pred = attention_at(attn, x[w : w + 1], idx)
+            loss = _relative_error(pred.float(), target[w : w + 1, idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -287,7 +298,7 @@ def heal(
         logger.info("heal layer %d: relative error %.4f -> %.4f", i, result.before[-1], result.after[-1])
     bar.close()
     if config.distill_steps:
-        dc = config.distillation(next(model.parameters()).device)
+        dc = config.distillation(device)
         probe_window = tokens[:1, -dc.seq_len :]  # fixed, so before and after compare (may overlap training text)
         before = _kl(model, reference, probe_window, dc.bf16)
         chosen = [p for block in model.layers for p in _chosen(block.attn, config.params)]

@@ -146,11 +146,12 @@ def test_cli_heal_writes_a_healed_checkpoint(tiny_llama: Path, tmp_path: Path) -
     conv, healed = tmp_path / "conv", tmp_path / "healed"
     assert main(["convert", "--model", str(tiny_llama), "--out", str(conv), "--kv-fraction", "0.25"]) == 0
     argv = ["heal", "--model", str(conv), "--out", str(healed), "--steps", "3", "--seq-len", "128"]
-    argv += ["--distill-steps", "2", "--distill-seq-len", "128"]
+    argv += ["--distill-steps", "2", "--distill-seq-len", "128", "--precision", "fp32"]
     assert main([*argv, "--windows", "2"]) == 0  # reference: the source named in conversion.json
     record = json.loads((healed / "conversion.json").read_text())
     assert record["heal"]["reference"] == str(tiny_llama) and len(record["heal"]["relative_error_after"]) == 2
     assert record["heal"]["distill_steps"] == 2 and len(record["heal"]["distill_kl_before_after"]) == 2
+    assert record["heal"]["config"]["bf16"] is False and record["heal"]["bf16"] is False  # --precision fp32
     assert record["kv_lora_ranks"] == json.loads((conv / "conversion.json").read_text())["kv_lora_ranks"]
 
 
@@ -171,6 +172,10 @@ def test_cli_convert_heal_in_one_go(tiny_llama: Path, tmp_path: Path, capsys: py
     heal = json.loads((out / "conversion.json").read_text())["heal"]
     assert len(heal["relative_error_before"]) == len(heal["relative_error_after"]) == 2
     assert heal["config"]["steps"] == 3 and heal["reference"] == str(tiny_llama)  # same record as `mlakit heal`
+    assert heal["config"]["bf16"] is None  # --heal-precision auto: resolved per device when healing
+    from mlakit.quant import has_bf16_arithmetic
+
+    assert heal["bf16"] is has_bf16_arithmetic()
     assert all(a <= b for a, b in zip(heal["relative_error_after"], heal["relative_error_before"]))
 
 

@@ -63,6 +63,24 @@ def test_heal_lowers_attention_error_on_held_out_text(cal_llama) -> None:  # typ
     assert layer0_error() < 0.95 * before
 
 
+def test_bf16_local_fits_match_fp32(cal_llama) -> None:  # type: ignore[no-untyped-def]
+    # the fast path (matmuls under bf16 autocast, picked where the CPU has bf16 arithmetic) against
+    # the fp32 reference: the same fit to within bf16's rounding, and a fit at all
+    tokens = torch.randint(0, 256, (8, 96), generator=torch.Generator().manual_seed(3))
+    results = {}
+    for bf16 in (False, True):
+        config = HealConfig(windows=8, seq_len=96, steps=30, lr=1e-3, query_tokens=48, distill_steps=0, bf16=bf16)
+        results[bf16] = heal(_lossy(cal_llama), cal_llama.loaded.model, tokens, config)
+    ref, fast = results[False], results[True]
+    assert fast.before[0] == pytest.approx(ref.before[0], rel=1e-6)  # probes are fp32 in both
+    # later layers start from the inputs the (slightly different) healed layers below produce
+    assert fast.before == pytest.approx(ref.before, rel=0.05)
+    assert fast.after != ref.after  # the bf16 path did run
+    for a, b, before in zip(fast.after, ref.after, ref.before):
+        assert a < 0.8 * before
+        assert a == pytest.approx(b, rel=0.1, abs=1e-3)
+
+
 def test_heal_only_touches_the_chosen_weights(cal_llama) -> None:  # type: ignore[no-untyped-def]
     model = _lossy(cal_llama)
     snap = {k: v.clone() for k, v in model.state_dict().items()}
@@ -127,7 +145,7 @@ def test_the_end_to_end_phase_fits_the_source_distribution(cal_sharp) -> None:  
             query_tokens=48,
             distill_steps=distill_steps,
             distill_lr=1e-3,
-            distill_bf16=False,
+            bf16=False,
         )
         heal(model, ref, local, config, distill_tokens=end_to_end)
         with torch.no_grad():  # KL(source || model) on the end-to-end windows
