@@ -95,7 +95,7 @@ def register(sub: Any) -> None:
         "distillation fits all attention weights together to the original's next-token distribution, "
         "which the local fits cannot see. Both run in bf16 where the CPU has bf16 arithmetic. The shapes, cache and "
         "export format do not change. Measured on SmolLM2-135M: at 50% cache the defaults (7 minutes); at 25%, "
-        "convert with --allocation sensitivity and heal with --distill-steps 44 (10 minutes). See docs/conversion.md.",
+        "convert with --allocation sensitivity and heal with --distill-steps 40 (10 minutes). See docs/conversion.md.",
     )
     p.add_argument("--model", required=True, help="mlakit checkpoint made by `mlakit convert`")
     p.add_argument(
