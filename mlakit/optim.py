@@ -9,7 +9,6 @@ import it. Shapes: B windows per step, T tokens per window, V vocabulary.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -81,6 +80,12 @@ class DistillConfig:
             raise ValueError(f"{o}.train_params={self.train_params!r} is invalid: 'attention' or 'all'")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"{o}.max_minutes={self.max_minutes!r} is invalid: must be > 0 or None")
+
+
+def bf16_autocast(device: torch.device, enabled: bool) -> torch.autocast:
+    """Autocast of matmuls to bfloat16 on ``device`` when ``enabled`` (weights, optimizer state and
+    anything computed outside stay fp32); the one switch training, distillation and healing share."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def cosine_lr(step: int, lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -161,7 +166,7 @@ def fit_to_teacher(
     micro = c.micro_batch_size or c.batch_size
     n_micro = c.batch_size // micro
     device = next(model.parameters()).device
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if c.bf16 else contextlib.nullcontext()
+    autocast = bf16_autocast(device, c.bf16)
     losses: list[tuple[int, float, float, float]] = []
     start = time.perf_counter()
     step = 0

@@ -8,6 +8,9 @@ from typing import Any
 
 from mlakit.errors import MlakitError
 
+#: ``--precision`` choices and the ``HealConfig.bf16`` each stands for (``None``: by the device).
+PRECISIONS: dict[str, bool | None] = {"auto": None, "bf16": True, "fp32": False}
+
 
 def add_heal_options(p: argparse.ArgumentParser, *, prefix: str = "", defaults: Any = None) -> None:
     """The healing knobs (shared by ``mlakit heal``, ``mlakit convert --heal`` and ``mlakit
@@ -59,8 +62,8 @@ def add_heal_options(p: argparse.ArgumentParser, *, prefix: str = "", defaults: 
     )
     p.add_argument(
         f"--{prefix}precision",
-        choices=("auto", "bf16", "fp32"),
-        default={None: "auto", True: "bf16", False: "fp32"}[d.bf16],
+        choices=tuple(PRECISIONS),
+        default=next(k for k, v in PRECISIONS.items() if v is d.bf16),
         help="matmul precision of both phases' steps: auto = bf16 autocast where the CPU has bf16 arithmetic "
         "(AVX512-BF16 or AMX; ~1.5x faster, same result), fp32 elsewhere (default auto)",
     )
@@ -80,7 +83,7 @@ def heal_config(args: argparse.Namespace, *, prefix: str = "") -> Any:
         distill_seq_len=getattr(args, f"{p}distill_seq_len"),
         distill_batch=getattr(args, f"{p}distill_batch"),
         distill_lr=getattr(args, f"{p}distill_lr"),
-        bf16={"auto": None, "bf16": True, "fp32": False}[getattr(args, f"{p}precision")],
+        bf16=PRECISIONS[getattr(args, f"{p}precision")],
     )
 
 

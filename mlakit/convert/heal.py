@@ -51,7 +51,7 @@ from mlakit.attention.common import position_mask
 from mlakit.attention.mla import MultiHeadLatentAttention
 from mlakit.errors import MlakitError
 from mlakit.model import Block, Transformer
-from mlakit.optim import DistillConfig, distill_loss, fit_to_teacher
+from mlakit.optim import DistillConfig, bf16_autocast, distill_loss, fit_to_teacher
 from mlakit.quant import has_bf16_arithmetic
 from mlakit.text.corpus import Corpus, default_corpus, token_windows
 
@@ -253,7 +253,7 @@ def heal(
         hidden = model.embed_tokens(tokens).float()  # [N, T, n]
     device = next(model.parameters()).device
     result.bf16 = config.use_bf16(device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=result.bf16)
+    autocast = bf16_autocast(device, result.bf16)
     bar = tqdm(total=mc.num_layers * config.steps, desc="heal", disable=not progress, leave=False)
     for i, block in enumerate(model.layers):
         assert isinstance(block, Block)
@@ -333,7 +333,7 @@ def _chosen(attn: Any, names: tuple[str, ...]) -> list[torch.nn.Parameter]:
 def _kl(model: Transformer, reference: Any, tokens: torch.Tensor, bf16: bool) -> float:
     """KL(reference || model) per token on ``tokens [1, T]``."""
     model.train(False)
-    with torch.no_grad(), torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=bf16):
+    with torch.no_grad(), bf16_autocast(tokens.device, bf16):
         _, kl, _ = distill_loss(model(tokens), reference(tokens).logits, tokens, 1.0, 1.0)
     return float(kl)
 

@@ -45,7 +45,7 @@ from mlakit.config import ModelConfig
 from mlakit.errors import MlakitError
 from mlakit.io import read_json_lines, remove_dir, sweep, write_dir, write_text
 from mlakit.model import WEIGHTS_FILE, Transformer, fill_tied_head
-from mlakit.optim import adamw, cosine_lr
+from mlakit.optim import adamw, bf16_autocast, cosine_lr
 from mlakit.train.data import TokenDataset, epoch_order
 
 logger = logging.getLogger(__name__)
@@ -320,7 +320,7 @@ class Trainer:
             yield w[:, :-1], w[:, 1:]
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        return torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
+        return bf16_autocast(self.dist.device, self.config.bf16)
 
     # -- training ----------------------------------------------------------------------------------
 
