@@ -32,6 +32,28 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+def chat_share(text: str) -> float | None:
+    """An argparse type: the share of windows framed as chat requests, ``auto`` (``None``) or 0..1."""
+    import argparse
+
+    if text == "auto":
+        return None
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected auto or a share between 0 and 1")
+    return v
+
+
+CHAT_HELP = (
+    "share of the windows framed as chat requests through the model's chat template (system prompt at "
+    "position 0, ending at the assistant header), so the conversion keeps answering chats; auto = 0.5 when "
+    "the tokenizer has a chat template, else 0 (default auto)"
+)
+
+
 def device_arg(name: str) -> torch.device:
     """``--device`` as a torch device (``auto``: cuda when present), refusing one this machine does not have."""
     import torch

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mlakit.cli import device_arg
+from mlakit.cli import CHAT_HELP, chat_share, device_arg
 from mlakit.cli.heal import add_heal_options, heal_config
 from mlakit.errors import MlakitError
 
@@ -158,6 +158,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--calibration-windows", type=int, default=32, help="calibration sequences (default 32)")
     p.add_argument("--calibration-seq-len", type=int, default=512, help="tokens per sequence (default 512)")
+    p.add_argument("--calibration-chat", type=chat_share, default=None, metavar="F", help=CHAT_HELP)
     p.add_argument(
         "--dtype",
         choices=("auto", "fp32", "bf16", "fp16"),
@@ -216,6 +217,7 @@ def run(args: argparse.Namespace) -> int:
         fold_qk_norm=args.fold_qk_norm,
         calibration_windows=args.calibration_windows,
         calibration_seq_len=args.calibration_seq_len,
+        calibration_chat=args.calibration_chat,
     )  # validated before the slow load
     hcfg = heal_config(args, prefix="heal-") if args.heal else None
     corpus = files_corpus(args.calibration_text) if args.calibration_text else None

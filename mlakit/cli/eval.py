@@ -67,6 +67,16 @@ def table(r: dict[str, Any]) -> list[str]:
                     f" {_num(s['top1_agreement'], '6.3f')} {_num(s['kl'], '7.4f')}"
                 )
             lines.append(line)
+    chats = [(n, e["chat"]) for n, e in r["lengths"].items() if "chat" in e]
+    if chats:
+        lines.append("")
+        for n, c in chats:
+            line = (
+                f"chat @{n}: answers {c['answers']} of {c['requests']} requests (p end of turn {c['end_of_turn']:.3f})"
+            )
+            if "reference_answers" in c:
+                line += f"; reference {c['reference_answers']} of {c['requests']} ({c['reference_end_of_turn']:.3f})"
+            lines.append(line)
     return lines
 
 
@@ -98,4 +108,9 @@ def run(args: argparse.Namespace) -> int:
     print("\n".join(table(r)))
     if r["reference"]:
         print("ratio = perplexity / reference perplexity; top-1 = argmax agreement; KL(reference || model), nats/token")
+    if any("chat" in e for e in r["lengths"].values()):
+        print(
+            "chat: each genre's first window framed as a request through the chat template; answers = the most "
+            "likely first token is not the end of the turn"
+        )
     return 0

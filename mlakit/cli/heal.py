@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from mlakit.cli import CHAT_HELP, chat_share
 from mlakit.errors import MlakitError
 
 #: ``--precision`` choices and the ``HealConfig.bf16`` each stands for (``None``: by the device).
@@ -60,6 +61,7 @@ def add_heal_options(p: argparse.ArgumentParser, *, prefix: str = "", defaults: 
         default=d.distill_lr,
         help=f"end-to-end peak learning rate (default {d.distill_lr:g})",
     )
+    p.add_argument(f"--{prefix}chat", type=chat_share, default=d.chat, metavar="F", help=CHAT_HELP)
     p.add_argument(
         f"--{prefix}precision",
         choices=tuple(PRECISIONS),
@@ -84,6 +86,7 @@ def heal_config(args: argparse.Namespace, *, prefix: str = "") -> Any:
         distill_batch=getattr(args, f"{p}distill_batch"),
         distill_lr=getattr(args, f"{p}distill_lr"),
         bf16=PRECISIONS[getattr(args, f"{p}precision")],
+        chat=getattr(args, f"{p}chat"),
     )
 
 
@@ -96,7 +99,9 @@ def register(sub: Any) -> None:
         "reproduces the original attention output on the converted model's own activations, over long "
         "calibration windows (so the rotations the decoupled form drops are seen). Then a short end-to-end "
         "distillation fits all attention weights together to the original's next-token distribution, "
-        "which the local fits cannot see. Both run in bf16 where the CPU has bf16 arithmetic. The shapes, cache and "
+        "which the local fits cannot see. Both run in bf16 where the CPU has bf16 arithmetic. For a model with a "
+        "chat template, half of both phases' windows are chat requests (--chat), which keeps it answering long "
+        "requests instead of ending its turn at once. The shapes, cache and "
         "export format do not change. Measured on SmolLM2-135M: at 50% cache the defaults (7 minutes); at 25%, "
         "convert with --allocation sensitivity and heal with --distill-steps 40 (10 minutes). See docs/conversion.md.",
     )

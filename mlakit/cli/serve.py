@@ -12,6 +12,9 @@ from mlakit.cli.generate import add_engine_args, engine_config
 from mlakit.errors import MlakitError
 
 DEFAULT_NAME = "smollm2-135m-mla50"
+# the default model's recipe; part of its cache directory's name, so a changed recipe is remade
+# (2: calibration and heal with chat-framed windows, which keep it answering long requests)
+DEFAULT_RECIPE = 2
 
 
 def register(sub: Any) -> None:
@@ -55,7 +58,7 @@ def default_model() -> Path:
     from mlakit.convert.heal import HealConfig, heal_recorded
     from mlakit.io import cache_dir
 
-    out = cache_dir() / "serve" / DEFAULT_NAME
+    out = cache_dir() / "serve" / f"{DEFAULT_NAME}.r{DEFAULT_RECIPE}"
     if (out / "config.json").is_file():
         print(f"serving the cached default model {out}", flush=True)
         return out

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mlakit.cli import CHAT_HELP, chat_share
 from mlakit.cli.heal import add_heal_options, heal_config
 
 
@@ -61,6 +62,7 @@ def register(sub: Any) -> None:
         "--windows", type=int, default=None, help="evaluation windows per genre (default: 2 at 512, 1 at 4096)"
     )
     p.add_argument("--calibration-windows", type=int, default=32, help="calibration sequences (default 32)")
+    p.add_argument("--calibration-chat", type=chat_share, default=None, metavar="F", help=CHAT_HELP)
     p.add_argument(
         "--generation-prompt",
         type=int,
@@ -104,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         lengths=tuple(args.lengths),
         windows=args.windows,
         calibration_windows=args.calibration_windows,
+        calibration_chat=args.calibration_chat,
         heal=heal_config(args, prefix="heal-"),
         generation_prompt=args.generation_prompt,
         allocation=args.allocation,

@@ -58,7 +58,8 @@ from mlakit.errors import MlakitError
 from mlakit.io import write_dir, write_json
 from mlakit.model import Transformer
 from mlakit.rope import rope_inv_freq
-from mlakit.text.corpus import Corpus, default_corpus, token_windows
+from mlakit.text.chat import mixed_windows
+from mlakit.text.corpus import Corpus, default_corpus
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,11 @@ class ConversionConfig:
             position-free query (needs ``calibrate(..., rotation_windows > 0)``; measured worse,
             off by default).
         calibration_windows / calibration_seq_len: size of the calibration set.
+        calibration_chat: share of the calibration windows framed as chat requests
+            (:mod:`mlakit.text.chat`: system prompt at position 0, ending at the generation
+            prompt). ``None``: 0.5 when the source's tokenizer has a chat template, else 0. An
+            instruct model calibrated on plain text only can keep its perplexity and end every
+            turn at once (docs/conversion.md "Chat").
     """
 
     kv_fraction: float = 0.5
@@ -137,6 +143,7 @@ class ConversionConfig:
     fold_qk_norm: bool = False
     calibration_windows: int = 32
     calibration_seq_len: int = 512
+    calibration_chat: float | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> MlakitError:
@@ -170,6 +177,8 @@ class ConversionConfig:
             raise bad("key_share", "must lie in [0, 1] or be None")
         if not isinstance(self.keep_first_wide, int) or self.keep_first_wide < 0:
             raise bad("keep_first_wide", "must be a non-negative integer")
+        if self.calibration_chat is not None and not 0 <= self.calibration_chat <= 1:
+            raise bad("calibration_chat", "must lie in [0, 1] (the share of windows framed as chat requests)")
         for n in ("calibration_windows", "calibration_seq_len", "sequential_windows"):
             if getattr(self, n) <= 0:
                 raise bad(n, "must be positive")
@@ -333,6 +342,7 @@ def calibrate(
     keep_inputs: int | None = None,
     progress: bool = False,
     config: ConversionConfig | None = None,
+    chat: float | None = None,
 ) -> Calibrated:
     """Load (if needed) and collect calibration statistics.
 
@@ -349,6 +359,9 @@ def calibrate(
             pass, they cost no second pass of the original model (26 s of a full-RoPE conversion
             of SmolLM2 here).
         config: the conversion to come, checked against the source before the calibration pass.
+        chat: share of the corpus windows framed as chat requests (:func:`mlakit.text.chat.frame_windows`);
+            ``None``: ``config.calibration_chat``, and when that is ``None`` too, 0.5 for a
+            tokenizer with a chat template, else 0. Not applied to given ``tokens``.
     """
     from tqdm.auto import tqdm
 
@@ -366,8 +379,9 @@ def calibrate(
         if loaded.tokenizer is None:
             raise MlakitError(f"{loaded.source}: a tokenizer is needed for calibration text")
         corpus = corpus or default_corpus("calibration")
-        tokens = token_windows(corpus, loaded.tokenizer, num_windows=windows, seq_len=seq_len)
-        name = corpus.name
+        if chat is None and config is not None:
+            chat = config.calibration_chat
+        tokens, name = mixed_windows(corpus, loaded.tokenizer, num_windows=windows, seq_len=seq_len, chat=chat)
     else:
         name = "given tokens"
     logger.info("calibrating on %d x %d tokens of %s", tokens.shape[0], tokens.shape[1], name)

@@ -49,7 +49,8 @@ from mlakit.convert.source import CheckpointSource, OriginalLayers, attention_in
 from mlakit.errors import MlakitError
 from mlakit.io import SafetensorsStream, write_dir, write_json
 from mlakit.model import FORMAT, WEIGHTS_FILE, Transformer, save_config
-from mlakit.text.corpus import Corpus, default_corpus, token_windows
+from mlakit.text.chat import mixed_windows
+from mlakit.text.corpus import Corpus, default_corpus
 
 logger = logging.getLogger(__name__)
 
@@ -116,10 +117,13 @@ def convert_checkpoint(
         if src.tokenizer is None:
             raise MlakitError(f"{src.name}: a tokenizer is needed for calibration text")
         corpus = corpus or default_corpus("calibration")
-        tokens = token_windows(
-            corpus, src.tokenizer, num_windows=config.calibration_windows, seq_len=config.calibration_seq_len
+        tokens, corpus_name = mixed_windows(
+            corpus,
+            src.tokenizer,
+            num_windows=config.calibration_windows,
+            seq_len=config.calibration_seq_len,
+            chat=config.calibration_chat,
         )
-        corpus_name = corpus.name
     else:
         corpus_name = "given tokens"
     out_dtype = dtype or src.dtype

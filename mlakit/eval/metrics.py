@@ -129,9 +129,18 @@ class ScoreMemo:
     def __init__(self, fn: LogitsFn) -> None:
         self.fn = fn
         self.store: dict[tuple[tuple[int, ...], bytes], list[_Rows]] = {}
+        self.last: dict[tuple[tuple[Any, ...], bytes], torch.Tensor] = {}
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.fn(tokens)
+
+    def last_probs(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[B, V]`` float32 next-token probabilities at the last position of ``tokens [B, T]``, formed
+        once per distinct ``tokens`` (the chat check of every row of a sweep asks the same requests)."""
+        key = (("last", *tokens.shape), tokens.numpy().tobytes())
+        if key not in self.last:
+            self.last[key] = self.fn(tokens)[:, -1].float().softmax(-1)
+        return self.last[key]
 
     def scored(self, tokens: torch.Tensor) -> list[_Rows]:
         """:func:`_score_rows` of ``tokens [B, T]`` (next-token targets), computed once per distinct ``tokens``."""
@@ -194,6 +203,38 @@ def evaluate(
         kl=kl_sum / count,
         reference_nll=ref_nll_sum / count,
     )
+
+
+@torch.no_grad()
+def answer_check(
+    model: LogitsFn, requests: torch.Tensor, end_of_turn: int, reference: LogitsFn | None = None
+) -> dict[str, Any]:
+    """Does the model answer chat requests, or end its turn at once? (:mod:`mlakit.text.chat`)
+
+    ``requests [N, S]`` end at the generation prompt (the assistant header); at that last position
+    a model that answers puts its weight on a first word, one that declines on ``end_of_turn``.
+    Perplexity on plain text does not see this: SmolLM2's 50% conversions kept x1.08 and ended
+    every long request at once (docs/conversion.md "Chat").
+
+    Returns:
+        ``requests``; ``answers``: how many argmaxes are not ``end_of_turn``; ``end_of_turn``:
+        its mean probability; and the same two as ``reference_answers`` /
+        ``reference_end_of_turn`` when a reference is given.
+    """
+
+    def last(fn: LogitsFn) -> torch.Tensor:  # [N, V] float32 probabilities at each request's last position
+        if isinstance(fn, ScoreMemo):
+            return torch.cat([fn.last_probs(r[None]) for r in requests])
+        return torch.cat([fn(r[None])[:, -1].float().softmax(-1) for r in requests])
+
+    out: dict[str, Any] = {"requests": len(requests)}
+    for key, fn in (("", model), ("reference_", reference)):
+        if fn is None:
+            continue
+        p = last(fn)
+        out[f"{key}answers"] = int((p.argmax(-1) != end_of_turn).sum())
+        out[f"{key}end_of_turn"] = float(p[:, end_of_turn].mean())
+    return out
 
 
 def is_degenerate(ids: Sequence[int], tokenizer: Any) -> bool:

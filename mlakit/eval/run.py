@@ -16,8 +16,9 @@ from typing import Any
 import torch
 
 from mlakit.errors import MlakitError
-from mlakit.eval.metrics import EvalResult, evaluate, pool
+from mlakit.eval.metrics import EvalResult, answer_check, evaluate, pool
 from mlakit.eval.models import ScoredModel, check_compatible, open_model
+from mlakit.text.chat import chat_frame, frame_windows
 from mlakit.text.corpus import Corpus, default_corpus, files_corpus, genre_windows
 
 logger = logging.getLogger(__name__)
@@ -99,7 +100,8 @@ def evaluate_models(
 
     Returns:
         A JSON-able dict. ``lengths`` maps ``str(length)`` to ``{"windows": per genre,
-        "overall": scores, "genres": {genre: scores}}``, where scores are ``windows``, ``tokens``
+        "overall": scores, "genres": {genre: scores}}`` (and ``"chat"``, :func:`_answers`, for a
+        tokenizer with a chat template), where scores are ``windows``, ``tokens``
         (predicted), ``perplexity``, ``reference_perplexity``, ``perplexity_ratio``,
         ``top1_agreement`` and ``kl`` (nats/token, ``KL(reference || model)``), and
         ``overall`` pools every token of that length. The top level repeats the first length's
@@ -148,6 +150,9 @@ def evaluate_models(
             "overall": _scores(pool(list(results.values())), sum(len(t) for t in genre_tokens.values())),
             "genres": {g: _scores(r, len(genre_tokens[g])) for g, r in results.items()},
         }
+        chat = _answers(model, reference, tokenizer, genre_tokens)
+        if chat is not None:
+            grid[str(length)]["chat"] = chat
     bar.close()
     first = grid[str(todo[0])]["overall"]
     out: dict[str, Any] = {
@@ -163,6 +168,24 @@ def evaluate_models(
     }
     out["kv_fraction"] = (out["kv_bytes_per_token"] / out["reference_kv_bytes_per_token"]) if reference else None
     return out
+
+
+def _answers(
+    model: ScoredModel, reference: ScoredModel | None, tokenizer: Any, genre_tokens: dict[str, torch.Tensor]
+) -> dict[str, Any] | None:
+    """:func:`~mlakit.eval.metrics.answer_check` on each genre's first window framed as a chat request
+    of the same length; ``None`` for a tokenizer without a chat template or windows too short to frame."""
+    frame = chat_frame(tokenizer)
+    if frame is None:
+        return None
+    first = torch.stack([t[0] for t in genre_tokens.values()])  # [G, length]
+    try:
+        requests, _ = frame_windows(first, tokenizer, 1.0)
+    except MlakitError as e:
+        logger.info("no chat check: %s", e)
+        return None
+    with torch.no_grad():
+        return answer_check(model.logits, requests, frame.end_of_turn, reference.logits if reference else None)
 
 
 def evaluate_paths(

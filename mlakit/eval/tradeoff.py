@@ -86,6 +86,8 @@ class TradeoffConfig:
         windows: evaluation windows per genre (``None``: ``mlakit eval``'s default per length).
         texts / calibration_texts: the user's evaluation / calibration files (default: the two
             sides of the built-in genre mix).
+        calibration_chat: share of calibration windows framed as chat requests (``None``: 0.5
+            for a tokenizer with a chat template; :mod:`mlakit.text.chat`).
         heal: how the ``heal`` variants are healed (default :data:`TRADEOFF_HEAL`, lighter than
             ``mlakit heal``'s).
         generation_prompt: tokens of real text in the generation check's prompt (0 skips it).
@@ -101,6 +103,7 @@ class TradeoffConfig:
     windows: int | None = None
     calibration_windows: int = 32
     calibration_seq_len: int = 512
+    calibration_chat: float | None = None
     heal: HealConfig = TRADEOFF_HEAL
     generation_prompt: int = 3072
     generation_tokens: int = 32
@@ -204,6 +207,7 @@ def run_tradeoff(
         corpus=cal_corpus,
         keep_inputs=max((c.sequential_inputs() for _, _, c in jobs), default=0),
         progress=progress,
+        chat=cfg.calibration_chat,
     )
     hf, tokenizer = cal.loaded.model, cal.loaded.tokenizer
     plain = from_hf(hf, tokenizer, cfg.model)
@@ -359,6 +363,9 @@ def format_table(result: dict[str, Any]) -> str:
     for n in lengths:
         head += f" {'x ppl@' + str(n):>10} {'top1':>5} {'KL':>6}"
     head += f" {'gen':>4} {'ok':>3}"
+    chat = any("chat" in e for r in result["rows"] for e in r.get("lengths", {}).values())
+    if chat:
+        head += "".join(f" {'chat@' + str(n):>8}" for n in lengths)
     lines.append(head)
     for r in result["rows"]:
         if "error" in r:
@@ -371,11 +378,21 @@ def format_table(result: dict[str, Any]) -> str:
             line += f" {s['perplexity_ratio']:>10.3f} {s['top1_agreement']:>5.3f} {s['kl']:>6.3f}"
         g = r.get("generation")
         line += f" {g['prefix_match']:>4} {'no' if g['degenerate'] else 'yes':>3}" if g else f" {'-':>4} {'-':>3}"
+        if chat:
+            for n in lengths:
+                c = r["lengths"][str(n)].get("chat")
+                line += f" {str(c['answers']) + '/' + str(c['requests']) if c else '-':>8}"
         lines.append(line)
     lines.append("")
     lines.append(
         "x ppl: perplexity / the original's over all genres; top1: agreement with the original's next token; "
         "KL: nats/token; gen: greedy tokens equal to the original's before the first difference; "
         "ok: the continuation is text (not blank or one repeated token)"
+        + (
+            "; chat@n: requests of n tokens (one per genre, through the chat template) the model answers rather "
+            "than ending its turn at once"
+            if chat
+            else ""
+        )
     )
     return "\n".join(lines)
