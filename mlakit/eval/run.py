@@ -27,6 +27,9 @@ DEFAULT_LENGTHS: tuple[int, ...] = (512, 4096)
 # windows per genre at BASE_LENGTH; longer lengths get proportionally fewer (at least one)
 DEFAULT_WINDOWS = 2
 BASE_LENGTH = 512
+# chat-check tokens per length: one request per genre while they fit (512: all four genres; 4096:
+# two). Each request is a forward of the whole window; four at 4096 added ~50 s per row to the tradeoff
+CHAT_TOKENS = 8192
 
 
 def windows_at(length: int, windows: int | None = None) -> int:
@@ -173,12 +176,14 @@ def evaluate_models(
 def _answers(
     model: ScoredModel, reference: ScoredModel | None, tokenizer: Any, genre_tokens: dict[str, torch.Tensor]
 ) -> dict[str, Any] | None:
-    """:func:`~mlakit.eval.metrics.answer_check` on each genre's first window framed as a chat request
-    of the same length; ``None`` for a tokenizer without a chat template or windows too short to frame."""
+    """:func:`~mlakit.eval.metrics.answer_check` on the first window of each genre (of the first
+    ``max(1, CHAT_TOKENS // length)`` genres) framed as a chat request of the same length; ``None``
+    for a tokenizer without a chat template or windows too short to frame."""
     frame = chat_frame(tokenizer)
     if frame is None:
         return None
-    first = torch.stack([t[0] for t in genre_tokens.values()])  # [G, length]
+    length = next(iter(genre_tokens.values())).shape[1]
+    first = torch.stack([t[0] for t in genre_tokens.values()][: max(1, CHAT_TOKENS // length)])  # [R, length]
     try:
         requests, _ = frame_windows(first, tokenizer, 1.0)
     except MlakitError as e:

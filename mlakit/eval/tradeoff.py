@@ -389,8 +389,8 @@ def format_table(result: dict[str, Any]) -> str:
         "KL: nats/token; gen: greedy tokens equal to the original's before the first difference; "
         "ok: the continuation is text (not blank or one repeated token)"
         + (
-            "; chat@n: requests of n tokens (one per genre, through the chat template) the model answers rather "
-            "than ending its turn at once"
+            "; chat@n: requests of n tokens (through the chat template; one per genre, two at 4096) the model "
+            "answers rather than ending its turn at once"
             if chat
             else ""
         )

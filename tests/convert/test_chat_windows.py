@@ -82,8 +82,17 @@ def test_eval_reports_answers_where_windows_hold_a_request(chat_model: Path, tmp
     r = evaluate_models(model, reference, default_corpus("evaluation", genres), lengths=[64, 256])
     assert "chat" not in r["lengths"]["64"]  # the frame and the ask alone take ~100 tokens
     c = r["lengths"]["256"]["chat"]
-    assert c["requests"] == 3 and 0 <= c["answers"] <= 3 and 0 <= c["reference_answers"] <= 3
+    assert c["requests"] == 3 and 0 <= c["answers"] <= 3 and 0 <= c["reference_answers"] <= 3  # 8192 // 256 >= 3 genres
     assert 0 < c["end_of_turn"] < 1 and 0 < c["reference_end_of_turn"] < 1
+
+
+def test_fewer_requests_at_longer_lengths(chat_model: Path, genres, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    import mlakit.eval.run as run
+
+    monkeypatch.setattr(run, "CHAT_TOKENS", 512)  # the default 8192 at 4096 tokens, scaled to this model
+    r = evaluate_models(open_model(str(chat_model)), None, default_corpus("evaluation", genres), lengths=[128, 256])
+    assert [r["lengths"][n]["chat"]["requests"] for n in ("128", "256")] == [3, 2]
+    assert "reference_answers" not in r["lengths"]["256"]["chat"]
 
 
 def test_cli_refuses_a_share_outside_0_1(capsys: pytest.CaptureFixture[str]) -> None:
@@ -94,7 +103,9 @@ def test_cli_refuses_a_share_outside_0_1(capsys: pytest.CaptureFixture[str]) -> 
 
 
 @pytest.mark.parametrize("share, framed", [(None, "2 of 4 windows framed"), ("0", None)])
-def test_cli_convert_records_the_framing(chat_model: Path, tmp_path: Path, share: str | None, framed: str | None) -> None:
+def test_cli_convert_records_the_framing(
+    chat_model: Path, tmp_path: Path, share: str | None, framed: str | None
+) -> None:
     import json
 
     text = tmp_path / "t.txt"
