@@ -85,3 +85,34 @@ def test_decoupled_holds_at_4096_once_healed(smollm2) -> None:  # type: ignore[n
     heal(model, cal.loaded.model, heal_windows(tok, config), config)
     after = evaluate(as_logits_fn(model), long).perplexity / reference
     assert after < min(before, 2.0)
+
+
+def test_chat_framed_calibration_keeps_the_full_form_answering() -> None:
+    """Calibrated on plain text, the 50% full-RoPE form ends its turn at once when asked to summarise
+    the GPL's first 6,000 characters (1,362 tokens; p 0.31, measured); with half of the calibration
+    windows chat-framed (the default) it answers (docs/conversion.md "Chat")."""
+    from pathlib import Path
+
+    from mlakit.eval.metrics import answer_check
+    from mlakit.text.chat import chat_frame
+
+    pytest.importorskip("gguf")
+    gpl = Path("/usr/share/common-licenses/GPL-3")
+    if not gpl.is_file():
+        pytest.skip("no /usr/share/common-licenses/GPL-3")
+    framed = calibrate("smollm2-135m", windows=32, seq_len=512)
+    plain = calibrate(framed.loaded, windows=32, seq_len=512, chat=0.0)
+    tok = framed.loaded.tokenizer
+    frame = chat_frame(tok)
+    assert frame is not None
+    ask = "Summarize the following license in three sentences.\n\n" + gpl.read_text()[:6000]
+    ids = tok.apply_chat_template([{"role": "user", "content": ask}], add_generation_prompt=True, tokenize=True)
+    request = torch.tensor([ids if isinstance(ids, list) else ids["input_ids"]])
+
+    def answers(cal) -> int:  # type: ignore[no-untyped-def]
+        model = convert_calibrated(cal, ConversionConfig(kv_fraction=0.5, rope="full")).model
+        with torch.no_grad():
+            return int(answer_check(model, request, frame.end_of_turn)["answers"])
+
+    assert answers(plain) == 0
+    assert answers(framed) == 1
