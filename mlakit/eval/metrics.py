@@ -129,7 +129,7 @@ class ScoreMemo:
     def __init__(self, fn: LogitsFn) -> None:
         self.fn = fn
         self.store: dict[tuple[tuple[int, ...], bytes], list[_Rows]] = {}
-        self.last: dict[tuple[tuple[Any, ...], bytes], torch.Tensor] = {}
+        self.last: dict[tuple[tuple[int, ...], bytes], torch.Tensor] = {}
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.fn(tokens)
@@ -137,7 +137,7 @@ class ScoreMemo:
     def last_probs(self, tokens: torch.Tensor) -> torch.Tensor:
         """``[B, V]`` float32 next-token probabilities at the last position of ``tokens [B, T]``, formed
         once per distinct ``tokens`` (the chat check of every row of a sweep asks the same requests)."""
-        key = (("last", *tokens.shape), tokens.numpy().tobytes())
+        key = (tuple(tokens.shape), tokens.numpy().tobytes())
         if key not in self.last:
             self.last[key] = self.fn(tokens)[:, -1].float().softmax(-1)
         return self.last[key]

@@ -18,7 +18,7 @@ import torch
 from mlakit.errors import MlakitError
 from mlakit.eval.metrics import EvalResult, answer_check, evaluate, pool
 from mlakit.eval.models import ScoredModel, check_compatible, open_model
-from mlakit.text.chat import chat_frame, frame_windows
+from mlakit.text.chat import ChatFrame, chat_frame, frame_windows
 from mlakit.text.corpus import Corpus, default_corpus, files_corpus, genre_windows
 
 logger = logging.getLogger(__name__)
@@ -131,6 +131,7 @@ def evaluate_models(
     )
     from tqdm.auto import tqdm
 
+    frame = chat_frame(tokenizer)  # None: no chat template, no chat check
     bar = tqdm(total=len(todo) * len(corpus.genres), desc=f"eval {model.name}", disable=not progress)
     grid: dict[str, Any] = {}
     for length in todo:
@@ -153,7 +154,7 @@ def evaluate_models(
             "overall": _scores(pool(list(results.values())), sum(len(t) for t in genre_tokens.values())),
             "genres": {g: _scores(r, len(genre_tokens[g])) for g, r in results.items()},
         }
-        chat = _answers(model, reference, tokenizer, genre_tokens)
+        chat = _answers(model, reference, frame, genre_tokens) if frame is not None else None
         if chat is not None:
             grid[str(length)]["chat"] = chat
     bar.close()
@@ -174,18 +175,15 @@ def evaluate_models(
 
 
 def _answers(
-    model: ScoredModel, reference: ScoredModel | None, tokenizer: Any, genre_tokens: dict[str, torch.Tensor]
+    model: ScoredModel, reference: ScoredModel | None, frame: ChatFrame, genre_tokens: dict[str, torch.Tensor]
 ) -> dict[str, Any] | None:
     """:func:`~mlakit.eval.metrics.answer_check` on the first window of each genre (of the first
     ``max(1, CHAT_TOKENS // length)`` genres) framed as a chat request of the same length; ``None``
-    for a tokenizer without a chat template or windows too short to frame."""
-    frame = chat_frame(tokenizer)
-    if frame is None:
-        return None
+    for windows too short to frame."""
     length = next(iter(genre_tokens.values())).shape[1]
     first = torch.stack([t[0] for t in genre_tokens.values()][: max(1, CHAT_TOKENS // length)])  # [R, length]
     try:
-        requests, _ = frame_windows(first, tokenizer, 1.0)
+        requests, _ = frame_windows(first, frame, 1.0)
     except MlakitError as e:
         logger.info("no chat check: %s", e)
         return None

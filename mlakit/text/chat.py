@@ -55,24 +55,27 @@ class ChatFrame:
         prefix: ids before the user's content (system prompt, user header).
         suffix: ids after it (end of the user turn, the generation prompt).
         end_of_turn: the id that ends a turn, what a model that declines to answer emits first.
+        asks: :data:`ASKS` encoded, each followed by a blank line.
     """
 
     prefix: tuple[int, ...]
     suffix: tuple[int, ...]
     end_of_turn: int
+    asks: tuple[tuple[int, ...], ...]
 
-    def frame(self, ask: list[int], text: torch.Tensor, length: int) -> torch.Tensor:
-        """``prefix + ask + text[:k] + suffix`` of exactly ``length`` ids (``text [>= k]`` int64).
+    def frame(self, i: int, text: torch.Tensor, length: int) -> torch.Tensor:
+        """``prefix + asks[i % len(asks)] + text[:k] + suffix`` of exactly ``length`` ids (``text [>= k]``).
 
         Raises: MlakitError when the frame alone does not leave a token of text.
         """
+        ask = self.asks[i % len(self.asks)]
         k = length - len(self.prefix) - len(ask) - len(self.suffix)
         if k < 1 or text.numel() < k:
             raise MlakitError(
                 f"a chat-framed window of {length} tokens leaves {k} tokens of text (template "
                 f"{len(self.prefix) + len(self.suffix)} + ask {len(ask)}): use longer windows"
             )
-        parts = [torch.tensor(self.prefix + tuple(ask)), text[:k].to(torch.long), torch.tensor(self.suffix)]
+        parts = [torch.tensor(self.prefix + ask), text[:k].to(torch.long), torch.tensor(self.suffix)]
         return torch.cat(parts)
 
 
@@ -106,7 +109,8 @@ def chat_frame(tokenizer: Any) -> ChatFrame | None:
     special = set(getattr(tok, "all_special_ids", ()) or ()) | set(getattr(tok, "added_tokens_decoder", {}) or {})
     eos = getattr(tok, "eos_token_id", None)
     end = suffix[0] if suffix[0] in special or eos is None else int(eos)
-    return ChatFrame(tuple(prefix), tuple(suffix), end)
+    asks = tuple(tuple(_encode(tok, a + "\n\n")) for a in ASKS)
+    return ChatFrame(tuple(prefix), tuple(suffix), end, asks)
 
 
 def framed_rows(n: int, fraction: float, period: int = 1) -> list[int]:
@@ -128,33 +132,32 @@ def framed_rows(n: int, fraction: float, period: int = 1) -> list[int]:
     return rows
 
 
-def frame_windows(windows: torch.Tensor, tokenizer: Any, fraction: float, period: int = 1) -> tuple[torch.Tensor, int]:
+def frame_windows(
+    windows: torch.Tensor, frame: ChatFrame | None, fraction: float, period: int = 1
+) -> tuple[torch.Tensor, int]:
     """``windows [N, S]`` with :func:`framed_rows` of them framed as chat requests of ``S`` tokens.
 
-    Returns ``(windows, how many were framed)``; unchanged (and 0) when the tokenizer has no chat
-    template or ``fraction`` is 0. The input is not modified.
+    Returns ``(windows, how many were framed)``; unchanged (and 0) without a ``frame`` (a tokenizer
+    with no chat template) or with ``fraction`` 0. The input is not modified.
 
     Raises: MlakitError when ``S`` is too short to hold the frame and some text.
     """
-    frame = chat_frame(tokenizer) if fraction > 0 else None
     rows = framed_rows(len(windows), fraction, period) if frame is not None else []
     if frame is None or not rows:
         return windows, 0
-    tok = _hf(tokenizer)
-    asks = [_encode(tok, a + "\n\n") for a in ASKS]
     out = windows.clone()
     for r in rows:
-        out[r] = frame.frame(asks[r % len(asks)], windows[r], windows.shape[1])
+        out[r] = frame.frame(r, windows[r], windows.shape[1])
     return out, len(rows)
 
 
-def resolve_fraction(fraction: float | None, tokenizer: Any) -> float:
-    """``fraction``, or (``None``) :data:`DEFAULT_CHAT_FRACTION` when ``tokenizer`` has a chat template, else 0."""
+def resolve_fraction(fraction: float | None, frame: ChatFrame | None) -> float:
+    """``fraction``, or (``None``) :data:`DEFAULT_CHAT_FRACTION` when there is a chat ``frame``, else 0."""
     if fraction is not None:
         if not 0 <= fraction <= 1:
             raise MlakitError(f"chat fraction {fraction} must lie in [0, 1]")
         return fraction
-    return DEFAULT_CHAT_FRACTION if chat_frame(tokenizer) is not None else 0.0
+    return DEFAULT_CHAT_FRACTION if frame is not None else 0.0
 
 
 def mixed_windows(
@@ -166,6 +169,7 @@ def mixed_windows(
     Returns ``([N, seq_len] ids, a description of the text)`` for records and logs.
     """
     windows = token_windows(corpus, tokenizer, num_windows=num_windows, seq_len=seq_len)
-    framed, n = frame_windows(windows, tokenizer, resolve_fraction(chat, tokenizer), period=len(corpus.genres))
+    frame = chat_frame(tokenizer)
+    framed, n = frame_windows(windows, frame, resolve_fraction(chat, frame), period=len(corpus.genres))
     name = corpus.name + (f", {n} of {len(framed)} windows framed as chat requests" if n else "")
     return framed, name

@@ -50,8 +50,8 @@ def test_frame_cuts_the_template_around_the_user_message() -> None:
 
 def test_no_template_no_frame_and_plain_end_of_turn_falls_back_to_eos() -> None:
     assert chat_frame(_tokenizer(None)) is None
-    assert resolve_fraction(None, _tokenizer(None)) == 0.0
-    assert resolve_fraction(None, _tokenizer(CHATML)) == 0.5
+    assert resolve_fraction(None, chat_frame(_tokenizer(None))) == 0.0
+    assert resolve_fraction(None, chat_frame(_tokenizer(CHATML))) == 0.5
     plain = _tokenizer(CHATML, special=False)  # the markers are ordinary bytes: no special token ends a turn
     frame = chat_frame(plain)
     assert frame is not None and frame.end_of_turn == plain.eos_token_id
@@ -74,7 +74,7 @@ def test_frame_windows_keeps_length_and_the_windows_own_text() -> None:
     frame = chat_frame(tok)
     assert frame is not None
     windows = torch.randint(40, 200, (8, 160))
-    out, n = frame_windows(windows, tok, 0.5, period=4)
+    out, n = frame_windows(windows, frame, 0.5, period=4)
     assert n == 4 and out.shape == windows.shape
     assert torch.equal(windows[0], windows.clone()[0])  # the input is not modified
     rows = framed_rows(8, 0.5, period=4)
@@ -89,9 +89,9 @@ def test_frame_windows_keeps_length_and_the_windows_own_text() -> None:
         assert out[r, len(frame.prefix) : head].tolist() == ask
         assert torch.equal(out[r, head : head + k], windows[r, :k])
         assert out[r, head + k :].tolist() == list(frame.suffix)
-    assert frame_windows(windows, _tokenizer(None), 0.5)[1] == 0
+    assert frame_windows(windows, chat_frame(_tokenizer(None)), 0.5)[1] == 0
     with pytest.raises(MlakitError, match="use longer windows"):
-        frame_windows(windows[:, :40], tok, 1.0)
+        frame_windows(windows[:, :40], frame, 1.0)
 
 
 def test_answer_check_counts_turns_ended_at_once() -> None:
