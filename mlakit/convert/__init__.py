@@ -2,7 +2,6 @@
 
 from mlakit.convert.convert import (
     Calibrated,
-    ConversionConfig,
     ConversionResult,
     calibrate,
     convert,
@@ -11,6 +10,7 @@ from mlakit.convert.convert import (
 )
 from mlakit.convert.heal import HealConfig, HealResult, heal, heal_checkpoint
 from mlakit.convert.load import SUPPORTED_MODEL_TYPES, LoadedModel, load_hf_model
+from mlakit.convert.options import ConversionConfig
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",

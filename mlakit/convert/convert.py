@@ -9,6 +9,8 @@ Pipeline (each step in its own module)::
     rope.py       decoupled RoPE          ->  shared rotary key w_kr (RoRoPE on high frequencies)
     factorize.py  K_nope, V, sigma        ->  w_dkv, w_uk, w_uv (metric-weighted PCA)
     layer.py      one layer's MLA weights in mlakit names
+    options.py    ConversionConfig: how to convert, checked against the source
+    sequential.py each layer fitted on the converted layers' outputs (full RoPE)
     convert.py    the whole model, its config, and a record of how it was made
 
 Everything but the attention (embeddings, norms, MLP, head) is copied unchanged (Gemma's
@@ -25,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -40,20 +42,21 @@ from mlakit.convert.arch import (
     source_spec,
 )
 from mlakit.convert.calibrate import attention_rotation_moments
-from mlakit.convert.factorize import AttentionWeights, energy_spectrum, single_thread
+from mlakit.convert.factorize import AttentionWeights, energy_spectrum
 from mlakit.convert.layer import LayerRecipe, convert_layer, fold_head_norms, layer_dims, metrics
 from mlakit.convert.load import LoadedModel, load_hf_model
+from mlakit.convert.options import ConversionConfig, source_context, source_dims
 from mlakit.convert.ranks import (
-    Allocation,
     check_ranks,
     greedy_ranks,
     latent_budget,
     sensitivity_ranks,
     uniform_ranks,
 )
-from mlakit.convert.rope import SourceRope, decouple_rope, decoupled_rope_theta, source_rope_pairs
+from mlakit.convert.rope import decouple_rope, decoupled_rope_theta
 from mlakit.convert.sensitivity import rank_grid
-from mlakit.convert.source import OriginalLayers, attention_input_moments, run_block
+from mlakit.convert.sequential import SequentialRun
+from mlakit.convert.source import OriginalLayers, attention_input_moments
 from mlakit.errors import MlakitError
 from mlakit.io import write_dir, write_json
 from mlakit.model import Transformer
@@ -64,208 +67,6 @@ from mlakit.text.corpus import Corpus, default_corpus
 logger = logging.getLogger(__name__)
 
 RECORD_FILE = "conversion.json"
-
-
-@dataclass(frozen=True)
-class ConversionConfig:
-    """How to convert.
-
-    Attributes:
-        kv_fraction: cache size as a fraction of the original (0, 1]; ignored when ``ranks`` is set.
-        ranks: explicit ``kv_lora_rank`` (one for all layers, or one per layer).
-        rope: ``"decoupled"`` (DeepSeek form, absorbable decode) or ``"full"`` (exact positions).
-        method: ``"pca"`` (calibrated) or ``"svd"`` (plain SVD of the weights, the baseline).
-        rope_dims: ``qk_rope_head_dim`` of the shared rotary key (decoupled only; even, <= head_dim);
-            ``None``: :func:`default_rope_dims`, chosen from ``context_length``.
-        context_length: decoupled only; the context the converted model must hold. The rotary key
-            keeps every frequency pair that turns by a radian or more over it
-            (:func:`mlakit.convert.rope.rope_pairs_for_context`). ``None``: the source's
-            ``max_position_embeddings``, at most 4096 (the longest length measured).
-        allocation: rank allocation under the budget: ``"uniform"``, ``"greedy"`` (by calibrated
-            spectra) or ``"sensitivity"`` (by the measured loss of converting each layer alone at a
-            few ranks; needs the whole model: the in-memory path only, +1-2 minutes on SmolLM2;
-            measured better at both lengths and budgets, docs/conversion.md).
-        key_metric / value_metric / key_weight: see :mod:`mlakit.convert.factorize` (defaults
-            measured best on SmolLM2, docs/conversion.md).
-        rope_mixing: decoupled only; how RoRoPE mixes the KV heads of one frequency into the
-            shared rotary key: ``"complex"`` (a rotation and a scale per head; commutes with RoPE,
-            measured far better) or ``"real"`` (a real weight per head, TransMLA's form).
-        key_share: separate K and V budgets: the share of each layer's latent given to the keys'
-            own PCA (``None``: one joint K/V PCA, the default).
-        keep_first_wide: keep the first N layers at full latent rank (lossless position-free
-            part); the remaining layers share what is left of the budget.
-        sequential: convert layer by layer on the *converted* model's own activations: layer
-            ``l`` is fitted on the inputs that the already converted layers ``0..l-1`` produce,
-            and its keys and values are regressed onto what the original layer computed from the
-            original inputs (:func:`sequential_correction`), so each layer corrects the error
-            upstream instead of compounding it. ``False``: every layer from the original model's
-            statistics alone. ``None`` (default): on for ``rope="full"`` (25% cache x1.74 -> x1.60
-            on SmolLM2), off for ``"decoupled"``, where it measured worse (x1.45 -> x2.2 at 50%:
-            the regression shrinks keys towards their conditional mean, which flattens attention
-            once the inputs carry the decoupled form's larger error).
-        sequential_windows: calibration windows the sequential pass runs (its cost is one
-            forward of the converted model over them). 32 (all of the default calibration set):
-            on SmolLM2's genre mix, full RoPE 50% x1.074 | x1.089 at 512 | 4096 tokens with 8,
-            x1.067 | x1.084 with 16, x1.067 | x1.078 with 32; 25% x1.751 | x1.871 -> x1.678 | x1.759
-            (+30-50 s per conversion here).
-        fold_qk_norm: decoupled only, for sources with per-head q/k RMSNorms (Qwen3, Gemma 3):
-            fold the norms into constant per-head scales (:func:`~mlakit.convert.layer.fold_head_norms`)
-            instead of refusing. An approximation measured to break Gemma 3 270M (top-1 agreement
-            with the source 0.16-0.19 with nothing else approximated; docs/conversion.md), so off by
-            default: ``--rope full`` keeps these norms exactly.
-        rotation_average: decoupled only; fold the attention-weighted expected rotation into the
-            position-free query (needs ``calibrate(..., rotation_windows > 0)``; measured worse,
-            off by default).
-        calibration_windows / calibration_seq_len: size of the calibration set.
-        calibration_chat: share of the calibration windows framed as chat requests
-            (:mod:`mlakit.text.chat`: system prompt at position 0, ending at the generation
-            prompt). ``None``: 0.5 when the source's tokenizer has a chat template, else 0. An
-            instruct model calibrated on plain text only can keep its perplexity and end every
-            turn at once (docs/conversion.md "Chat").
-    """
-
-    kv_fraction: float = 0.5
-    ranks: tuple[int, ...] | None = None
-    rope: Literal["decoupled", "full"] = "decoupled"
-    method: Literal["pca", "svd"] = "pca"
-    rope_dims: int | None = None
-    context_length: int | None = None
-    allocation: Allocation = "uniform"
-    key_metric: Literal["balanced", "query", "query_diag"] = "query"
-    value_metric: Literal["balanced", "output"] = "output"
-    key_weight: float = 3.0
-    rope_mixing: Literal["complex", "real"] = "complex"
-    key_share: float | None = None
-    keep_first_wide: int = 0
-    sequential: bool | None = None
-    sequential_windows: int = 32
-    rotation_average: bool = False
-    fold_qk_norm: bool = False
-    calibration_windows: int = 32
-    calibration_seq_len: int = 512
-    calibration_chat: float | None = None
-
-    def __post_init__(self) -> None:
-        def bad(name: str, allowed: str) -> MlakitError:
-            return MlakitError(f"ConversionConfig.{name}={getattr(self, name)!r} is invalid: {allowed}")
-
-        if not isinstance(self.kv_fraction, (int, float)) or not 0 < self.kv_fraction <= 1:
-            raise bad("kv_fraction", "must lie in (0, 1] (1 = the original cache size)")
-        if self.ranks is not None:
-            object.__setattr__(self, "ranks", tuple(int(r) for r in self.ranks))
-            if not self.ranks or any(r <= 0 for r in self.ranks):
-                raise bad("ranks", "must be positive integers")
-        if self.rope not in ("decoupled", "full"):
-            raise bad("rope", "must be 'decoupled' or 'full'")
-        if self.method not in ("pca", "svd"):
-            raise bad("method", "must be 'pca' or 'svd'")
-        if self.rope == "decoupled" and self.rope_dims is not None and (self.rope_dims <= 0 or self.rope_dims % 2):
-            raise bad("rope_dims", "must be a positive even number (RoPE rotates pairs of dims)")
-        if self.context_length is not None and (not isinstance(self.context_length, int) or self.context_length < 2):
-            raise bad("context_length", "must be an integer >= 2 (tokens), or None for the source's context")
-        if self.allocation not in ("uniform", "greedy", "sensitivity"):
-            raise bad("allocation", "must be 'uniform', 'greedy' or 'sensitivity'")
-        if self.key_metric not in ("balanced", "query", "query_diag"):
-            raise bad("key_metric", "must be 'balanced', 'query' or 'query_diag'")
-        if self.value_metric not in ("balanced", "output"):
-            raise bad("value_metric", "must be 'balanced' or 'output'")
-        if not self.key_weight > 0:
-            raise bad("key_weight", "must be > 0")
-        if self.rope_mixing not in ("complex", "real"):
-            raise bad("rope_mixing", "must be 'complex' or 'real'")
-        if self.key_share is not None and not 0 <= self.key_share <= 1:
-            raise bad("key_share", "must lie in [0, 1] or be None")
-        if not isinstance(self.keep_first_wide, int) or self.keep_first_wide < 0:
-            raise bad("keep_first_wide", "must be a non-negative integer")
-        if self.calibration_chat is not None and not 0 <= self.calibration_chat <= 1:
-            raise bad("calibration_chat", "must lie in [0, 1] (the share of windows framed as chat requests)")
-        for n in ("calibration_windows", "calibration_seq_len", "sequential_windows"):
-            if getattr(self, n) <= 0:
-                raise bad(n, "must be positive")
-
-    def resolved_rope_dims(
-        self, head_dim: int, num_kv_heads: int, ropes: tuple[SourceRope, ...], source_context: int
-    ) -> int:
-        """``qk_rope_head_dim``: 0 for full RoPE, ``rope_dims`` if given, else :func:`default_rope_dims`."""
-        if self.rope == "full":
-            return 0
-        if self.rope_dims is not None:
-            return self.rope_dims
-        # explicit ranks: the rotary key may be as wide as the smallest latent (half the layer's cache)
-        per_layer = 2 * min(self.ranks) if self.ranks else int(self.kv_fraction * 2 * num_kv_heads * head_dim + 1e-9)
-        return default_rope_dims(per_layer, head_dim, ropes=ropes, context_length=self.context_length or source_context)
-
-    def check_source(self, spec: SourceSpec, source: str) -> None:
-        """Refuse a conversion this source cannot take, before any calibration work: a feature the
-        form cannot hold, a rotary key wider than the source's head, or a latent wider than its
-        K+V (a cheap check; the exact bound, with biases, is :func:`plan_ranks`'s).
-
-        Raises: MlakitError naming the source feature or the field, and the options that work.
-        """
-        if spec.qk_norm and self.rope == "decoupled" and not self.fold_qk_norm:
-            raise MlakitError(
-                f"{source}: {spec.model_type} normalises each head's query and key (q_norm, k_norm) before RoPE; "
-                "decoupled RoPE cannot absorb a key norm, and folding it into constant scales measured top-1 "
-                "agreement below 0.2 on Gemma 3 270M: convert with --rope full (exact at full rank), or pass "
-                "--fold-qk-norm to fold anyway"
-            )
-        _, g, d = _source_dims(spec)
-        if self.rope == "decoupled" and self.rope_dims is not None and self.rope_dims > d:
-            raise MlakitError(
-                f"ConversionConfig.rope_dims={self.rope_dims} is larger than the source's head_dim {d}: the rotary "
-                f"key keeps at most every frequency pair of one head (an even number <= {d}); to serve a wider "
-                "rotary key (DeepSeek's 64), export with `mlakit export-hf --pad-to 576`, which adds zero pairs"
-            )
-        limit = min(2 * g * d, spec.hidden_size + 1)
-        for r in self.ranks or ():
-            if r > limit:
-                raise MlakitError(
-                    f"ConversionConfig.ranks: kv_lora_rank {r} is larger than the source can fill ({limit}: K+V "
-                    f"width {2 * g * d}, input width {spec.hidden_size}); a wider cache for an engine "
-                    "(512 + 64 for vLLM/FlashMLA) comes from `mlakit export-hf --pad-to 576`, exactly"
-                )
-
-    def resolved_sequential(self) -> bool:
-        """``sequential``, or its measured default for the rope kind (see the class docstring)."""
-        if self.sequential is not None:
-            return self.sequential
-        return self.rope == "full"
-
-    def sequential_inputs(self) -> int:
-        """Calibration windows whose original attention inputs this conversion reads (0: none).
-
-        :func:`calibrate` keeps them from its own pass, so the sequential pass does not run the
-        original model over them a second time.
-        """
-        return self.sequential_windows if self.resolved_sequential() and self.method == "pca" else 0
-
-    def recipe(
-        self, head_dim: int, num_kv_heads: int, ropes: tuple[SourceRope, ...], source_context: int
-    ) -> LayerRecipe:
-        return LayerRecipe(
-            rope=self.rope,
-            method=self.method,
-            rope_pairs=max(1, self.resolved_rope_dims(head_dim, num_kv_heads, ropes, source_context) // 2),
-            key_metric=self.key_metric,
-            value_metric=self.value_metric,
-            key_weight=self.key_weight,
-            rotation_average=self.rotation_average,
-            complex_mixing=self.rope_mixing == "complex",
-            key_share=self.key_share,
-        )
-
-
-def default_rope_dims(per_layer: int, head_dim: int, *, ropes: tuple[SourceRope, ...], context_length: int) -> int:
-    """Decoupled rotary width for a budget and a target context (measured on SmolLM2, docs/conversion.md).
-
-    Every pair that turns by a radian or more over ``context_length`` (a sliding layer: its window)
-    under any of the source's RoPEs keeps a rotary component
-    (:func:`~mlakit.convert.rope.source_rope_pairs`), but the rotary key takes at most half of a
-    layer's cache budget (``per_layer`` values per token), so that the latent keeps the other half.
-    """
-    pairs = source_rope_pairs(ropes, head_dim, context_length)
-    pairs = max(1, min(pairs, per_layer // 4))
-    return 2 * pairs
 
 
 @dataclass
@@ -315,20 +116,6 @@ def attention_input(block: Any, hidden: torch.Tensor) -> torch.Tensor:
     """What layer ``block``'s attention reads: its RMSNorm of ``hidden [N, T, n]``."""
     with torch.no_grad():
         return block.attn_norm(hidden)  # type: ignore[no-any-return]
-
-
-def _source_dims(spec: SourceSpec) -> tuple[int, int, int]:
-    return spec.num_heads, spec.num_kv_heads, spec.head_dim
-
-
-#: Default target context of the decoupled form's rotary pairs: the longest length the defaults
-#: were measured at (docs/conversion.md); the source's own context when that is shorter.
-DEFAULT_CONTEXT = 4096
-
-
-def _source_context(spec: SourceSpec) -> int:
-    """Default ``context_length``: the source's ``max_position_embeddings``, at most :data:`DEFAULT_CONTEXT`."""
-    return min(spec.max_position_embeddings or DEFAULT_CONTEXT, DEFAULT_CONTEXT)
 
 
 def calibrate(
@@ -422,7 +209,7 @@ def calibrate(
 
 def max_latent_rank(spec: SourceSpec, has_bias: bool) -> int:
     """Largest useful latent rank: the K+V width, or the input width (+1 with biases)."""
-    _, g, d = _source_dims(spec)
+    _, g, d = source_dims(spec)
     return min(2 * g * d, spec.hidden_size + int(has_bias))
 
 
@@ -464,11 +251,11 @@ def source_ranks(
     """:func:`plan_ranks` for a source; ``spectra()`` (greedy allocation) gives every layer's spectrum,
     ``sensitivity(grid)`` (sensitivity allocation; None where the model is not in memory) the
     ``[L, len(grid)]`` measured losses (:func:`mlakit.convert.sensitivity.layer_sensitivity`)."""
-    _, g, d = _source_dims(spec)
+    _, g, d = source_dims(spec)
     n_layers = spec.num_layers
     if config.ranks is not None:
         return check_ranks(config.ranks, n_layers, max_rank)
-    rope_dims = config.resolved_rope_dims(d, g, spec.ropes(), _source_context(spec))
+    rope_dims = config.resolved_rope_dims(d, g, spec.ropes(), source_context(spec))
     if rope_dims > d:
         raise MlakitError(f"rope_dims={rope_dims} exceeds the head dim {d}")
     total = latent_budget(config.kv_fraction, original_per_layer=2 * g * d, num_layers=n_layers, rope_dims=rope_dims)
@@ -503,8 +290,8 @@ def source_ranks(
 
 
 def _recipe(spec: SourceSpec, config: ConversionConfig) -> LayerRecipe:
-    _, g, d = _source_dims(spec)
-    return config.recipe(d, g, spec.ropes(), _source_context(spec))
+    _, g, d = source_dims(spec)
+    return config.recipe(d, g, spec.ropes(), source_context(spec))
 
 
 def spectrum(
@@ -562,7 +349,7 @@ def plan_conversion(
     spec: SourceSpec, config: ConversionConfig, ranks: tuple[int, ...], has_bias: bool, name: str
 ) -> ConversionPlan:
     """The converted model's config for ``ranks`` (RoPE bases and scaling for the chosen form)."""
-    h, _, d = _source_dims(spec)
+    h, _, d = source_dims(spec)
     recipe = _recipe(spec, config)
     dn, dr = layer_dims(recipe, d)
     full = config.rope == "full"
@@ -630,7 +417,7 @@ def conversion_record(
     seconds: float,
 ) -> dict[str, Any]:
     """What ``conversion.json`` records: the source, the config, the shapes, the calibration."""
-    _, g, d = _source_dims(spec)
+    _, g, d = source_dims(spec)
     att = plan.model.attention
     assert isinstance(att, MLAConfig)
     ranks, dr, full = plan.ranks, att.qk_rope_head_dim, config.rope == "full"
@@ -723,90 +510,6 @@ def _layer_state(
     if has_bias:
         st["attn.w_o.bias"] = torch.zeros(spec.hidden_size, dtype=torch.float64)
     return {k: v.detach().to(torch.float32).contiguous().clone() for k, v in st.items()}
-
-
-def sequential_correction(
-    x_orig: torch.Tensor, x_conv: torch.Tensor, *, damp: float = 1e-2
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The map that best recovers the original attention input from the converted model's.
-
-    Args:
-        x_orig, x_conv: ``[N, n]`` attention inputs of layer ``l`` on the same tokens, in the
-            original model and in the model whose layers ``0..l-1`` are converted.
-        damp: ridge strength relative to the mean input energy; the ridge pulls ``T`` towards the
-            identity (no correction), so identical inputs give exactly ``T = I``. SmolLM2, full
-            RoPE, 25% cache: 1e-4 -> x1.615, 1e-2 -> x1.602, 1e-1 -> x1.654.
-
-    Returns:
-        ``(T_aug, sigma_conv)``: ``T_aug [n+1, n+1]`` with ``T = (E[x_o x_c^T] + lam I)
-        (E[x_c x_c^T] + lam I)^{-1}`` in the top-left block and 1 for the bias column (no affine
-        part, so a bias-free source stays bias-free), and ``sigma_conv = E[x~_c x~_c^T]``.
-
-    With ``W' = W T_aug`` for the keys and values, PCA of ``W' x~_c`` under ``sigma_conv``
-    is reduced-rank regression of the original ``W x_o`` on ``x_c``: the latent learns to undo
-    what upstream compression did to its inputs.
-    """
-    num, n = x_conv.shape
-    xa = torch.cat([x_conv.double(), torch.ones(num, 1, dtype=torch.float64)], dim=1)  # [N, n+1]
-    sigma_conv = xa.T @ xa / num  # its top-left block is E[x_c x_c^T]: one product serves both
-    s_cc = sigma_conv[:n, :n]
-    s_oc = x_orig.double().T @ xa[:, :n] / num
-    lam = damp * float(s_cc.diagonal().mean())
-    eye = torch.eye(n, dtype=torch.float64)
-    with single_thread():
-        t = torch.linalg.solve(s_cc + lam * eye, s_oc.T + lam * eye).T  # (s_oc + lam) (s_cc + lam)^-1
-    t_aug = torch.eye(n + 1, dtype=torch.float64)
-    t_aug[:n, :n] = t
-    return t_aug, sigma_conv
-
-
-class SequentialRun:
-    """Runs the calibration windows through the model as it is being converted, layer by layer.
-
-    Args:
-        windows: ``[N, T]`` token ids (the first ``sequential_windows`` calibration windows).
-        device: where the converted blocks run.
-    """
-
-    def __init__(
-        self,
-        spec: SourceSpec,
-        get: Getter,
-        plan: ConversionPlan,
-        windows: torch.Tensor,
-        device: str | torch.device = "cpu",
-    ) -> None:
-        self.spec, self.get, self.config = spec, get, plan.model
-        self.tokens = windows.numel()
-        with torch.device("meta"):
-            longest = max(self.config.max_seq_len, windows.shape[1])
-            shell = Transformer(dataclasses.replace(self.config, max_seq_len=longest))
-        shell.reset_rope_tables(device)
-        self.device = torch.device(device)
-        self.rotary = {i: shell.rotary_of(i) for i in range(self.config.num_layers)}  # the converted model's own tables
-        self.hidden = OriginalLayers(spec, get, windows.shape[1], device).embed(windows)  # [N, T, n]
-
-    def layer_inputs(self, i: int, w: AttentionWeights, x_orig: torch.Tensor) -> tuple[AttentionWeights, torch.Tensor]:
-        """Layer ``i``'s weights ``w`` regressed from the original inputs ``x_orig [N*T, n]`` onto
-        the converted model's, and the second moment of the converted inputs."""
-        from mlakit.layers import RMSNorm
-
-        norm = RMSNorm(self.spec.hidden_size, self.spec.rms_norm_eps).to(self.device)
-        norm.weight.data = block_weights(self.spec, self.get, i)["attn_norm.weight"].to(self.device, torch.float32)
-        with torch.no_grad():
-            x_conv = norm(self.hidden).reshape(-1, self.hidden.shape[-1]).cpu()
-        t, sigma = sequential_correction(x_orig.cpu(), x_conv)
-        # queries keep the original weights: also regressing them measured worse (docs/conversion.md)
-        return dataclasses.replace(w, w_k=w.w_k @ t, w_v=w.w_v @ t), sigma
-
-    def advance(self, i: int, state: dict[str, torch.Tensor]) -> None:
-        """Run the converted layer ``i`` (its block state) over the hidden states."""
-        from mlakit.model import Block
-
-        with torch.device("meta"):
-            block = Block(self.config, i, self.rotary[i])
-        block.load_state_dict({k: v.to(self.device) for k, v in state.items()}, strict=True, assign=True)
-        self.hidden = run_block(block.eval(), self.hidden)
 
 
 def save_converted(result: ConversionResult, out: str | os.PathLike[str], *, overwrite: bool = False) -> Path:

@@ -22,7 +22,8 @@ from mlakit.convert.source import OriginalLayers, run_block
 from mlakit.errors import MlakitError
 
 if TYPE_CHECKING:
-    from mlakit.convert.convert import Calibrated, ConversionConfig
+    from mlakit.convert.convert import Calibrated
+    from mlakit.convert.options import ConversionConfig
 
 
 def rank_grid(total: int, num_layers: int, max_rank: int) -> tuple[int, ...]:

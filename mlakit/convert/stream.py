@@ -34,8 +34,6 @@ import torch
 from mlakit.convert.arch import attention_weights, model_weights
 from mlakit.convert.convert import (
     RECORD_FILE,
-    ConversionConfig,
-    SequentialRun,
     attention_input,
     conversion_record,
     convert_block,
@@ -45,6 +43,8 @@ from mlakit.convert.convert import (
     source_ranks,
     spectrum,
 )
+from mlakit.convert.options import ConversionConfig
+from mlakit.convert.sequential import SequentialRun
 from mlakit.convert.source import CheckpointSource, OriginalLayers, attention_input_moments
 from mlakit.errors import MlakitError
 from mlakit.io import SafetensorsStream, write_dir, write_json

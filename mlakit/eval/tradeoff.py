@@ -24,8 +24,9 @@ from typing import Any
 
 import torch
 
-from mlakit.convert.convert import ConversionConfig, calibrate, convert_calibrated
+from mlakit.convert.convert import calibrate, convert_calibrated
 from mlakit.convert.heal import HealConfig, distill_windows, heal, heal_windows
+from mlakit.convert.options import ConversionConfig
 from mlakit.errors import MlakitError
 from mlakit.eval.metrics import ScoreMemo, greedy_agreement
 from mlakit.eval.models import ScoredModel, from_hf

@@ -114,7 +114,7 @@ def test_keep_first_wide(cal_llama) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_rope_pairs_follow_the_target_context() -> None:
-    from mlakit.convert.convert import ConversionConfig, default_rope_dims
+    from mlakit.convert.options import ConversionConfig, default_rope_dims
     from mlakit.convert.rope import SourceRope, rope_pairs_for_context, source_rope_pairs
 
     # SmolLM2: theta 1e5, head dim 64 -> pair j turns by L * 1e5^(-j/32) radians over L tokens

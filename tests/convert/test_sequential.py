@@ -12,17 +12,18 @@ from mlakit.model import Block
 from tests.convert.conftest import CALIBRATION_TOKENS
 
 convert_module = sys.modules["mlakit.convert.convert"]
+sequential = sys.modules["mlakit.convert.sequential"]
 
 
 def test_correction_is_identity_on_identical_inputs_and_inverts_a_linear_distortion() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4000, 12, generator=g, dtype=torch.float64)
-    t, sigma = convert_module.sequential_correction(x, x)
+    t, sigma = sequential.sequential_correction(x, x)
     assert (t - torch.eye(13, dtype=torch.float64)).abs().max().item() < 1e-12
     xa = torch.cat([x, torch.ones(4000, 1, dtype=torch.float64)], 1)
     assert torch.allclose(sigma, xa.T @ xa / 4000)
     a = torch.eye(12, dtype=torch.float64) + 0.3 * torch.randn(12, 12, generator=g, dtype=torch.float64)
-    t, _ = convert_module.sequential_correction(x, x @ a.T, damp=1e-9)  # x_c = A x_o
+    t, _ = sequential.sequential_correction(x, x @ a.T, damp=1e-9)  # x_c = A x_o
     assert (t[:12, :12] - torch.linalg.inv(a)).abs().max() < 1e-5
     assert t[12, 12] == 1 and t[:12, 12].abs().max() == 0  # no affine part
 
@@ -34,7 +35,7 @@ def test_sequential_run_replays_the_converted_model(cal_llama) -> None:  # type:
         res = convert_calibrated(cal_llama, cfg)
         assert res.record["calibration"]["sequential_tokens"] == 4 * CALIBRATION_TOKENS.shape[1]
         plan = SimpleNamespace(model=res.model.config)  # all the run reads of the plan
-        run = convert_module.SequentialRun(cal_llama.spec, cal_llama.get, plan, CALIBRATION_TOKENS[:4])
+        run = sequential.SequentialRun(cal_llama.spec, cal_llama.get, plan, CALIBRATION_TOKENS[:4])
         model = res.model
         with torch.no_grad():
             x = model.embed_tokens(CALIBRATION_TOKENS[:4])
