@@ -107,12 +107,19 @@ def adamw(model: nn.Module, lr: float, betas: tuple[float, float], weight_decay:
 
 
 def distill_loss(
-    student: torch.Tensor, teacher: torch.Tensor, tokens: torch.Tensor, alpha: float, temperature: float
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    tokens: torch.Tensor,
+    alpha: float,
+    temperature: float,
+    last_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss, kl, lm)`` for logits ``student, teacher [B, T, V]`` of ``tokens [B, T]``.
 
     ``kl`` is ``T^2 KL(teacher || student)`` per token over all T positions; ``lm`` is the
-    next-token cross entropy over positions ``0..T-2``.
+    next-token cross entropy over positions ``0..T-2``. ``last_weight [B]`` (optional) adds each
+    window's last-position KL to the loss with that weight, in units of the mean per-token KL
+    (weight ``w`` counts the position as ``1 + w T`` tokens); ``kl`` is reported without it.
     """
     s = student.float()
     log_p_s = F.log_softmax(s / temperature, dim=-1)  # [B, T, V]
@@ -120,7 +127,11 @@ def distill_loss(
     kl = F.kl_div(log_p_s.flatten(0, 1), log_p_t.flatten(0, 1), log_target=True, reduction="batchmean")
     kl = kl * temperature**2
     lm = F.cross_entropy(s[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
-    return alpha * kl + (1 - alpha) * lm, kl.detach(), lm.detach()
+    loss = alpha * kl + (1 - alpha) * lm
+    if last_weight is not None and bool((last_weight != 0).any()):
+        last = (log_p_t[:, -1].exp() * (log_p_t[:, -1] - log_p_s[:, -1])).sum(-1) * temperature**2  # [B]
+        loss = loss + alpha * (last_weight.to(last) * last).mean()
+    return loss, kl.detach(), lm.detach()
 
 
 def trainable(model: nn.Module, which: TrainParams) -> list[torch.nn.Parameter]:
@@ -138,6 +149,7 @@ def fit_to_teacher(
     c: DistillConfig,
     *,
     params: Sequence[nn.Parameter] | None = None,
+    last_weights: torch.Tensor | None = None,
     progress: bool = False,
     desc: str = "distill",
 ) -> tuple[int, float, list[tuple[int, float, float, float]]]:
@@ -147,7 +159,8 @@ def fit_to_teacher(
     ``c.steps`` AdamW steps of ``c.batch_size`` windows in a seeded random order, cycling when
     they run out; ``teacher(tokens [b, T]) -> logits [b, T, V]`` runs without gradients. Only
     ``params`` train (default: ``c.train_params``); every parameter's ``requires_grad`` is
-    restored afterwards. The loss is :func:`distill_loss` (``alpha`` KL + ``(1 - alpha)`` LM).
+    restored afterwards. The loss is :func:`distill_loss` (``alpha`` KL + ``(1 - alpha)`` LM);
+    ``last_weights [N]`` (optional) weighs each window's last position on top (its ``last_weight``).
 
     Returns:
         ``(steps done, seconds, losses)``, ``losses`` one ``(step, loss, kl, lm)`` per step.
@@ -179,14 +192,16 @@ def fit_to_teacher(
                 logger.info("stopping after %.1f minutes (max_minutes)", c.max_minutes)
                 break
             first = (step * c.batch_size) % (len(windows) - c.batch_size + 1)
-            batch = windows[order[first : first + c.batch_size]]  # [B, T]
+            rows = order[first : first + c.batch_size]
+            batch = windows[rows]  # [B, T]
+            weights = (last_weights[rows] if last_weights is not None else torch.zeros(len(rows))).split(micro)
             totals = torch.zeros(3)
-            for chunk in batch.split(micro):
+            for chunk, weight in zip(batch.split(micro), weights, strict=True):
                 with torch.no_grad(), autocast:
                     t_logits = teacher(chunk)
                 with autocast:
                     s_logits = model(chunk)
-                loss, kl, lm = distill_loss(s_logits, t_logits, chunk, c.alpha, c.temperature)
+                loss, kl, lm = distill_loss(s_logits, t_logits, chunk, c.alpha, c.temperature, weight)
                 (loss / n_micro).backward()
                 totals += torch.stack((loss.detach(), kl, lm)) / n_micro
             if c.grad_clip > 0:

@@ -47,6 +47,10 @@ def chat_share(text: str) -> float | None:
     return v
 
 
+CALIBRATION_WINDOWS_HELP = (
+    "calibration sequences; the full-RoPE form's sequential pass runs all of them (default 32; 64 measured "
+    "better on SmolLM2, x1.077 -> x1.073 at 50%% cache, for ~60 s more per conversion)"
+)
 CHAT_HELP = (
     "share of the windows framed as chat requests through the model's chat template (system prompt at "
     "position 0, ending at the assistant header), so the conversion keeps answering chats; auto = 0.5 when "

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mlakit.cli import CHAT_HELP, chat_share, device_arg
+from mlakit.cli import CALIBRATION_WINDOWS_HELP, CHAT_HELP, chat_share, device_arg
 from mlakit.cli.heal import add_heal_options, heal_config
 from mlakit.errors import MlakitError
 
@@ -156,7 +156,7 @@ def register(sub: Any) -> None:
         help="calibrate (and heal) on these UTF-8 text files or directories (default: the built-in genre mix "
         "of Python docs, manual pages, GNU info manuals and Debian policy/licence texts, calibration split)",
     )
-    p.add_argument("--calibration-windows", type=int, default=32, help="calibration sequences (default 32)")
+    p.add_argument("--calibration-windows", type=int, default=32, help=CALIBRATION_WINDOWS_HELP)
     p.add_argument("--calibration-seq-len", type=int, default=512, help="tokens per sequence (default 512)")
     p.add_argument("--calibration-chat", type=chat_share, default=None, metavar="F", help=CHAT_HELP)
     p.add_argument(

@@ -13,8 +13,9 @@ from mlakit.errors import MlakitError
 
 DEFAULT_NAME = "smollm2-135m-mla50"
 # the default model's recipe; part of its cache directory's name, so a changed recipe is remade
-# (2: calibration and heal with chat-framed windows, which keep it answering long requests)
-DEFAULT_RECIPE = 2
+# (2: calibration and heal with chat-framed windows, which keep it answering long requests;
+# 3: the heal's end-to-end loss weighs each request's answer position, HealConfig.answer_weight)
+DEFAULT_RECIPE = 3
 
 
 def register(sub: Any) -> None:

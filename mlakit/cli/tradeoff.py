@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mlakit.cli import CHAT_HELP, chat_share
+from mlakit.cli import CALIBRATION_WINDOWS_HELP, CHAT_HELP, chat_share
 from mlakit.cli.heal import add_heal_options, heal_config
 
 
@@ -61,7 +61,7 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--windows", type=int, default=None, help="evaluation windows per genre (default: 2 at 512, 1 at 4096)"
     )
-    p.add_argument("--calibration-windows", type=int, default=32, help="calibration sequences (default 32)")
+    p.add_argument("--calibration-windows", type=int, default=32, help=CALIBRATION_WINDOWS_HELP)
     p.add_argument("--calibration-chat", type=chat_share, default=None, metavar="F", help=CHAT_HELP)
     p.add_argument(
         "--generation-prompt",

@@ -468,8 +468,9 @@ def convert_calibrated(cal: Calibrated, config: ConversionConfig, *, progress: b
     run = None
     if plan.sequential:
         assert cal.windows is not None
-        run = SequentialRun(spec, get, plan, cal.windows[: config.sequential_windows])
-        x_orig = cal.original_inputs(config.sequential_windows)
+        k = min(config.sequential_inputs(), len(cal.windows))
+        run = SequentialRun(spec, get, plan, cal.windows[:k])
+        x_orig = cal.original_inputs(k)
     state = {k: v.detach().to(torch.float32).contiguous().clone() for k, v in model_weights(spec, get).items()}
     for i in tqdm(
         range(spec.num_layers), desc=f"convert ({config.rope}, {config.method})", disable=not progress, leave=False

@@ -55,10 +55,13 @@ class ConversionConfig:
             the regression shrinks keys towards their conditional mean, which flattens attention
             once the inputs carry the decoupled form's larger error).
         sequential_windows: calibration windows the sequential pass runs (its cost is one
-            forward of the converted model over them). 32 (all of the default calibration set):
-            on SmolLM2's genre mix, full RoPE 50% x1.074 | x1.089 at 512 | 4096 tokens with 8,
-            x1.067 | x1.084 with 16, x1.067 | x1.078 with 32; 25% x1.751 | x1.871 -> x1.678 | x1.759
-            (+30-50 s per conversion here).
+            forward of the converted model over them); ``None`` (default): all
+            ``calibration_windows``. On SmolLM2's genre mix (plain-text calibration), full RoPE 50%
+            x1.074 | x1.089 at 512 | 4096 tokens with 8, x1.067 | x1.084 with 16, x1.067 | x1.078
+            with 32; 25% x1.751 | x1.871 -> x1.678 | x1.759 (+30-50 s per conversion here). With
+            half the windows chat-framed, 64 calibration windows gave 50% x1.073 | x1.078 and 25%
+            x1.775 | x1.851 against x1.077 | x1.081 and x1.818 | x1.899 with 32 (48: x1.083 | x1.082
+            at 50%; +60 s per conversion).
         fold_qk_norm: decoupled only, for sources with per-head q/k RMSNorms (Qwen3, Gemma 3):
             fold the norms into constant per-head scales (:func:`~mlakit.convert.layer.fold_head_norms`)
             instead of refusing. An approximation measured to break Gemma 3 270M (top-1 agreement
@@ -89,7 +92,7 @@ class ConversionConfig:
     key_share: float | None = None
     keep_first_wide: int = 0
     sequential: bool | None = None
-    sequential_windows: int = 32
+    sequential_windows: int | None = None
     rotation_average: bool = False
     fold_qk_norm: bool = False
     calibration_windows: int = 32
@@ -131,7 +134,7 @@ class ConversionConfig:
         if self.calibration_chat is not None and not 0 <= self.calibration_chat <= 1:
             raise bad("calibration_chat", "must lie in [0, 1] (the share of windows framed as chat requests)")
         for n in ("calibration_windows", "calibration_seq_len", "sequential_windows"):
-            if getattr(self, n) <= 0:
+            if getattr(self, n) is not None and getattr(self, n) <= 0:
                 raise bad(n, "must be positive")
 
     def resolved_rope_dims(
@@ -188,7 +191,9 @@ class ConversionConfig:
         :func:`~mlakit.convert.convert.calibrate` keeps them from its own pass, so the sequential pass does not run the
         original model over them a second time.
         """
-        return self.sequential_windows if self.resolved_sequential() and self.method == "pca" else 0
+        if not (self.resolved_sequential() and self.method == "pca"):
+            return 0
+        return self.calibration_windows if self.sequential_windows is None else self.sequential_windows
 
     def recipe(
         self, head_dim: int, num_kv_heads: int, ropes: tuple[SourceRope, ...], source_context: int

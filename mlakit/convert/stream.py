@@ -142,7 +142,7 @@ def convert_checkpoint(
     ranks = source_ranks(spec, config, max_latent_rank(spec, has_bias), spectra)
     plan = plan_conversion(spec, config, ranks, has_bias, src.name)
     layout = _layout(plan.model, out_dtype)
-    k = min(config.sequential_windows, tokens.shape[0])
+    k = min(config.sequential_inputs(), tokens.shape[0])
     logger.info(
         "converting %s layer by layer (%s, ranks %s) on %d x %d tokens of %s",
         src.name,

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from mlakit.convert.convert import calibrate, convert_calibrated
-from mlakit.convert.heal import HealConfig, distill_windows, heal, heal_windows
+from mlakit.convert.heal import HealConfig, HealText, heal, heal_text
 from mlakit.convert.options import ConversionConfig
 from mlakit.errors import MlakitError
 from mlakit.eval.metrics import ScoreMemo, greedy_agreement
@@ -220,7 +220,7 @@ def run_tradeoff(
     prompt = _generation_prompt(eval_corpus, tokenizer, cfg.generation_prompt) if cfg.generation_prompt else None
     # every row continues the same prompt: the original's continuation is generated once
     ref_ids = _hf_generator(hf)(prompt[1], cfg.generation_tokens) if prompt is not None else []
-    heal_tokens = None
+    heal_tokens: HealText | None = None
     orig_bytes = source.kv_bytes_per_token(cfg.cache_dtype)
     bpe = orig_bytes // source.kv_elements_per_token
     rows: list[dict[str, Any]] = []
@@ -243,9 +243,16 @@ def run_tradeoff(
             unhealed[conv] = res
         if variant.heal:
             if heal_tokens is None:
-                local = heal_windows(tokenizer, cfg.heal, cal_corpus)
-                heal_tokens = (local, distill_windows(tokenizer, cfg.heal, cal_corpus))
-            healed = heal(res.model, hf, heal_tokens[0], cfg.heal, distill_tokens=heal_tokens[1], progress=progress)
+                heal_tokens = heal_text(tokenizer, cfg.heal, cal_corpus)
+            healed = heal(
+                res.model,
+                hf,
+                heal_tokens.windows,
+                cfg.heal,
+                distill_tokens=heal_tokens.distill,
+                answers=heal_tokens.answers,
+                progress=progress,
+            )
             row["heal_seconds"] = round(healed.seconds, 1)
         scores = evaluate_models(
             _scored(res.model, tokenizer, f"{variant.label} {frac}"),

@@ -151,6 +151,16 @@ def frame_windows(
     return out, len(rows)
 
 
+def answer_rows(windows: torch.Tensor, frame: ChatFrame | None) -> torch.Tensor:
+    """``[N]`` bool: which of ``windows [N, S]`` end with ``frame``'s generation prompt, i.e. are
+    framed requests whose last position is where the model answers or ends its turn (all false
+    without a frame)."""
+    if frame is None or len(frame.suffix) > windows.shape[1]:
+        return torch.zeros(len(windows), dtype=torch.bool)
+    suffix = torch.tensor(frame.suffix, dtype=windows.dtype)
+    return (windows[:, -len(frame.suffix) :] == suffix).all(dim=-1)
+
+
 def resolve_fraction(fraction: float | None, frame: ChatFrame | None) -> float:
     """``fraction``, or (``None``) :data:`DEFAULT_CHAT_FRACTION` when there is a chat ``frame``, else 0."""
     if fraction is not None:

@@ -10,7 +10,7 @@ import torch
 
 from mlakit.cli import main
 from mlakit.convert import calibrate
-from mlakit.convert.heal import HealConfig, distill_windows, heal_windows
+from mlakit.convert.heal import HealConfig, distill_windows, heal_text, heal_windows
 from mlakit.eval.models import open_model
 from mlakit.eval.run import evaluate_models
 from mlakit.text.chat import chat_frame, framed_rows
@@ -70,6 +70,10 @@ def test_heal_windows_framed_by_config(chat_model: Path, genres) -> None:  # typ
     cfg = HealConfig(windows=6, seq_len=160, distill_steps=3, distill_batch=2, distill_seq_len=128)
     assert len(_framed(heal_windows(tok, cfg, corpus), frame.prefix)) == 3
     assert len(_framed(distill_windows(tok, cfg, corpus), frame.prefix)) == 3  # type: ignore[arg-type]
+    text = heal_text(tok, cfg, corpus)  # what heal trains on: the framed end-to-end windows are its answer rows
+    assert text.distill is not None and text.answers is not None
+    assert text.answers.nonzero().flatten().tolist() == _framed(text.distill, frame.prefix)
+    assert heal_text(tok, HealConfig(windows=6, seq_len=160, distill_steps=0), corpus).answers is None
     none = HealConfig(windows=6, seq_len=160, chat=0.0)
     assert _framed(heal_windows(tok, none, corpus), frame.prefix) == []
     with pytest.raises(Exception, match="HealConfig.chat"):

@@ -106,6 +106,8 @@ def test_heal_rejects_bad_config_and_mismatched_reference(cal_llama, tmp_path) -
         HealConfig(distill_lr=0.0)
     with pytest.raises(MlakitError, match="distill_batch"):
         HealConfig(distill_batch=0)
+    with pytest.raises(MlakitError, match="answer_weight"):
+        HealConfig(answer_weight=-0.5)
     model = _lossy(cal_llama)
     with pytest.raises(MlakitError, match="context"):
         heal(model, cal_llama.loaded.model, torch.zeros(1, model.config.max_seq_len + 1, dtype=torch.long))
@@ -154,3 +156,42 @@ def test_the_end_to_end_phase_fits_the_source_distribution(cal_sharp) -> None:  
     local_only, both = healed_kl(0), healed_kl(24)
     # measured 2.41 -> 1.23; a phase that did not train (or trained the wrong weights) leaves it
     assert both < 0.7 * local_only
+
+
+def test_distill_loss_weighs_the_last_position_on_top() -> None:
+    gen = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(3, 7, 11, generator=gen), torch.randn(3, 7, 11, generator=gen)
+    tokens = torch.randint(0, 11, (3, 7), generator=gen)
+    plain = distill_loss(student, teacher, tokens, 1.0, 1.0)
+    zero = distill_loss(student, teacher, tokens, 1.0, 1.0, torch.zeros(3))
+    assert torch.equal(plain[0], zero[0])
+    w = torch.tensor([2.0, 0.0, 0.5])
+    weighted = distill_loss(student, teacher, tokens, 1.0, 1.0, w)
+    log_s, log_t = student[:, -1].log_softmax(-1), teacher[:, -1].log_softmax(-1)
+    last = (log_t.exp() * (log_t - log_s)).sum(-1)  # [B] KL(teacher || student) at the last position
+    torch.testing.assert_close(weighted[0], plain[0] + (w * last).mean())
+    assert torch.equal(weighted[1], plain[1])  # the reported KL stays the plain per-token mean
+
+
+def test_answer_weight_reaches_the_end_to_end_loss_on_answer_rows_only(cal_sharp) -> None:  # type: ignore[no-untyped-def]
+    ref = cal_sharp.loaded.model
+    tokens = torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(5))
+    local, end_to_end = tokens[:2], tokens[2:]
+
+    def healed(weight: float, answers: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        model = _lossy(cal_sharp)
+        config = HealConfig(
+            windows=2, seq_len=64, steps=1, query_tokens=16, distill_steps=3, distill_batch=2, bf16=False,
+            answer_weight=weight,
+        )  # fmt: skip
+        heal(model, ref, local, config, distill_tokens=end_to_end, answers=answers)
+        return model.state_dict()
+
+    none = torch.zeros(len(end_to_end), dtype=torch.bool)
+    some = none.clone()
+    some[1::2] = True
+    base = healed(0.0, some)
+    same = [healed(2.0, none), healed(2.0, None), healed(0.0, None)]
+    moved = healed(2.0, some)
+    assert all(torch.equal(st[k], base[k]) for st in same for k in base)  # no answer rows, or weight 0: no change
+    assert not all(torch.equal(moved[k], base[k]) for k in base)  # the weight reached the loss

@@ -71,6 +71,7 @@ def test_calibration_keeps_the_inputs_a_second_pass_would_compute(tiny_llama) ->
     # from its own pass: equal to a separate pass of the original, and the conversion equal too
     cfg = ConversionConfig(kv_fraction=0.25, rope="full", sequential_windows=4)
     assert cfg.sequential_inputs() == 4 and ConversionConfig(rope="decoupled").sequential_inputs() == 0
+    assert ConversionConfig(rope="full", calibration_windows=6).sequential_inputs() == 6  # default: every window
     kept = convert_module.calibrate(str(tiny_llama), tokens=CALIBRATION_TOKENS, config=cfg)
     plain = convert_module.calibrate(str(tiny_llama), tokens=CALIBRATION_TOKENS, keep_inputs=0)
     assert list(kept._inputs) == [4] and not plain._inputs

@@ -9,7 +9,7 @@ import torch
 
 from mlakit.errors import MlakitError
 from mlakit.eval.metrics import ScoreMemo, answer_check
-from mlakit.text.chat import ASKS, chat_frame, frame_windows, framed_rows, resolve_fraction
+from mlakit.text.chat import ASKS, answer_rows, chat_frame, frame_windows, framed_rows, resolve_fraction
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -92,6 +92,16 @@ def test_frame_windows_keeps_length_and_the_windows_own_text() -> None:
     assert frame_windows(windows, chat_frame(_tokenizer(None)), 0.5)[1] == 0
     with pytest.raises(MlakitError, match="use longer windows"):
         frame_windows(windows[:, :40], frame, 1.0)
+
+
+def test_answer_rows_are_the_framed_requests() -> None:
+    frame = chat_frame(_tokenizer(SYSTEM_CHATML))
+    assert frame is not None
+    windows = torch.randint(40, 200, (8, 160))
+    out, _ = frame_windows(windows, frame, 0.5, period=4)
+    assert answer_rows(out, frame).nonzero().flatten().tolist() == framed_rows(8, 0.5, period=4)
+    assert not answer_rows(windows, frame).any()  # plain text never ends with the generation prompt
+    assert not answer_rows(out, None).any() and answer_rows(out, None).shape == (8,)
 
 
 def test_answer_check_counts_turns_ended_at_once() -> None:
