@@ -194,7 +194,7 @@ def fit_to_teacher(
             first = (step * c.batch_size) % (len(windows) - c.batch_size + 1)
             rows = order[first : first + c.batch_size]
             batch = windows[rows]  # [B, T]
-            weights = (last_weights[rows] if last_weights is not None else torch.zeros(len(rows))).split(micro)
+            weights = last_weights[rows].split(micro) if last_weights is not None else (None,) * n_micro
             totals = torch.zeros(3)
             for chunk, weight in zip(batch.split(micro), weights, strict=True):
                 with torch.no_grad(), autocast:
